@@ -1,0 +1,30 @@
+# Two entry points: `make serve` (the main job) and `make test` (the whole offline suite).
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv serve test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and alone: the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+serve: venv
+	$(BIN)/python -m service.demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check model service training bench tests
+	$(BIN)/ruff format --check model service training bench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
