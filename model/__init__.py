@@ -1,0 +1,51 @@
+"""LLaVE model core: load a checkpoint and turn inputs into embeddings.
+
+``from model import load_embedder``; see ``model/embedder.py`` for the three stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .embedder import Embedder, EmbedderConfig, PreparedInput
+from .errors import CheckpointError, InvalidInputError, LlaveError
+from .inputs import ImageLimits
+
+__all__ = [
+    "CheckpointError",
+    "Embedder",
+    "EmbedderConfig",
+    "ImageLimits",
+    "InvalidInputError",
+    "LlaveError",
+    "PreparedInput",
+    "load_embedder",
+]
+
+
+def load_embedder(
+    path_or_id: Any,
+    device: str = "auto",
+    dtype: Any = "auto",
+    *,
+    max_length: int | None = None,
+    max_image_pixels: int = 40_000_000,
+    max_images_per_input: int = 8,
+    max_image_bytes: int = 32 * 1024 * 1024,
+    attn_implementation: str = "sdpa",
+) -> Embedder:
+    """Load a LLaVE checkpoint (HF or authors' layout, local folder or hub id).
+
+    ``device="auto"`` picks CUDA when present, else CPU; ``dtype="auto"`` is bfloat16 on
+    CUDA and float32 on CPU. ``max_length`` defaults to the checkpoint's
+    ``tokenizer_model_max_length`` (4096 for the published LLaVE models).
+    """
+    from .checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path_or_id, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    config = EmbedderConfig(
+        max_length=max_length or loaded.max_length,
+        image_limits=ImageLimits(max_pixels=max_image_pixels, max_images=max_images_per_input, max_bytes=max_image_bytes),
+        vision_aspect_ratio=getattr(loaded.model.config, "vision_aspect_ratio", "anyres_max_9"),
+    )
+    return Embedder(loaded.model, loaded.tokenizer, loaded.image_processor, name=str(path_or_id), config=config)

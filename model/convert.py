@@ -1,0 +1,267 @@
+"""Convert the LLaVE authors' checkpoint layout (LLaVA-NeXT) to transformers' OneVision.
+
+The published LLaVE checkpoints use ``LlavaQwenForCausalLM`` with ``mm_*`` config
+fields and LLaVA-NeXT key names. This module builds the equivalent
+``LlavaOnevisionConfig`` and loads each weight group into the matching submodule:
+
+    model.vision_tower.vision_tower.vision_model.*  -> vision_tower (SigLIP, last layer already removed)
+    model.mm_projector.0.* / .2.*                  -> multi_modal_projector.linear_1 / linear_2
+    model.embed_tokens.*, model.layers.N.*, model.norm.*  -> language_model (Qwen2)
+    model.image_newline                            -> image_newline
+    lm_head.*                                      -> lm_head (cloned from the embeddings if absent)
+    *.inv_freq                                     -> dropped
+
+Loading per submodule (strictly) instead of renaming to one version's flat key names keeps
+this working across transformers releases that rename the top-level prefixes.
+
+CLI: ``python -m model.convert SRC DST`` writes a standard HF-layout checkpoint once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+from .errors import CheckpointError
+from .onevision import ImageProcessor, parse_grid_pinpoints
+
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+DEFAULT_MAX_LENGTH = 4096
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+# Shape of google/siglip-so400m-patch14-384 (the tower every LLaVE model uses); the
+# layer count comes from the weights, so no network call is needed.
+SIGLIP_SO400M = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 384,
+    "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh",
+}
+VISION_PREFIX = "model.vision_tower.vision_tower."
+PROJECTOR = {"model.mm_projector.0.": "linear_1.", "model.mm_projector.2.": "linear_2."}
+LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def is_llava_layout(config: dict[str, Any]) -> bool:
+    archs = config.get("architectures") or []
+    return "LlavaQwenForCausalLM" in archs or "mm_vision_tower" in config
+
+
+def read_llava_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an authors'-layout checkpoint (single or sharded safetensors)."""
+    from safetensors.torch import load_file
+
+    files = sorted(src.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{src}: no model.safetensors (or shards) in the LLaVE checkpoint")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{f}: cannot read safetensors file ({exc})") from exc
+    return weights
+
+
+def _vision_config(config: dict[str, Any], src: Path, weights: dict[str, torch.Tensor]) -> tuple[SiglipVisionConfig, dict]:
+    name = config.get("mm_vision_tower") or config.get("vision_tower")
+    if not name:
+        raise CheckpointError(f"{src}: config has no mm_vision_tower")
+    layer_ids = {int(m.group(1)) for k in weights if (m := re.search(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", k))}
+    if not layer_ids:
+        raise CheckpointError(f"{src}: no vision tower weights ({VISION_PREFIX}vision_model.encoder.layers.*)")
+    folder = Path(name) if Path(name).is_absolute() else src / name
+    preprocess: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        raw = json.loads((folder / "config.json").read_text())
+        raw = raw.get("vision_config", raw)
+        fields = {k: raw[k] for k in (*SIGLIP_SO400M, "num_channels") if k in raw}
+        if (folder / "preprocessor_config.json").is_file():
+            preprocess = json.loads((folder / "preprocessor_config.json").read_text())
+    elif "siglip-so400m-patch14-384" in str(name):
+        fields = dict(SIGLIP_SO400M)
+    else:
+        raise CheckpointError(
+            f"{src}: unknown vision tower {name!r}: expected a local folder with config.json "
+            "or google/siglip-so400m-patch14-384"
+        )
+    fields["num_hidden_layers"] = max(layer_ids) + 1
+    return SiglipVisionConfig(**fields, vision_use_head=False), preprocess
+
+
+def build_tokenizer(src: Path, config: dict[str, Any]):
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    except Exception as exc:
+        raise CheckpointError(f"{src}: cannot load the tokenizer ({exc})") from exc
+    missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    tok.model_max_length = int(config.get("tokenizer_model_max_length") or DEFAULT_MAX_LENGTH)
+    tok.padding_side = "right"
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def llava_to_hf_config(config: dict[str, Any], src: Path, weights: dict[str, torch.Tensor], tokenizer):
+    """The ``LlavaOnevisionConfig`` equivalent to an authors'-layout config."""
+    vision, preprocess = _vision_config(config, src, weights)
+    text_fields = set(Qwen2Config().to_dict()) - {"architectures", "model_type", "transformers_version", "_name_or_path"}
+    text = Qwen2Config(**{k: v for k, v in config.items() if k in text_fields})
+    embed = weights.get("model.embed_tokens.weight")
+    if embed is None:
+        raise CheckpointError(f"{src}: missing key model.embed_tokens.weight")
+    text.vocab_size = embed.shape[0]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    if image_id >= text.vocab_size:
+        raise CheckpointError(f"{src}: <image> token id {image_id} is outside the embedding table ({text.vocab_size})")
+    aspect = config.get("image_aspect_ratio") or "anyres_max_9"
+    if not str(aspect).startswith("anyres_max_"):
+        aspect = "anyres_max_9"
+    hf = LlavaOnevisionConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=image_id,
+        video_token_index=video_id if video_id < text.vocab_size else image_id + 1,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=parse_grid_pinpoints(config.get("image_grid_pinpoints"), vision.image_size),
+        vision_aspect_ratio=aspect,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
+    hf.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    return hf, preprocess
+
+
+def build_image_processor(hf_config, preprocess: dict[str, Any] | None = None) -> ImageProcessor:
+    crop = hf_config.vision_config.image_size
+    preprocess = preprocess or {}
+    return ImageProcessor(
+        size={"height": crop, "width": crop},
+        image_mean=preprocess.get("image_mean", SIGLIP_MEAN),
+        image_std=preprocess.get("image_std", SIGLIP_MEAN),
+        image_grid_pinpoints=[list(p) for p in hf_config.image_grid_pinpoints],
+        resample=3,  # bicubic, as SigLIP and the authors
+        do_pad=True,
+        do_convert_rgb=True,
+    )
+
+
+def _split_weights(weights: dict[str, torch.Tensor], src: Path) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "projector": {}, "llm": {}, "newline": {}, "lm_head": {}}
+    unknown = []
+    for key, value in weights.items():
+        if key.endswith(".inv_freq"):
+            continue
+        if key.startswith(VISION_PREFIX):
+            groups["vision"][key[len(VISION_PREFIX) :]] = value
+        elif any(key.startswith(p) for p in PROJECTOR):
+            prefix = next(p for p in PROJECTOR if key.startswith(p))
+            groups["projector"][PROJECTOR[prefix] + key[len(prefix) :]] = value
+        elif key.startswith(LLM_PREFIXES):
+            groups["llm"][key[len("model.") :]] = value
+        elif key == "model.image_newline":
+            groups["newline"]["image_newline"] = value
+        elif key.startswith("lm_head."):
+            groups["lm_head"][key[len("lm_head.") :]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{src}: unexpected keys in the LLaVE checkpoint: {unknown[:5]}")
+    if not groups["newline"]:
+        raise CheckpointError(f"{src}: missing key model.image_newline")
+    if not groups["projector"]:
+        raise CheckpointError(f"{src}: missing keys model.mm_projector.*")
+    return groups
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, src: Path) -> None:
+    own = module.state_dict()
+    # The tower may or may not sit under a ``vision_model.`` attribute in this version.
+    if state and not any(k in own for k in state):
+        stripped = {k.split(".", 1)[1]: v for k, v in state.items() if "." in k}
+        if any(k in own for k in stripped):
+            state = stripped
+    # post_layernorm is never used (features come from hidden_states[-1]); tolerate its absence.
+    for k, v in own.items():
+        if k not in state and "post_layernorm" in k:
+            state[k] = torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{src}: {what} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{src}: {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_weights_into(base, weights: dict[str, torch.Tensor], src: Path, lm_head: torch.nn.Module | None = None) -> None:
+    """Load authors'-layout weights into a ``LlavaOnevisionModel`` (and optional LM head)."""
+    groups = _split_weights(weights, src)
+    _load_strict(base.vision_tower, groups["vision"], "vision tower", src)
+    _load_strict(base.multi_modal_projector, groups["projector"], "projector", src)
+    _load_strict(base.language_model, groups["llm"], "language model", src)
+    newline = groups["newline"]["image_newline"]
+    if newline.shape != base.image_newline.shape:
+        raise CheckpointError(f"{src}: image_newline has shape {tuple(newline.shape)}, expected {tuple(base.image_newline.shape)}")
+    with torch.no_grad():
+        base.image_newline.copy_(newline)
+        if lm_head is not None:
+            head = groups["lm_head"].get("weight", groups["llm"]["embed_tokens.weight"])
+            lm_head.weight.copy_(head)
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write the HF-layout equivalent of an authors'-layout checkpoint to ``dst``."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    src, dst = Path(src), Path(dst)
+    config = json.loads((src / "config.json").read_text())
+    if not is_llava_layout(config):
+        raise CheckpointError(f"{src}: not an authors'-layout (LlavaQwenForCausalLM) checkpoint")
+    weights = read_llava_weights(src)
+    tokenizer = build_tokenizer(src, config)
+    hf_config, preprocess = llava_to_hf_config(config, src, weights, tokenizer)
+    if dtype is None:
+        dtype = next(iter(weights.values())).dtype
+    hf_config.text_config.dtype = dtype
+    model = LlavaOnevisionForConditionalGeneration(hf_config).to(dtype)
+    load_weights_into(model.model, weights, src, lm_head=model.lm_head)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dst))
+    tokenizer.save_pretrained(str(dst))
+    build_image_processor(hf_config, preprocess).save_pretrained(str(dst))
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert an authors'-layout LLaVE checkpoint to HF layout.")
+    parser.add_argument("src", help="folder of the authors'-layout checkpoint (LlavaQwenForCausalLM)")
+    parser.add_argument("dst", help="output folder (HF LlavaOnevisionForConditionalGeneration layout)")
+    args = parser.parse_args(argv)
+    out = convert(args.src, args.dst)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

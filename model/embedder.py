@@ -1,0 +1,236 @@
+"""The LLaVE embedder: preprocess (CPU) -> forward (device) -> postprocess.
+
+The three stages are separate so a server can run preprocessing in a worker pool while
+the device runs the previous batch, and so each stage can be timed on its own.
+``cost`` (the sequence length, image tokens included) drives the batcher's token budget.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputTooLongError
+from .inputs import ImageLimits, decode_image, image_size, parse_input
+from .onevision import ImageProcessor, count_image_tokens
+from .prompts import build_message, build_prompt
+
+
+@dataclass
+class PreparedInput:
+    """One input after CPU preprocessing, ready to be collated into a batch."""
+
+    input_ids: list[int]
+    pixel_values: np.ndarray | None = None  # (crops, 3, H, W) float32, all images of the input
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image
+    truncated: bool = False
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_sizes)
+
+    @property
+    def cost(self) -> int:
+        """Sequence length in tokens, image tokens included."""
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedderConfig:
+    """Options of an :class:`Embedder` (plain values; nothing is read from the environment)."""
+
+    max_length: int = 4096
+    image_limits: ImageLimits = ImageLimits()
+    vision_aspect_ratio: str = "anyres_max_9"
+
+
+class Embedder:
+    """Turns text, images and interleaved image+text into LLaVE embeddings.
+
+    ``model`` is a ``LlavaOnevisionModel`` (no LM head) whose ``pack_image_features``
+    truncates like the authors' code; ``tokenizer`` knows ``<image>``;
+    ``image_processor`` is the PIL OneVision processor.
+    """
+
+    def __init__(self, model, tokenizer, image_processor: ImageProcessor, *, name: str, config: EmbedderConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name = name
+        self.config = config
+        mcfg = model.config
+        self.dim: int = mcfg.text_config.hidden_size
+        self.image_token_id: int = mcfg.image_token_id if hasattr(mcfg, "image_token_id") else mcfg.image_token_index
+        self.crop: int = mcfg.vision_config.image_size
+        self.patch: int = mcfg.vision_config.patch_size
+        self.grid_pinpoints = [list(p) for p in mcfg.image_grid_pinpoints]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self._lock = threading.Lock()  # the tokenizer's truncation state is not thread-safe
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> str:
+        return str(next(self.model.parameters()).device)
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    @property
+    def limits(self) -> ImageLimits:
+        return self.config.image_limits
+
+    # ------------------------------------------------------------------ stage 1: CPU
+    def image_tokens(self, height: int, width: int, *, multi_image: bool = False) -> int:
+        return count_image_tokens(
+            height,
+            width,
+            crop=self.crop,
+            patch=self.patch,
+            grid_pinpoints=self.grid_pinpoints,
+            multi_image=multi_image,
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
+        )
+
+    def prompt(self, inp: Any) -> str:
+        """The exact ChatML prompt for one input (``<image>`` not yet expanded)."""
+        parsed = parse_input(inp, self.limits)
+        return build_prompt(build_message(parsed.parts, parsed.instruction))
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        with self._lock:
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def _expand(self, ids: list[int], counts: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Replace each ``<image>`` id by its feature count; return ids and image spans."""
+        out: list[int] = []
+        spans: list[tuple[int, int]] = []
+        it = iter(counts)
+        for tok in ids:
+            if tok == self.image_token_id:
+                n = next(it)
+                spans.append((len(out), len(out) + n))
+                out.extend([tok] * n)
+            else:
+                out.append(tok)
+        return out, spans
+
+    def _cut(self, ids: list[int], spans: list[tuple[int, int]], truncate: bool) -> tuple[list[int], bool]:
+        limit = self.max_length
+        if len(ids) <= limit:
+            return ids, False
+        if not truncate:
+            raise InputTooLongError(
+                f"input is {len(ids)} tokens (image tokens included); the model's limit is {limit}"
+            )
+        for start, end in spans:
+            if start < limit < end:
+                raise InputTooLongError(
+                    f"input is {len(ids)} tokens and the {limit}-token cut would fall inside an image; "
+                    "shorten the text before the image"
+                )
+        return ids[:limit], True
+
+    def preprocess(self, inp: Any, *, truncate: bool = True) -> PreparedInput:
+        """Parse, decode and tile images, build the prompt and tokenise (thread-safe)."""
+        parsed = parse_input(inp, self.limits)
+        prompt = build_prompt(build_message(parsed.parts, parsed.instruction))
+        ids = self._tokenize(prompt)
+        multi = parsed.num_images > 1
+        pixel_values = None
+        sizes: list[tuple[int, int]] = []
+        if parsed.images:
+            images = [decode_image(v, self.limits) for v in parsed.images]
+            sizes = [(im.height, im.width) for im in images]
+            feats = self.image_processor(images=[images], return_tensors=None, do_pad=False)
+            pixel_values = np.concatenate([np.asarray(p, dtype=np.float32) for p in feats["pixel_values"]], axis=0)
+        counts = [self.image_tokens(h, w, multi_image=multi) for h, w in sizes]
+        ids, spans = self._expand(ids, counts)
+        ids, truncated = self._cut(ids, spans, truncate)
+        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes, truncated=truncated)
+
+    def estimate_cost(self, inp: Any) -> int:
+        """Sequence length of an input from the text and the image headers only."""
+        parsed = parse_input(inp, self.limits)
+        ids = self._tokenize(build_prompt(build_message(parsed.parts, parsed.instruction)))
+        multi = parsed.num_images > 1
+        extra = sum(self.image_tokens(*image_size(v, self.limits), multi_image=multi) - 1 for v in parsed.images)
+        return min(len(ids) + extra, self.max_length)
+
+    def warmup_inputs(self, n: int, tokens: int) -> list[PreparedInput]:
+        """``n`` prepared text inputs of about ``tokens`` tokens each, for a warm-up pass."""
+        base = len(self._tokenize(build_prompt("")))
+        ids = self._tokenize(build_prompt("hello " * max(0, tokens - base)))
+        ids = ids[: max(base, min(tokens, self.max_length))]
+        return [PreparedInput(input_ids=list(ids)) for _ in range(n)]
+
+    # ------------------------------------------------------------------ stage 2: device
+    def collate(self, batch: Sequence[PreparedInput], device: str | torch.device | None = None) -> dict[str, Any]:
+        """Right-pad a batch into model tensors (pixel crops of all images concatenated)."""
+        device = device or self.device
+        width = max(p.cost for p in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, : p.cost] = torch.as_tensor(p.input_ids, dtype=torch.long)
+            mask[row, : p.cost] = 1
+        out: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        crops = [p.pixel_values for p in batch if p.pixel_values is not None]
+        if crops:
+            out["pixel_values"] = torch.from_numpy(np.concatenate(crops, axis=0)).to(device)
+            out["image_sizes"] = torch.tensor([s for p in batch for s in p.image_sizes], dtype=torch.long).to(device)
+            out["batch_num_images"] = torch.tensor([p.num_images for p in batch], dtype=torch.long).to(device)
+        return out
+
+    def encode(self, tensors: dict[str, Any]) -> torch.Tensor:
+        """Pooled final hidden states (n, dim) of the last real token of each row.
+
+        Differentiable (no ``no_grad``): the trainer calls this directly.
+        """
+        if "pixel_values" in tensors:
+            tensors = dict(tensors, pixel_values=tensors["pixel_values"].to(self.model.dtype))
+        hidden = self.model(**tensors, use_cache=False).last_hidden_state  # (n, L, dim), after the final norm
+        mask = tensors["attention_mask"]
+        # Index of the last real token, valid for left or right padding alike.
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, batch: Sequence[PreparedInput]) -> torch.Tensor:
+        """Device stage: collate and run the model in inference mode."""
+        with torch.inference_mode():
+            return self.encode(self.collate(batch))
+
+    # ------------------------------------------------------------------ stage 3: CPU
+    @staticmethod
+    def postprocess(pooled: torch.Tensor, *, normalize: bool = True) -> np.ndarray:
+        """Optionally L2-normalise, then return float32 numpy (n, dim)."""
+        pooled = pooled.float()
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled.cpu().numpy().astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------ convenience
+    def embed(
+        self, inputs: Sequence[Any], *, truncate: bool = True, normalize: bool = True, batch_size: int = 16
+    ) -> np.ndarray:
+        """Embed any number of inputs; rows follow the input order."""
+        if isinstance(inputs, (dict, str)):
+            inputs = [inputs]
+        prepared = [self.preprocess(x, truncate=truncate) for x in inputs]
+        out = np.zeros((len(prepared), self.dim), dtype=np.float32)
+        # Sort by length so each chunk pads little; results go back to input order.
+        order = sorted(range(len(prepared)), key=lambda i: prepared[i].cost)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.postprocess(self.forward([prepared[i] for i in idx]), normalize=normalize)
+        return out

@@ -1,0 +1,153 @@
+"""LLaVA-OneVision pieces adapted to match the LLaVE authors' code exactly.
+
+transformers' OneVision classes reproduce the authors' embeddings bit for bit except in
+the places handled here (DESIGN.md, "Fidelity notes"):
+
+1. Unpadding rounding. The authors truncate (``int(x)``) when they compute the height
+   or width of the unpadded feature grid; transformers rounds (``int(round(x, 7))``).
+   ``count_image_tokens`` (used to expand ``<image>`` placeholders) and
+   ``pack_image_features`` (bound onto the loaded model) both truncate.
+2. Length. The authors cut the spliced sequence to ``tokenizer_model_max_length``; the
+   cut lives in ``model/embedder.py``.
+3. Image backend. ``LlavaOnevisionImageProcessorPil`` is used explicitly, so a machine
+   with torchvision installed does not silently switch to the unverified fast backend.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+__all__ = [
+    "LLAVE_GRID",
+    "ImageProcessor",
+    "count_image_tokens",
+    "install_authors_packing",
+    "parse_grid_pinpoints",
+]
+
+ImageProcessor = LlavaOnevisionImageProcessorPil
+
+# LLaVE trained with 1x1..2x2 crops (DESIGN.md section 2), in units of the crop size.
+LLAVE_GRID = [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def parse_grid_pinpoints(value, crop: int) -> list[list[int]]:
+    """Grid pinpoints in pixels from a config value.
+
+    Accepts a list of ``[h, w]`` pixel pairs, or the LLaVA-NeXT range string
+    ``"(1x1),...,(2x2)"`` expanded in units of ``crop``; ``None`` gives LLaVE's 2x2 grid.
+    """
+    if value is None:
+        return [[h * crop, w * crop] for h, w in LLAVE_GRID]
+    if isinstance(value, str):
+        found = [(int(a), int(b)) for a, b in re.findall(r"\((\d+)x(\d+)\)", value)]
+        if len(found) < 1:
+            raise ValueError(f"cannot parse image_grid_pinpoints {value!r}")
+        if "..." in value and len(found) == 2:
+            (h0, w0), (h1, w1) = found
+            found = [(h, w) for h in range(h0, h1 + 1) for w in range(w0, w1 + 1)]
+        return [[h * crop, w * crop] for h, w in found]
+    return [[int(h), int(w)] for h, w in value]
+
+
+def _unpadded_grid(orig_h: int, orig_w: int, cur_h: int, cur_w: int) -> tuple[int, int, int]:
+    """Rows and columns of the feature grid after removing padding, truncating like the
+    authors' ``unpad_image``. Returns (rows, cols, padding) where padding is removed
+    from both ends of the padded axis."""
+    if orig_w / orig_h > cur_w / cur_h:
+        new_h = int(orig_h * (cur_w / orig_w))
+        pad = (cur_h - new_h) // 2
+        return cur_h - 2 * pad, cur_w, pad
+    new_w = int(orig_w * (cur_h / orig_h))
+    pad = (cur_w - new_w) // 2
+    return cur_h, cur_w - 2 * pad, pad
+
+
+def _max_patches(vision_aspect_ratio: str) -> int:
+    return int(vision_aspect_ratio.removeprefix("anyres_max_"))
+
+
+def count_image_tokens(
+    height: int,
+    width: int,
+    *,
+    crop: int,
+    patch: int,
+    grid_pinpoints: Sequence[Sequence[int]],
+    multi_image: bool = False,
+    vision_aspect_ratio: str = "anyres_max_9",
+) -> int:
+    """Number of ``<image>`` tokens one image becomes, as the authors' model packs it.
+
+    A lone image: the base crop (side^2 features), then the unpadded grid with one
+    newline feature per row. An image in a multi-image input: one crop plus a newline.
+    """
+    side = crop // patch
+    base = side * side
+    if multi_image:
+        return base + 1
+    best_h, best_w = select_best_resolution((height, width), [list(p) for p in grid_pinpoints])
+    rows, cols, _ = _unpadded_grid(height, width, side * (best_h // crop), side * (best_w // crop))
+    ratio = math.sqrt(rows * cols / (_max_patches(vision_aspect_ratio) * side * side))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return base + rows * cols + rows
+
+
+def _pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+    """Drop-in replacement for ``LlavaOnevisionModel.pack_image_features`` that unpads
+    with the authors' truncation. Same inputs and outputs as the transformers method."""
+    vision = self.config.vision_config
+    side = vision.image_size // vision.patch_size
+    packed, lengths = [], []
+    for idx, feats in enumerate(image_features):
+        if feats.shape[0] > 1:
+            base, grid = feats[0], feats[1:]
+            if base.shape[0] != side * side:
+                raise ValueError("the number of patches is not consistent with the image size")
+            grid_h, grid_w = get_anyres_image_grid_shape(
+                image_sizes[idx], self.config.image_grid_pinpoints, vision.image_size
+            )
+            grid = grid.view(grid_h, grid_w, side, side, -1)
+            grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # (C, H, W)
+            orig_h, orig_w = (int(v) for v in image_sizes[idx])
+            cur_h, cur_w = grid.shape[1:]
+            rows, cols, pad = _unpadded_grid(orig_h, orig_w, cur_h, cur_w)
+            if rows != cur_h:
+                grid = grid[:, pad : cur_h - pad, :]
+            elif cols != cur_w:
+                grid = grid[:, :, pad : cur_w - pad]
+            channels, rows, cols = grid.shape
+            ratio = math.sqrt(rows * cols / (_max_patches(vision_aspect_ratio) * side * side))
+            if ratio > 1.1:
+                grid = nn.functional.interpolate(
+                    grid[None], [int(rows // ratio), int(cols // ratio)], mode="bilinear"
+                )[0]
+            if image_newline is not None:
+                newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid.device, grid.dtype)
+                grid = torch.cat((grid, newline), dim=-1)
+            feats = torch.cat((base, grid.flatten(1, 2).transpose(0, 1)), dim=0)
+        else:
+            feats = feats[0]
+            if image_newline is not None:
+                feats = torch.cat((feats, image_newline[None].to(feats)), dim=0)
+        packed.append(feats)
+        lengths.append(feats.shape[0])
+    return packed, torch.tensor(lengths, dtype=torch.long, device=image_features[0].device)
+
+
+def install_authors_packing(onevision_model: nn.Module) -> None:
+    """Bind the truncating ``pack_image_features`` onto one ``LlavaOnevisionModel``
+    instance (no global patching: other models in the process are untouched)."""
+    onevision_model.pack_image_features = types.MethodType(_pack_image_features, onevision_model)
