@@ -4,6 +4,8 @@
 
 * ``tiny``: 64px images, patch 16, SigLIP and Qwen2 of hidden 64 x 2 layers; loads in
   well under a second. For tests and demos.
+* ``demo``: the offline demo model that ``make serve`` trains (Qwen2 hidden 128, one
+  64px crop per image).
 * ``llave-0.5b``: LLaVE-0.5B's real shapes (SigLIP-so400m with 26 layers, Qwen2-0.5B,
   384px crops, 2x2 grid) with random weights. For speed and memory benchmarks.
 
@@ -47,6 +49,7 @@ class Preset:
     vocab_size: int | None  # None: the tokenizer's size rounded up
     dtype: torch.dtype
     siglip_name: str | None  # authors' layout: hub name of the tower (else a local folder)
+    grid: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 1), (2, 2))  # pinpoints in crops (LLaVE's)
 
 
 PRESETS = {
@@ -70,6 +73,19 @@ PRESETS = {
         vocab_size=151936,
         dtype=torch.bfloat16,
         siglip_name="google/siglip-so400m-patch14-384",
+    ),
+    # The offline demo model (`make serve`): small enough to train in a few minutes on
+    # two CPU cores, one 64px crop per image (16 base + 16 grid + 4 newline = 36 tokens).
+    "demo": Preset(
+        image_size=64,
+        patch_size=16,
+        vision={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+        text={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "tie_word_embeddings": False},
+        vocab_size=None,
+        dtype=torch.float32,
+        siglip_name=None,
+        grid=((1, 1),),
     ),
 }
 
@@ -117,7 +133,7 @@ def build_config(preset: Preset, tokenizer):
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[crop, crop], [crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]],
+        image_grid_pinpoints=[[h * crop, w * crop] for h, w in preset.grid],
         vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=preset.text["tie_word_embeddings"],
     )
