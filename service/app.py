@@ -1,0 +1,172 @@
+"""The app factory: ``create_app(settings) -> FastAPI``.
+
+Nothing heavy happens at import or in the factory. The lifespan starts the engine (device
+thread, preprocessing pool, batcher; the model loads and warms up in the background, so
+``/health`` and ``/ready`` answer meanwhile) and opens the collection store.
+
+What routes find on ``request.app.state``:
+
+- ``settings``: the ``Settings`` in force;
+- ``engine``: the ``EmbeddingEngine``; ``await engine.embed(inputs, truncate=..., normalize=...)``
+  returns an ``EmbedResult`` (``.embeddings`` float32 (n, dim), ``.usage``, ``.timings``),
+  see ``service/engine.py``; ``engine.dim`` once ready;
+- ``store``: the opened ``CollectionStore`` (``None`` until the lifespan has opened it);
+- ``metrics``: the ``Metrics`` (Prometheus registry of this app).
+
+Middleware, outermost first: request accounting (``llave_requests_total``, and the generic
+500 for unexpected errors), CORS (only when origins are configured), API key (only when
+configured), body limit and JSON content type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine import EmbeddingEngine
+from service.errors import install_error_handlers, unexpected_error_response
+from service.metrics import Metrics
+from service.routes import embed, health, openai
+from service.security import ApiKeyMiddleware, BodyLimitMiddleware
+from service.settings import Settings
+
+logger = logging.getLogger("llave.app")
+
+API_DESCRIPTION = """\
+Multimodal embeddings with LLaVE: text, images and interleaved image+text become one
+vector each. Inputs are `{"text"?, "image"?, "instruction"?}` or
+`{"content": [{"type": "text", "text": ...} | {"type": "image", "image": ...}], "instruction"?}`,
+images as base64 or `data:` URIs. Errors are `{"error": {"type", "message"}}`.
+"""
+
+
+class RequestAccountingMiddleware:
+    """Counts every answered request by route template and status; turns bugs into a generic 500."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except Exception as exc:
+            if status:  # the response had started: nothing else can be sent
+                logger.error("error after the response started on %s", scope.get("path"), exc_info=exc)
+            else:
+                response = unexpected_error_response(scope.get("method", ""), scope.get("path", ""), exc)
+                await response(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(route=label, status=str(status or 500)).inc()
+
+
+def _open_store(settings: Settings) -> Any:
+    try:
+        from service.store import CollectionStore
+    except ModuleNotFoundError as exc:  # the store is optional until it lands
+        if exc.name != "service.store":
+            raise
+        logger.warning("service.store is not available: collections are disabled")
+        return None
+    store = CollectionStore(settings.data_dir)
+    store.open()
+    logger.info("collection store open in %s", settings.data_dir)
+    return store
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; the lifespan loads the model (in the background) and opens the store."""
+    metrics = Metrics()
+    engine = EmbeddingEngine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            app.state.store = await asyncio.to_thread(_open_store, settings)
+        except BaseException:
+            await engine.stop()
+            raise
+        try:
+            yield
+        finally:
+            await engine.stop()
+            store, app.state.store = app.state.store, None
+            if store is not None:
+                await asyncio.to_thread(store.close)
+
+    app = FastAPI(
+        title="LLaVE embedding server",
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.store = None
+
+    install_error_handlers(app)
+    app.include_router(embed.router)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+
+    # add_middleware() wraps what is there: the last added is the outermost.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+        _document_bearer_auth(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=[
+                "x-llave-preprocess-ms",
+                "x-llave-queue-ms",
+                "x-llave-inference-ms",
+                "Retry-After",
+            ],
+        )
+    app.add_middleware(RequestAccountingMiddleware, metrics=metrics)
+    return app
+
+
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Show the API key in /docs ("Authorize"); enforcement is ``ApiKeyMiddleware``'s."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerAuth": {"type": "http", "scheme": "bearer"}
+            }
+            schema["security"] = [{"bearerAuth": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

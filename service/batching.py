@@ -1,0 +1,359 @@
+"""Dynamic batching in pure asyncio: no torch, no model, testable with fake costs.
+
+Callers hand in work items ``(payload, cost)``; one loop groups them into batches and
+calls ``run_batch(payloads) -> results`` (an async function, in the server the forward
+pass on the device thread), then hands each result to the caller that asked for it.
+
+Admission and overload. A request first ``admit(n)``s its n inputs, before it spends any
+CPU on them: the queue limit counts inputs that are admitted and not yet on the device,
+including those still being preprocessed. When the queue is full ``admit`` raises
+``QueueFullError`` at once (the server answers 429); nothing queues forever. After
+preprocessing, ``Admission.submit`` turns the reservation into queued items; if the
+caller gives up first (an input error, a client that went away) ``Admission.release``
+returns the places.
+
+Batch forming (one batch on the device at a time, as there is one device thread):
+- the batch is filled up to ``max_batch_size`` items and ``max_batch_tokens`` padded
+  tokens, where padding is charged: a batch costs ``max(cost) * len(batch)``; an item
+  costlier than the whole budget runs alone;
+- the oldest queued item always goes in the next batch (no starvation); the others are
+  chosen among the next ``sort_window`` items by cost, closest to it first, so that
+  inputs of similar length share a batch and little compute goes to padding;
+- when the device is idle the batch leaves at once, except when inputs are still being
+  preprocessed (admitted, not yet submitted) and the batch is not full: then it waits at
+  most ``max_wait_s`` for them. A lone request is never delayed, and while the device is
+  busy work accumulates by itself, so batches form under load without any timer;
+- items whose future is already done (the caller timed out or went away and cancelled
+  it) are dropped without running.
+
+An exception from ``run_batch`` fails that batch's items only; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("llave.batching")
+
+
+class QueueFullError(Exception):
+    """The queue cannot take this many more inputs now."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher is stopped (server shutting down) or its loop died."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one forward pass was: reported to ``on_batch`` and with every result."""
+
+    batch_id: int
+    size: int
+    padded_tokens: int  # max(cost) * size
+    real_tokens: int  # sum(cost)
+    run_s: float
+
+
+@dataclass(frozen=True)
+class Completed(Generic[R]):
+    """One item's result, with how long it queued and which batch carried it."""
+
+    value: R
+    queued_s: float
+    batch: BatchStats
+
+
+@dataclass(eq=False)
+class WorkItem(Generic[P]):
+    payload: P
+    cost: int
+    future: asyncio.Future[Any]
+    enqueued_at: float
+    seq: int = 0
+    dispatched_at: float = field(default=0.0)
+
+
+class Admission:
+    """Places reserved in the queue for one request's inputs (see ``DynamicBatcher.admit``)."""
+
+    def __init__(self, batcher: DynamicBatcher[Any, Any], n: int) -> None:
+        self._batcher = batcher
+        self.remaining = n
+
+    def submit(self, items: Sequence[tuple[Any, int]]) -> list[asyncio.Future[Any]]:
+        """Queue ``(payload, cost)`` items using reserved places; return one future each.
+
+        Each future resolves to a ``Completed`` (or raises what ``run_batch`` raised).
+        """
+        if len(items) > self.remaining:
+            raise ValueError(f"submitting {len(items)} items on {self.remaining} reserved places")
+        self.remaining -= len(items)
+        return self._batcher._enqueue(items)
+
+    def release(self) -> None:
+        """Give back the places not submitted (idempotent)."""
+        if self.remaining:
+            self._batcher._release(self.remaining)
+            self.remaining = 0
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class DynamicBatcher(Generic[P, R]):
+    """Groups queued items into batches for ``run_batch``; see the module docstring."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[P]], Awaitable[Sequence[R]]],
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_s: float = 0.005,
+        max_queue: int = 1024,
+        sort_window: int = 128,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue_change: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_queue < 1 or sort_window < 1:
+            raise ValueError("batch size, token budget, queue size and sort window must be >= 1")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.sort_window = max(sort_window, max_batch_size)
+        self._on_batch = on_batch
+        self._on_queue_change = on_queue_change
+        self._clock = clock
+
+        self._queue: deque[WorkItem[P]] = deque()
+        self._reserved = 0  # admitted, not yet submitted (being preprocessed)
+        self._seq = 0
+        self._batch_seq = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.busy = False  # a batch is on the device
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Inputs counted against ``max_queue``: reserved plus queued."""
+        return self._reserved + len(self._queue)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _changed(self) -> None:
+        if self._on_queue_change is not None:
+            self._on_queue_change(self.pending)
+
+    # --- producer side -----------------------------------------------------------------
+
+    def admit(self, n: int) -> Admission:
+        """Reserve ``n`` places or raise ``QueueFullError`` (never waits)."""
+        if self._closed or (self._task is not None and self._task.done()):
+            raise BatcherClosedError("the batcher is not running")
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if self.pending + n > self.max_queue:
+            raise QueueFullError(
+                f"queue full: {self.pending} of {self.max_queue} inputs pending, {n} more asked"
+            )
+        self._reserved += n
+        self._changed()
+        return Admission(self, n)
+
+    async def submit(self, items: Sequence[tuple[P, int]]) -> list[Completed[R]]:
+        """Admit, queue and wait for ``items`` in one call (no separate preprocessing)."""
+        with self.admit(len(items)) as admission:
+            futures = admission.submit(items)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    def _enqueue(self, items: Sequence[tuple[P, int]]) -> list[asyncio.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        futures = []
+        for payload, cost in items:
+            if cost < 1:
+                raise ValueError(f"cost must be >= 1, got {cost}")
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._seq += 1
+            self._queue.append(WorkItem(payload, int(cost), fut, now, self._seq))
+            futures.append(fut)
+        self._reserved -= len(items)
+        if self._closed:
+            self._fail_queued(BatcherClosedError("the batcher is shutting down"))
+        self._changed()
+        self._wakeup.set()
+        return futures
+
+    def _release(self, n: int) -> None:
+        self._reserved -= n
+        self._changed()
+        self._wakeup.set()  # a waiting batch may stop waiting for these
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="llave-batcher")
+
+    async def stop(self) -> None:
+        """Stop forming batches; queued items fail with ``BatcherClosedError``."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._fail_queued(BatcherClosedError("the batcher is shutting down"))
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(exc)
+        self._changed()
+
+    # --- consumer side -----------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        if any(item.future.done() for item in self._queue):
+            self._queue = deque(item for item in self._queue if not item.future.done())
+            self._changed()
+
+    def _should_wait(self, first_enqueued: float) -> float:
+        """Seconds to wait for inputs still being preprocessed before dispatching (0: go)."""
+        if self.max_wait_s <= 0 or self._reserved == 0 or len(self._queue) >= self.max_batch_size:
+            return 0.0
+        head = self._queue[0]
+        if head.cost * min(len(self._queue) + 1, self.max_batch_size) > self.max_batch_tokens:
+            return 0.0  # the budget is spent already: more items could not join
+        return max(0.0, first_enqueued + self.max_wait_s - self._clock())
+
+    def take_batch(self) -> list[WorkItem[P]]:
+        """Remove and return the next batch (oldest item plus cost neighbours)."""
+        self._drop_cancelled()
+        if not self._queue:
+            return []
+        window = [self._queue[i] for i in range(min(self.sort_window, len(self._queue)))]
+        by_cost = sorted(window, key=lambda it: (it.cost, it.seq))
+        anchor = by_cost.index(window[0])
+        lo = hi = anchor  # the batch is by_cost[lo:hi + 1]
+        max_cost = by_cost[anchor].cost
+        n = 1
+        while n < self.max_batch_size:
+            left = by_cost[lo - 1] if lo > 0 else None
+            right = by_cost[hi + 1] if hi + 1 < len(by_cost) else None
+            # Padding each candidate would add: a cheaper item pads up to the current max;
+            # a costlier one raises the max for everyone already in.
+            left_waste = max_cost - left.cost if left is not None else None
+            right_waste = (right.cost - max_cost) * n if right is not None else None
+            fits_left = left is not None and max_cost * (n + 1) <= self.max_batch_tokens
+            fits_right = right is not None and right.cost * (n + 1) <= self.max_batch_tokens
+            if fits_left and (not fits_right or left_waste <= right_waste):  # type: ignore[operator]
+                lo -= 1
+            elif fits_right:
+                hi += 1
+                max_cost = right.cost  # type: ignore[union-attr]
+            else:
+                break
+            n += 1
+        chosen = by_cost[lo : hi + 1]
+        ids = {id(item) for item in chosen}
+        self._queue = deque(item for item in self._queue if id(item) not in ids)
+        chosen.sort(key=lambda it: it.seq)
+        return chosen
+
+    async def _loop(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = self._queue[0].enqueued_at
+            delay = self._should_wait(first)
+            while delay > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                except TimeoutError:
+                    break
+                self._drop_cancelled()
+                if not self._queue:
+                    break
+                delay = self._should_wait(first)
+            batch = self.take_batch()
+            if batch:
+                self._changed()
+                await self._dispatch(batch)
+
+    async def _dispatch(self, batch: list[WorkItem[P]]) -> None:
+        self._batch_seq += 1
+        start = self._clock()
+        for item in batch:
+            item.dispatched_at = start
+        error: Exception | None = None
+        self.busy = True
+        try:
+            results = await self._run_batch([item.payload for item in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except asyncio.CancelledError:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosedError("the batcher is shutting down"))
+            raise
+        except Exception as exc:  # fails this batch only
+            error = exc
+        finally:
+            self.busy = False
+        stats = BatchStats(
+            batch_id=self._batch_seq,
+            size=len(batch),
+            padded_tokens=max(item.cost for item in batch) * len(batch),
+            real_tokens=sum(item.cost for item in batch),
+            run_s=self._clock() - start,
+        )
+        if self._on_batch is not None:
+            try:
+                self._on_batch(stats)
+            except Exception:  # metrics must never fail the batch
+                logger.exception("on_batch callback failed")
+        if error is not None:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        for item, value in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(Completed(value, item.dispatched_at - item.enqueued_at, stats))

@@ -1,0 +1,60 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process).
+
+- ``llave_requests_total{route,status}``: every answered request; ``route`` is the route's
+  path template (``/collections/{name}``), or ``unmatched`` for unknown paths.
+- ``llave_queue_inputs``: inputs admitted and not yet on the device (the ``--max-queue`` count).
+- ``llave_batch_size``, ``llave_batch_tokens``: per forward pass; tokens are padded tokens
+  (longest input x batch size), what the device actually computes.
+- ``llave_stage_seconds{stage}``: ``preprocess`` (per input, in the worker pool),
+  ``queue`` (per input, admission to the device), ``inference`` (per forward pass).
+- ``llave_ready``, ``llave_worker_alive``: 0/1 gauges for alerting.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_POW2 = tuple(float(2**i) for i in range(0, 11))  # 1 .. 1024
+_TOKENS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The server's metrics; ``render()`` gives the exposition text for ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "llave_requests", "HTTP requests answered", ["route", "status"], registry=self.registry
+        )
+        self.queue_inputs = Gauge(
+            "llave_queue_inputs", "Inputs admitted and not yet on the device", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "llave_batch_size", "Inputs per forward pass", buckets=_POW2, registry=self.registry
+        )
+        self.batch_tokens = Histogram(
+            "llave_batch_tokens",
+            "Padded tokens per forward pass (longest input x batch size)",
+            buckets=_TOKENS,
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "llave_stage_seconds",
+            "Time spent per stage: preprocess and queue per input, inference per forward pass",
+            ["stage"],
+            buckets=_SECONDS,
+            registry=self.registry,
+        )
+        self.ready = Gauge("llave_ready", "1 when the model is loaded and warmed up", registry=self.registry)
+        self.worker_alive = Gauge(
+            "llave_worker_alive", "1 while the device thread is running", registry=self.registry
+        )
+        for stage in ("preprocess", "queue", "inference"):
+            self.stage_seconds.labels(stage=stage)  # exported from the start, at zero
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,77 @@
+"""Helpers shared by the route modules: app state access, limits, disconnects, headers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from service.engine import EmbeddingEngine, EmbedResult
+from service.errors import ClientClosedRequestError, PayloadTooLargeError
+from service.schemas import ErrorResponse
+from service.settings import Settings
+
+T = TypeVar("T")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Malformed JSON",
+        401: "Missing or wrong API key (when one is configured)",
+        413: "Body, inputs, images, pixels or tokens over a limit",
+        415: "Body is not JSON",
+        422: "Invalid request or input (types, unknown fields, empty input, bad image)",
+        429: "Queue full; retry after Retry-After seconds",
+        503: "Model not ready, request timed out, or worker down",
+    }.items()
+}
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_engine(request: Request) -> EmbeddingEngine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+def check_input_count(settings: Settings, n: int) -> None:
+    if n > settings.max_inputs_per_request:
+        raise PayloadTooLargeError(
+            f"{n} inputs in one request; the limit is {settings.max_inputs_per_request}"
+        )
+
+
+def timing_headers(result: EmbedResult) -> dict[str, str]:
+    """``x-llave-<stage>-ms`` headers: preprocess, queue and inference time of this request."""
+    return {
+        f"x-llave-{name.removesuffix('_ms')}-ms": f"{value:.3f}" for name, value in result.timings.items()
+    }
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first.
+
+    Cancelling the engine's ``embed`` drops the request's inputs that have not reached the
+    device, so a client that gave up costs no forward pass. Call it after the body is read.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientClosedRequestError("the client closed the connection before the answer was ready")

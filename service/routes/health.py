@@ -1,0 +1,63 @@
+"""Probes and introspection: ``/health``, ``/ready``, ``/info``, ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.metrics import CONTENT_TYPE
+from service.routes.common import get_engine
+from service.schemas import ErrorResponse, ProbeResponse
+
+router = APIRouter(tags=["operations"])
+
+
+def _probe(status_code: int, status: str, message: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"status": status}
+    if message is not None:
+        body["error"] = {"type": "unavailable", "message": message}
+    return JSONResponse(body, status_code=status_code)
+
+
+@router.get(
+    "/health",
+    response_model=ProbeResponse,
+    responses={503: {"model": ProbeResponse, "description": "The model worker is dead"}},
+    summary="Liveness: 503 when the model worker died or the model failed to load",
+)
+async def health(request: Request) -> JSONResponse:
+    engine = get_engine(request)
+    if not engine.alive:
+        return _probe(503, engine.state, "the model worker is not running; restart the server")
+    return _probe(200, "ok")
+
+
+@router.get(
+    "/ready",
+    response_model=ProbeResponse,
+    responses={503: {"model": ProbeResponse, "description": "Still loading or warming up, or dead"}},
+    summary="Readiness: 200 once the model is loaded and warmed up",
+)
+async def ready(request: Request) -> JSONResponse:
+    engine = get_engine(request)
+    if engine.ready:
+        return _probe(200, "ready")
+    if not engine.alive:
+        return _probe(503, engine.state, "the model worker is not running")
+    return _probe(503, engine.state, f"the model is {engine.state}")
+
+
+@router.get(
+    "/info",
+    responses={401: {"model": ErrorResponse}},
+    summary="Model, dimension, dtype, device and the limits in force",
+)
+async def info(request: Request) -> dict[str, Any]:
+    return get_engine(request).info()
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,84 @@
+"""OpenAI-compatible ``POST /v1/embeddings`` and ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
+
+from service.errors import InvalidRequestError, NotFoundError
+from service.routes.common import (
+    ERROR_RESPONSES,
+    cancel_on_disconnect,
+    check_input_count,
+    get_engine,
+    get_settings,
+    timing_headers,
+)
+from service.schemas import OPENAI_EXAMPLES, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, OpenAIModelList
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+_STARTED = int(time.time())
+
+
+def encode_base64(vector: np.ndarray) -> str:
+    """Little-endian float32 bytes, base64: what OpenAI's clients decode."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+@router.post(
+    "/embeddings",
+    response_model=OpenAIEmbeddingResponse,
+    responses={**ERROR_RESPONSES, 404: ERROR_RESPONSES[422] | {"description": "Unknown model"}},
+    summary="OpenAI-compatible embeddings (always L2-normalised)",
+)
+async def create_embeddings(
+    request: Request, body: Annotated[OpenAIEmbeddingRequest, Body(openapi_examples=OPENAI_EXAMPLES)]
+) -> JSONResponse:
+    """``input`` is a string, a list of strings or a list of input objects; ``model`` is
+    optional (when given it must name the served model); ``encoding_format: base64`` returns
+    each vector as base64 of its little-endian float32 bytes."""
+    settings = get_settings(request)
+    engine = get_engine(request)
+    if body.model is not None and not engine.accepts_model_name(body.model):
+        raise NotFoundError(
+            f"model {body.model!r} is not served here; this server serves {settings.model_name!r}"
+        )
+    inputs = body.to_inputs()
+    if not inputs:
+        raise InvalidRequestError("input: give at least one input")
+    check_input_count(settings, len(inputs))
+    engine.check_ready()
+    if body.dimensions is not None and body.dimensions != engine.dim:
+        raise InvalidRequestError(f"dimensions: this model only produces {engine.dim}-dimensional vectors")
+    result = await cancel_on_disconnect(request, engine.embed(inputs, truncate=True, normalize=True))
+    encode: Any = encode_base64 if body.encoding_format == "base64" else (lambda v: v.tolist())
+    content = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(vector)}
+            for i, vector in enumerate(result.embeddings)
+        ],
+        "model": settings.model_name,
+        "usage": {
+            "prompt_tokens": result.usage["prompt_tokens"],
+            "total_tokens": result.usage["total_tokens"],
+        },
+    }
+    return JSONResponse(content, headers=timing_headers(result))
+
+
+@router.get("/models", response_model=OpenAIModelList, summary="The one served model (OpenAI shape)")
+async def list_models(request: Request) -> dict[str, Any]:
+    settings = get_settings(request)
+    return {
+        "object": "list",
+        "data": [
+            {"id": settings.model_name, "object": "model", "created": _STARTED, "owned_by": "llave-server"}
+        ],
+    }

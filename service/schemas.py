@@ -1,0 +1,198 @@
+"""Request and response bodies (pydantic). Unknown fields are refused, types are strict.
+
+Only the shape is checked here; limits that depend on settings (inputs per request,
+images, pixels, tokens) are enforced by the routes and the model core.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# --- inputs ----------------------------------------------------------------------------
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(Strict):
+    type: Literal["image"]
+    image: str = Field(description="Base64 image bytes, a data: URI, or an allow-listed http(s) URL.")
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class InputObject(Strict):
+    """Shorthand ``{text?, image?, instruction?}`` or interleaved ``{content, instruction?}``."""
+
+    text: str | None = None
+    image: str | None = Field(
+        None, description="Base64 image bytes, a data: URI, or an allow-listed http(s) URL."
+    )
+    instruction: str | None = Field(None, description="Task instruction, put before the text.")
+    content: list[ContentPart] | None = Field(None, description="Interleaved text and image parts, in order.")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> InputObject:
+        if self.content is not None:
+            if self.text is not None or self.image is not None:
+                raise ValueError("give either 'content' or 'text'/'image', not both")
+            if not self.content:
+                raise ValueError("'content' is empty")
+        elif self.image is None and not self.text and not self.instruction:
+            raise ValueError("input is empty: give text, an image or content parts")
+        return self
+
+    def to_input(self) -> dict[str, Any]:
+        """The plain dict the model core takes."""
+        return self.model_dump(exclude_none=True)
+
+
+# --- /embed ----------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens embedded, image tokens included.")
+    total_tokens: int
+    images: int = 0
+    truncated: int = Field(0, description="Inputs cut to the model's maximum length.")
+
+
+class EmbedRequest(Strict):
+    inputs: list[InputObject] = Field(min_length=1)
+    normalize: bool = Field(True, description="L2-normalise (false: the pooled hidden state as is).")
+    truncate: bool = Field(True, description="Cut over-long inputs (false: refuse them with 413).")
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    model: str
+    dim: int
+    usage: Usage
+
+
+# --- /v1/embeddings (OpenAI) -----------------------------------------------------------
+
+
+class OpenAIEmbeddingRequest(Strict):
+    input: str | list[str | InputObject] = Field(
+        description="A string, a list of strings, or a list of input objects (also mixed)."
+    )
+    model: str | None = Field(None, description="Optional; must name the served model if given.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes."
+    )
+    dimensions: int | None = Field(None, description="Optional; must equal the model's dimension.")
+    user: str | None = Field(None, description="Accepted for compatibility and ignored.")
+
+    def to_inputs(self) -> list[dict[str, Any]]:
+        items = [self.input] if isinstance(self.input, str) else self.input
+        return [{"text": item} if isinstance(item, str) else item.to_input() for item in items]
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llave-server"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+# --- errors and probes -----------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ProbeResponse(BaseModel):
+    status: str
+    error: ErrorDetail | None = None
+
+
+# --- documentation examples ------------------------------------------------------------
+
+PNG_8X8 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfHgA0wMeAAg1MCANDKARQfGKMRAAAAAElFTkSuQmCC"
+)
+
+EMBED_EXAMPLES: dict[str, dict[str, Any]] = {
+    "text": {"summary": "One text", "value": {"inputs": [{"text": "a photo of a cat"}]}},
+    "image": {"summary": "An image (base64 PNG)", "value": {"inputs": [{"image": PNG_8X8}]}},
+    "image_text": {
+        "summary": "Image and text with an instruction",
+        "value": {
+            "inputs": [
+                {
+                    "image": PNG_8X8,
+                    "text": "What is in the image",
+                    "instruction": "Represent the given image with the following question:",
+                }
+            ]
+        },
+    },
+    "interleaved": {
+        "summary": "Interleaved content",
+        "value": {
+            "inputs": [
+                {
+                    "content": [
+                        {"type": "text", "text": "Compare "},
+                        {"type": "image", "image": PNG_8X8},
+                        {"type": "text", "text": " with a red square."},
+                    ]
+                }
+            ],
+            "normalize": True,
+            "truncate": True,
+        },
+    },
+}
+
+OPENAI_EXAMPLES: dict[str, dict[str, Any]] = {
+    "string": {"summary": "One string", "value": {"input": "a photo of a cat"}},
+    "strings": {
+        "summary": "Several strings, base64 output",
+        "value": {"input": ["a cat", "a dog"], "encoding_format": "base64"},
+    },
+    "objects": {
+        "summary": "Input objects (images)",
+        "value": {"input": [{"image": PNG_8X8}, {"text": "a red square"}]},
+    },
+}

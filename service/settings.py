@@ -1,0 +1,183 @@
+"""Server configuration: one pydantic-settings class, read from ``LLAVE_*`` env vars and CLI flags.
+
+Every field is both an environment variable (``LLAVE_`` + the upper-cased name, e.g.
+``LLAVE_MAX_BATCH_SIZE``) and a command-line flag (``--`` + the name with dashes, e.g.
+``--max-batch-size``); flags override env vars, which override the defaults
+(``service/__main__.py`` builds the flags from this class, so the two cannot drift).
+List fields take a comma-separated string (``LLAVE_CORS_ORIGINS=https://a,https://b``).
+
+Nothing here is read at import time: ``Settings()`` reads the environment when called, and
+the app gets its settings from ``create_app(settings)`` (routes read ``app.state.settings``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Resolved server settings. Field descriptions double as ``--help`` text."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAVE_", extra="forbid", validate_default=True)
+
+    # --- model -------------------------------------------------------------------------
+    model: str = Field(description="Checkpoint to serve: a local folder or a hub id (required).")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and compute dtype."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name reported by /info and /v1/models (default: the --model value)."
+    )
+    attn_implementation: str = Field("sdpa", description="Attention kernel passed to the model core.")
+
+    # --- network -----------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for all).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the server and uvicorn."
+    )
+    data_dir: Path = Field(Path("./data"), description="Directory of the collection store.")
+
+    # --- batching and overload ---------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, description="Most inputs in one forward pass.")
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Most padded tokens in one forward pass (longest input x batch size). "
+        "An input longer than this runs alone.",
+    )
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="When the device is idle and more inputs are still being preprocessed, "
+        "wait at most this long for them to join the batch (0: never wait).",
+    )
+    batch_sort_window: int = Field(
+        128, ge=1, description="Queued inputs looked at when grouping inputs of similar length."
+    )
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        description="Most inputs admitted and not yet on the device; beyond it requests get 429.",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="A request not answered this long after admission gets 503."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After value sent with 429 and 503.")
+    preprocess_workers: int = Field(
+        2, ge=1, description="Threads that decode, tile and tokenise inputs (CPU)."
+    )
+    warmup_tokens: int = Field(
+        256,
+        ge=1,
+        description="Length of the warm-up texts (max-batch-size of them, capped by "
+        "max-batch-tokens and the model's maximum length).",
+    )
+
+    # --- request limits ----------------------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Largest request body (413).")
+    max_inputs_per_request: int = Field(128, ge=1, description="Most inputs in one request (413).")
+    max_images_per_input: int = Field(8, ge=1, description="Most images in one input (413).")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Most pixels (width x height) in one image (413)."
+    )
+    max_input_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Longest input in tokens, images included (default: the model's, 4096 for "
+        "LLaVE). Longer inputs are cut, or refused with 413 when the request says truncate=false.",
+    )
+
+    # --- security ----------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every endpoint but /health, /ready, /metrics, /docs and "
+        "/openapi.json needs 'Authorization: Bearer <key>'.",
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list, description="Origins allowed by CORS, comma-separated (off when empty)."
+    )
+    image_url_allow_hosts: CommaList = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs are fetched, comma-separated; '*.example.com' "
+        "matches subdomains. Empty: image URLs are refused.",
+    )
+    image_url_allow_private: bool = Field(
+        False,
+        description="Also fetch from private, loopback and link-local addresses (only for "
+        "trusted internal networks).",
+    )
+    image_url_max_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest fetched image.")
+    image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit of one image fetch.")
+
+    # --- testing -----------------------------------------------------------------------
+    fault_injection: str | None = Field(
+        None,
+        description="TESTING ONLY, off by default. 'fail-batch:MARKER' makes a forward pass "
+        "raise when one of its inputs' text contains MARKER; 'kill-worker:MARKER' makes the "
+        "device thread die as on an unrecoverable device error.",
+    )
+
+    @field_validator("cors_origins", "image_url_allow_hosts", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("image_url_allow_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        return [host.lower().rstrip(".") for host in value]
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty LLAVE_API_KEY= means "no key", not "the empty key".
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    @field_validator("fault_injection")
+    @classmethod
+    def _check_fault(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        kind, sep, marker = value.partition(":")
+        if kind not in ("fail-batch", "kill-worker") or not sep or not marker:
+            raise ValueError("fault_injection must be 'fail-batch:MARKER' or 'kill-worker:MARKER'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.max_inputs_per_request > self.max_queue:
+            raise ValueError(
+                f"max_inputs_per_request ({self.max_inputs_per_request}) must not exceed "
+                f"max_queue ({self.max_queue}): such a request could never be admitted"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name this server answers to (``/info``, ``/v1/models``, responses)."""
+        return self.served_model_name or self.model
+
+    def limits(self) -> dict[str, object]:
+        """The request limits in force, as reported by ``/info``."""
+        return {
+            "max_body_bytes": self.max_body_bytes,
+            "max_inputs_per_request": self.max_inputs_per_request,
+            "max_images_per_input": self.max_images_per_input,
+            "max_image_pixels": self.max_image_pixels,
+            "max_input_tokens": self.max_input_tokens,
+            "max_queue": self.max_queue,
+            "request_timeout_s": self.request_timeout_s,
+            "image_urls": bool(self.image_url_allow_hosts),
+        }

@@ -1,0 +1,161 @@
+"""Real servers for the API tests: ``python -m service`` in a subprocess on a free port.
+
+Each server serves the session's tiny checkpoint (see ``tests/conftest.py``) and logs to a
+file; ``readiness`` holds what ``/ready`` answered from the moment the process started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+FAIL_BATCH = "__fail_this_batch__"
+KILL_WORKER = "__kill_the_worker__"
+API_KEY = "test-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A ``python -m service`` subprocess."""
+
+    def __init__(self, checkpoint: Path, workdir: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "server.log"
+        self.readiness: list[int | None] = []  # /ready statuses from the start (None: refused)
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        full_env = {k: v for k, v in full_env.items() if not k.startswith("LLAVE_")}
+        full_env.update(env or {})
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--model",
+                str(checkpoint),
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(workdir / "data"),
+                "--log-level",
+                "warning",
+                *args,
+            ],
+            cwd=REPO,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    status = client.get(self.url + "/ready").status_code
+                except httpx.TransportError:
+                    status = None
+                self.readiness.append(status)
+                if status == 200:
+                    return
+                time.sleep(0.02)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60.0, **kwargs)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """Sum of the samples of ``name`` whose label set contains ``labels``."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            base = key.split("{", 1)[0]
+            if base == name and labels in key:
+                total += float(value)
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def start_server(checkpoint: Path, workdir: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    server = Server(checkpoint, workdir, *args, env=env)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+# Limits small enough to test, large enough for the tiny model's inputs.
+MAIN_ARGS = (
+    "--max-batch-size", "8",
+    "--max-queue", "256",
+    "--max-inputs-per-request", "16",
+    "--max-images-per-input", "2",
+    "--max-image-pixels", "10000",
+    "--max-input-tokens", "512",
+    "--max-body-bytes", "300000",
+    "--preprocess-workers", "2",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    """The main server: no API key, a fault-injection marker that fails a batch."""
+    srv = start_server(
+        tiny_checkpoint,
+        tmp_path_factory.mktemp("server-main"),
+        *MAIN_ARGS,
+        env={"LLAVE_FAULT_INJECTION": f"fail-batch:{FAIL_BATCH}"},
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def guarded_server(tiny_checkpoint, tmp_path_factory):
+    """API key on, a small queue (8 inputs) to provoke 429s."""
+    srv = start_server(
+        tiny_checkpoint,
+        tmp_path_factory.mktemp("server-guarded"),
+        "--max-queue", "8",
+        "--max-inputs-per-request", "8",
+        "--max-batch-size", "4",
+        env={"LLAVE_API_KEY": API_KEY},
+    )  # fmt: skip
+    yield srv
+    srv.stop()
