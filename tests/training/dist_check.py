@@ -69,7 +69,7 @@ def run_variant(ctx, variant: str) -> dict:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    ctx = init_distributed()
+    ctx = init_distributed(device="cpu")  # gloo on CPU, even where CUDA exists
     assert ctx.world_size > 1, "run me under torchrun with at least 2 processes"
     results = {v: run_variant(ctx, v) for v in ("plain", "cached", "masked")}
     results["world_size"] = ctx.world_size
