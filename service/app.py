@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -51,9 +52,23 @@ images as base64 or `data:` URIs. Errors are `{"error": {"type", "message"}}`.
 class RequestAccountingMiddleware:
     """Counts every answered request by route template and status; turns bugs into a generic 500."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, paths: Callable[[], Iterable[str]]) -> None:
         self.app = app
         self.metrics = metrics
+        self._paths = paths  # route templates, to label requests refused before routing
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None
+
+    def _route_label(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if getattr(route, "path", None):
+            return str(route.path)  # type: ignore[union-attr]
+        if self._templates is None:  # built once, after every route is registered
+            self._templates = [
+                (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(p)) + "$"), p)
+                for p in self._paths()
+            ]
+        path = scope.get("path", "")
+        return next((template for regex, template in self._templates if regex.match(path)), "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,9 +91,7 @@ class RequestAccountingMiddleware:
                 response = unexpected_error_response(scope.get("method", ""), scope.get("path", ""), exc)
                 await response(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(route=label, status=str(status or 500)).inc()
+            self.metrics.requests.labels(route=self._route_label(scope), status=str(status or 500)).inc()
 
 
 def _open_store(settings: Settings) -> Any:
@@ -150,7 +163,9 @@ def create_app(settings: Settings) -> FastAPI:
                 "Retry-After",
             ],
         )
-    app.add_middleware(RequestAccountingMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestAccountingMiddleware, metrics=metrics, paths=lambda: list(app.openapi().get("paths", {}))
+    )
     return app
 
 

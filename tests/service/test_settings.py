@@ -1,0 +1,135 @@
+"""Settings: env vars and CLI flags share names, flags win, validation is clear. No model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.__main__ import build_parser, load_settings, main
+from service.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("LLAVE_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_follow_the_design(monkeypatch):
+    s = load_settings(["--model", "m"])
+    assert s.model == "m" and s.model_name == "m"
+    assert s.data_dir == Path("./data")
+    assert (s.device, s.dtype) == ("auto", "auto")
+    assert s.api_key is None and s.cors_origins == [] and s.image_url_allow_hosts == []
+    assert s.fault_injection is None
+
+
+def test_env_vars_are_read_and_flags_override_them(monkeypatch):
+    monkeypatch.setenv("LLAVE_MODEL", "from-env")
+    monkeypatch.setenv("LLAVE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("LLAVE_MAX_QUEUE", "300")
+    monkeypatch.setenv("LLAVE_DATA_DIR", "/srv/llave")
+    s = load_settings([])
+    assert (s.model, s.max_batch_size, s.max_queue, s.data_dir) == ("from-env", 7, 300, Path("/srv/llave"))
+    s = load_settings(["--model", "from-flag", "--max-batch-size", "3", "--data-dir", "/d"])
+    assert (s.model, s.max_batch_size, s.max_queue, s.data_dir) == ("from-flag", 3, 300, Path("/d"))
+
+
+def test_every_setting_has_a_flag_with_the_env_var_name():
+    flags = {a.dest: a.option_strings for a in build_parser()._actions if a.dest != "help"}
+    for name in Settings.model_fields:
+        assert flags[name][0] == "--" + name.replace("_", "-")
+    contract = [
+        "--model", "--host", "--port", "--device", "--dtype", "--max-batch-size",
+        "--max-batch-tokens", "--max-wait-ms", "--max-queue", "--data-dir",
+    ]  # fmt: skip
+    all_flags = {f for option_strings in flags.values() for f in option_strings}
+    assert set(contract) <= all_flags
+
+
+def test_each_flag_parses_like_its_env_var(monkeypatch):
+    samples = {
+        "port": ("9000", 9000),
+        "max_wait_ms": ("2.5", 2.5),
+        "request_timeout_s": ("3", 3.0),
+        "image_url_allow_private": ("true", True),
+        "dtype": ("bfloat16", "bfloat16"),
+        "max_input_tokens": ("1024", 1024),
+    }
+    for name, (text, value) in samples.items():
+        monkeypatch.setenv("LLAVE_" + name.upper(), text)
+        assert getattr(load_settings(["--model", "m"]), name) == value, name
+        monkeypatch.delenv("LLAVE_" + name.upper())
+        flag = "--" + name.replace("_", "-")
+        argv = ["--model", "m", flag] if isinstance(value, bool) else ["--model", "m", flag, text]
+        assert getattr(load_settings(argv), name) == value, name
+
+
+def test_lists_are_comma_separated(monkeypatch):
+    monkeypatch.setenv("LLAVE_CORS_ORIGINS", "https://a.example, https://b.example")
+    s = load_settings(["--model", "m", "--image-url-allow-hosts", "Images.Example.com,*.cdn.example."])
+    assert s.cors_origins == ["https://a.example", "https://b.example"]
+    assert s.image_url_allow_hosts == ["images.example.com", "*.cdn.example"]
+
+
+def test_api_key_is_secret_and_empty_means_none(monkeypatch):
+    monkeypatch.setenv("LLAVE_API_KEY", "s3cret")
+    s = load_settings(["--model", "m"])
+    assert s.api_key is not None and s.api_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s)
+    monkeypatch.setenv("LLAVE_API_KEY", "")
+    assert load_settings(["--model", "m"]).api_key is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch_size": 0},
+        {"max_queue": 4, "max_inputs_per_request": 5},
+        {"port": 70000},
+        {"dtype": "float64"},
+        {"fault_injection": "explode"},
+        {"fault_injection": "fail-batch:"},
+        {"unknown_setting": 1},
+    ],
+)
+def test_invalid_settings_are_refused(kwargs):
+    with pytest.raises(ValidationError):
+        Settings(model="m", **kwargs)
+
+
+def test_fault_injection_is_off_by_default_and_parsed():
+    assert Settings(model="m").fault_injection is None
+    assert Settings(model="m", fault_injection="fail-batch:XYZ").fault_injection == "fail-batch:XYZ"
+    assert Settings(model="m", fault_injection="").fault_injection is None
+
+
+def test_cli_errors_exit_2_with_the_flag_named(capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_settings(["--model", "m", "--max-queue", "2"])
+    assert exc.value.code == 2
+    assert "max_queue" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings([])  # --model is required
+    assert "--model" in capsys.readouterr().err
+
+
+def test_console_script_entry_point_and_help():
+    assert callable(main)
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--max-batch-size" in out and "LLAVE_MAX_BATCH_SIZE" in out
+
+
+def test_limits_report_what_is_enforced():
+    limits = Settings(model="m", max_body_bytes=123, max_inputs_per_request=4, max_queue=8).limits()
+    assert limits["max_body_bytes"] == 123 and limits["max_inputs_per_request"] == 4
+    assert limits["max_queue"] == 8 and limits["image_urls"] is False
