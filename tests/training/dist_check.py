@@ -4,8 +4,9 @@
 
 Every rank takes its half of one global batch, encodes it with a DDP-wrapped tiny MLP,
 computes the gathered hardness-weighted loss and backpropagates; rank 0 saves the mean
-loss over ranks and the (DDP-averaged) parameter gradients for three variants: plain,
-gradient-cached (DDP sync on the last chunk only) and plain with duplicate masking.
+loss over ranks and the (DDP-averaged) parameter gradients for four variants: plain,
+gradient-cached (DDP sync on the last chunk only), gradient-cached where a branch used
+by the query chunks is unused in the last chunk, and plain with duplicate masking.
 The test compares them with one process computing the loss on the whole batch.
 """
 
@@ -30,11 +31,38 @@ from training.distributed import (  # noqa: E402
 from training.grad_cache import grad_cache_step, split_rows  # noqa: E402
 
 N_GLOBAL, D_IN, ALPHA = 8, 12, 9.0
+VARIANTS = ("plain", "cached", "cached_branch", "masked")
+
+
+class Encoder(nn.Module):
+    """A tiny MLP plus a branch only some inputs use (like LLaVE's projector, which
+    text-only chunks never touch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(D_IN, 32), nn.GELU(), nn.Linear(32, 8))
+        self.branch = nn.Linear(D_IN, 8)
+
+    def forward(self, x, use_branch=False):
+        out = self.mlp(x)
+        return out + self.branch(x) if use_branch else out
 
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(D_IN, 32), nn.GELU(), nn.Linear(32, 8))
+    return Encoder()
+
+
+def run_cached(model, queries, targets, *, branch_for_queries=False, ddp=None):
+    """Gradient cache with chunks of 3; queries may use the branch, targets never do,
+    so the branch is unused in the last chunk (the one where DDP syncs)."""
+    return grad_cache_step(
+        lambda chunk: model(*chunk),
+        [(c, branch_for_queries) for c in split_rows(queries, 3)],
+        [(c, False) for c in split_rows(targets, 3)],
+        lambda q, t: gathered_hardness_weighted_loss(q, t, alpha=ALPHA),
+        model=ddp,
+    )
 
 
 def make_batch():
@@ -46,24 +74,19 @@ def make_batch():
 
 
 def run_variant(ctx, variant: str) -> dict:
-    model = DistributedDataParallel(make_model())
+    # find_unused_parameters: the branch is unused in some forwards (as in run.py).
+    model = DistributedDataParallel(make_model(), find_unused_parameters=True)
     queries, targets, keys = make_batch()
     n = N_GLOBAL // ctx.world_size
     rows = slice(ctx.rank * n, (ctx.rank + 1) * n)
     q_in, t_in, local_keys = queries[rows], targets[rows], keys[rows]
-    if variant == "cached":
-        loss = grad_cache_step(
-            model,
-            split_rows(q_in, 3),
-            split_rows(t_in, 3),
-            lambda q, t: gathered_hardness_weighted_loss(q, t, alpha=ALPHA),
-            model=model,
-        )
+    if variant.startswith("cached"):
+        loss = run_cached(model, q_in, t_in, branch_for_queries=variant == "cached_branch", ddp=model)
     else:
         pair_keys = local_keys if variant == "masked" else None
         loss = gathered_hardness_weighted_loss(model(q_in), model(t_in), alpha=ALPHA, pair_keys=pair_keys)
         loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.module.named_parameters()}
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.module.named_parameters()}
     return {"loss": all_reduce_mean(loss), "local_loss": loss.detach().clone(), "grads": grads}
 
 
@@ -71,7 +94,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     ctx = init_distributed(device="cpu")  # gloo on CPU, even where CUDA exists
     assert ctx.world_size > 1, "run me under torchrun with at least 2 processes"
-    results = {v: run_variant(ctx, v) for v in ("plain", "cached", "masked")}
+    results = {v: run_variant(ctx, v) for v in VARIANTS}
     results["world_size"] = ctx.world_size
     if is_main_process():
         torch.save(results, out)
