@@ -44,3 +44,11 @@ class CollectionExistsError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The data directory cannot be written (disk full, read-only, I/O error) (503)."""
+
+
+class InvalidMetadataError(StoreError):
+    """Document metadata is not a JSON object, cannot be serialised, or is too large (422)."""
+
+
+class InvalidParameterError(StoreError):
+    """An index type, collection option, dimension or search ``k`` is not allowed (422)."""

@@ -1,0 +1,848 @@
+"""The durable collection store: SQLite is the source of truth, FAISS a derived index.
+
+One SQLite file (``data_dir/store.sqlite3``, WAL, ``synchronous=FULL``) holds every
+collection and document; an upsert is acknowledged only after its transaction commits,
+so it survives ``kill -9``. The in-memory indexes (``service/vector_index.py``) are
+rebuilt from SQLite at ``open`` and updated only after a commit succeeded.
+
+Concurrency: all writes are serialised by one lock and one writer connection; each
+collection has a readers-writer lock, held exclusively only for COMMIT plus the index
+update, so searches run in parallel and always see SQLite and the index in step.
+Readers take read-only SQLite connections from a small pool. Approximate indexes are
+compacted, trained or (after ``open``) built in a background thread while searches go on.
+One process per data directory (an flock on ``data_dir/store.lock``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.store_errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    DimensionMismatchError,
+    DocumentNotFoundError,
+    DuplicateIdError,
+    InvalidFilterError,
+    InvalidMetadataError,
+    InvalidNameError,
+    InvalidParameterError,
+    InvalidVectorError,
+    StoreUnavailableError,
+)
+from service.vector_index import (
+    INDEX_TYPES,
+    OPTION_DEFAULTS,
+    LiveIndex,
+    VectorIndex,
+    new_index,
+    normalised_rows,
+)
+
+logger = logging.getLogger("llave.store")
+
+DB_FILE = "store.sqlite3"
+MAX_DIM = 65536
+MAX_ID_CHARS = 512
+MAX_FILTER_KEYS, MAX_FILTER_KEY_CHARS, MAX_FILTER_VALUES = 32, 256, 1024
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control chars, lone surrogates
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY, dim INTEGER NOT NULL, index_type TEXT NOT NULL,
+    options TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    row_id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS label; never reused
+    collection TEXT NOT NULL, id TEXT NOT NULL, metadata TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    vector BLOB NOT NULL,  -- float32, unit norm
+    UNIQUE (collection, id));
+-- covering index for metadata filters: they never read the (page-sized) vector rows
+CREATE INDEX IF NOT EXISTS documents_metadata ON documents (collection, metadata);
+"""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_collection_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid collection name {_shown(name)}: use 1-128 characters from "
+            "A-Z a-z 0-9 _ . -, starting with a letter or digit"
+        )
+    return name
+
+
+def check_doc_id(doc_id: Any) -> str:
+    if not isinstance(doc_id, str) or not 0 < len(doc_id) <= MAX_ID_CHARS or _FORBIDDEN_CHARS.search(doc_id):
+        raise InvalidNameError(
+            f"invalid document id {_shown(doc_id)}: use a non-empty string of at most "
+            f"{MAX_ID_CHARS} characters without control characters"
+        )
+    return doc_id
+
+
+def metadata_json(metadata: Any, max_bytes: int) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or not all(isinstance(key, str) for key in metadata):
+        raise InvalidMetadataError("metadata must be a JSON object with string keys, or null")
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidMetadataError(f"metadata is not JSON-serialisable: {exc}") from exc
+    if size > max_bytes:
+        raise InvalidMetadataError(f"metadata is {size} bytes as JSON, over the limit of {max_bytes}")
+    return text
+
+
+def compile_filter(filter: Any) -> tuple[str, list[Any]]:
+    """SQL condition on ``documents AS d`` for ``{"field": value | [any-of values]}``; "" for none.
+
+    Matching is type-aware: ``true`` never matches ``1``, ``null`` matches only an explicit
+    null (not a missing field), and numbers compare by value (``1`` matches ``1.0``).
+    """
+    if filter is None:
+        return "", []
+    if not isinstance(filter, dict):
+        raise InvalidFilterError("filter must be an object of field -> value or list of values")
+    if len(filter) > MAX_FILTER_KEYS:
+        raise InvalidFilterError(f"filter has more than {MAX_FILTER_KEYS} fields")
+    clauses: list[str] = []
+    params: list[Any] = []
+    total = 0
+    for key, value in filter.items():
+        if (
+            not isinstance(key, str)
+            or not 0 < len(key) <= MAX_FILTER_KEY_CHARS
+            or _FORBIDDEN_CHARS.search(key)
+        ):
+            raise InvalidFilterError(f"invalid filter field {_shown(key)}")
+        if isinstance(value, list) and not value:
+            raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
+        values = value if isinstance(value, list) else [value]
+        total += len(values)
+        if total > MAX_FILTER_VALUES:
+            raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
+        kinds: dict[str, list[Any]] = {"null": [], "true": [], "false": [], "number": [], "text": []}
+        for v in values:
+            if v is None or isinstance(v, bool):
+                kinds[{None: "null", True: "true", False: "false"}[v]].append(v)
+            elif isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
+                kinds["number"].append(v)
+            elif isinstance(v, str):
+                kinds["text"].append(v)
+            else:
+                raise InvalidFilterError(
+                    f"filter value {_shown(v)} for {key!r} is not a string, finite number, boolean or null"
+                )
+        conds = [f"j.type = '{kind}'" for kind in ("null", "true", "false") if kinds[kind]]
+        for kind, types in (("number", "'integer', 'real'"), ("text", "'text'")):
+            if kinds[kind]:
+                conds.append(f"(j.type IN ({types}) AND j.atom IN ({', '.join('?' * len(kinds[kind]))}))")
+        # json_each decodes keys, so any key works (a '$."key"' path breaks on quotes/escapes).
+        clauses.append(
+            f"EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND ({' OR '.join(conds)}))"
+        )
+        params += [key, *kinds["number"], *kinds["text"]]
+    return " AND ".join(clauses), params
+
+
+@dataclass(eq=False)
+class _Collection:
+    name: str
+    dim: int
+    kind: str
+    options: dict[str, Any]
+    created_at: float
+    live: LiveIndex
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "count": len(self.live.index),
+            "dim": self.dim,
+            "index": self.kind,
+            "created_at": self.created_at,
+        }
+
+
+def _is_bug(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
+
+
+def _unavailable(exc: BaseException, action: str) -> StoreUnavailableError:
+    return StoreUnavailableError(f"the collection store could not {action}: {exc}")
+
+
+class CollectionStore:
+    """Named collections of (id, unit vector, JSON metadata) with cosine-similarity search.
+
+    Thread-safe; every method is synchronous (the HTTP layer calls them from a threadpool).
+    ``background_rebuild=False`` runs index compaction/training inline in the writing call.
+    ``read_only`` opens SQLite read-only (writes then fail with StoreUnavailableError);
+    ``max_db_bytes`` caps the database file (writes past it fail as on a full disk).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        max_k: int = 1000,
+        hnsw_m: int = 32,
+        hnsw_ef_search: int = 128,
+        ivf_nlist: int | None = None,
+        tombstone_rebuild_ratio: float = 0.2,
+        max_metadata_bytes: int = 65536,
+        background_rebuild: bool = True,
+        read_only: bool = False,
+        max_db_bytes: int | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / DB_FILE
+        self.max_k, self.max_metadata_bytes = max_k, max_metadata_bytes
+        self.tombstone_rebuild_ratio = tombstone_rebuild_ratio
+        self.background_rebuild, self.read_only, self.max_db_bytes = (
+            background_rebuild,
+            read_only,
+            max_db_bytes,
+        )
+        self._defaults = {
+            "flat": {},
+            "hnsw": {**OPTION_DEFAULTS["hnsw"], "m": hnsw_m, "ef_search": hnsw_ef_search},
+            "ivf": {**OPTION_DEFAULTS["ivf"], "nlist": ivf_nlist},
+        }
+        self._write_lock = threading.Lock()  # serialises every write; taken before any collection lock
+        self._collections: dict[str, _Collection] = {}
+        self._writer: sqlite3.Connection | None = None
+        self._readers: list[sqlite3.Connection] = []  # every read-only connection opened
+        self._idle_readers: list[sqlite3.Connection] = []  # the pool: one per concurrent reader at most
+        self._readers_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._stop = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._threads_lock = threading.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the data directory, open SQLite and rebuild every collection's index."""
+        if self._writer is not None:
+            return
+        self._stop = threading.Event()
+        try:
+            if not self.read_only:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = self._lock_data_dir()
+            self._writer = self._connect(read_only=self.read_only)
+            if not self.read_only:
+                self._writer.executescript(_SCHEMA)
+            with self._write_lock:
+                for name, dim, kind, options, created_at in self._writer.execute(
+                    "SELECT name, dim, index_type, options, created_at FROM collections"
+                ).fetchall():
+                    options = json.loads(options)
+                    index = self._load_index(name, dim, kind, options)
+                    self._collections[name] = _Collection(
+                        name, dim, kind, options, created_at, LiveIndex(index)
+                    )
+                for coll in self._collections.values():
+                    self._maybe_rebuild(coll)
+        except (OSError, sqlite3.Error) as exc:
+            self._release()
+            if _is_bug(exc):
+                raise
+            raise _unavailable(exc, f"open {self.path}") from exc
+        except BaseException:
+            self._release()
+            raise
+
+    def close(self) -> None:
+        """Stop background rebuilds and close every connection. Call once traffic has stopped."""
+        self._stop.set()
+        self.wait_for_maintenance()
+        with self._write_lock:
+            self._release()
+
+    def __enter__(self) -> CollectionStore:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_for_maintenance(self, timeout: float | None = None) -> bool:
+        """Wait for background index rebuilds; True when none is left running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._threads_lock:
+                threads = list(self._threads)
+            if not threads:
+                return True
+            for thread in threads:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                with self._threads_lock:
+                    return not self._threads
+
+    def _release(self) -> None:
+        for conn in [*self._readers, *([self._writer] if self._writer else [])]:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                logger.exception("closing a SQLite connection failed")
+        self._readers, self._idle_readers, self._writer = [], [], None
+        self._collections.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _lock_data_dir(self) -> int | None:
+        """One process per data directory: a second one would hold a stale index."""
+        path = self.data_dir / "store.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            if not self.read_only:
+                raise
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreUnavailableError(f"{self.data_dir} is in use by another store (process)") from None
+        return fd
+
+    def _connect(self, *, read_only: bool) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri() + ("?mode=ro" if read_only else "")
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+        if not read_only:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"cannot use WAL journaling (got {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")
+            if self.max_db_bytes is not None:
+                page_size = conn.execute("PRAGMA page_size").fetchall()[0][0]
+                conn.execute(f"PRAGMA max_page_count = {max(1, self.max_db_bytes // page_size)}")
+        return conn
+
+    def _check_open(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StoreUnavailableError("the collection store is not open")
+        return self._writer
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a query on a pooled read-only connection (fully fetched: no snapshot stays open).
+
+        A pool rather than thread-locals: the HTTP threadpool retires idle threads, and their
+        connections would otherwise stay open until ``close``.
+        """
+        self._check_open()
+        with self._readers_lock:
+            conn = self._idle_readers.pop() if self._idle_readers else None
+        try:
+            if conn is None:
+                conn = self._connect(read_only=True)
+                with self._readers_lock:
+                    self._readers.append(conn)
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            if _is_bug(exc):
+                raise
+            raise _unavailable(exc, "read the database") from exc
+        finally:
+            if conn is not None:
+                with self._readers_lock:
+                    if conn in self._readers:  # not closed by close() meanwhile
+                        self._idle_readers.append(conn)
+
+    @contextmanager
+    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE on the writer; the body COMMITs. Rolled back on any error or if left open."""
+        conn = self._check_open()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+        except BaseException as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    logger.exception("rollback failed")
+            if isinstance(exc, sqlite3.Error) and not _is_bug(exc):
+                raise _unavailable(exc, action) from exc
+            raise
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    # --- collections ------------------------------------------------------------------------
+
+    def _resolve_options(self, kind: str, options: dict[str, Any] | None) -> dict[str, Any]:
+        if kind not in INDEX_TYPES:
+            raise InvalidParameterError(
+                f"unknown index type {_shown(kind)}; use one of {', '.join(INDEX_TYPES)}"
+            )
+        if options is not None and not isinstance(options, dict):
+            raise InvalidParameterError("index options must be an object")
+        resolved = dict(self._defaults[kind])
+        for key, value in (options or {}).items():
+            if key not in resolved:
+                raise InvalidParameterError(f"unknown option {_shown(key)} for a {kind} index")
+            nullable = key in ("nlist", "nprobe")
+            if not (value is None and nullable) and (
+                not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000
+            ):
+                raise InvalidParameterError(f"option {key!r} must be a positive integer")
+            resolved[key] = value
+        return resolved
+
+    def _get(self, name: str) -> _Collection:
+        self._check_open()
+        coll = self._collections.get(check_collection_name(name))
+        if coll is None:
+            raise CollectionNotFoundError(f"collection {name!r} does not exist")
+        return coll
+
+    def create_collection(
+        self,
+        name: str,
+        dim: int,
+        index: str = "flat",
+        options: dict[str, Any] | None = None,
+        exist_ok: bool = True,
+    ) -> dict[str, Any]:
+        """Create a collection; an existing one is returned if dim, type and given options agree."""
+        self._check_open()
+        check_collection_name(name)
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
+            raise InvalidParameterError(f"dim must be an integer from 1 to {MAX_DIM}")
+        resolved = self._resolve_options(index, options)
+        with self._write_lock:
+            coll = self._collections.get(name)
+            if coll is not None:
+                if (
+                    not exist_ok
+                    or coll.dim != dim
+                    or coll.kind != index
+                    or any(coll.options.get(key) != resolved[key] for key in options or {})
+                ):
+                    raise CollectionExistsError(
+                        f"collection {name!r} exists (dim {coll.dim}, index {coll.kind}, "
+                        f"options {coll.options})"
+                    )
+                return coll.describe()
+            with self._transaction("create the collection") as conn:
+                coll = self._insert_collection(conn, name, dim, index, resolved)
+                conn.execute("COMMIT")
+            self._collections[name] = coll
+            return coll.describe()
+
+    def _insert_collection(
+        self, conn: sqlite3.Connection, name: str, dim: int, kind: str, options: dict[str, Any]
+    ) -> _Collection:
+        now = time.time()
+        conn.execute(
+            "INSERT INTO collections (name, dim, index_type, options, created_at) VALUES (?, ?, ?, ?, ?)",
+            (name, dim, kind, json.dumps(options), now),
+        )
+        index = new_index(dim, kind, options, tombstone_ratio=self.tombstone_rebuild_ratio)
+        return _Collection(name, dim, kind, options, now, LiveIndex(index))
+
+    def list_collections(self) -> list[dict[str, Any]]:
+        self._check_open()
+        return [coll.describe() for coll in sorted(list(self._collections.values()), key=lambda c: c.name)]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """``{"name", "count", "dim", "index", "created_at"}``."""
+        return self._get(name).describe()
+
+    def delete_collection(self, name: str) -> None:
+        with self._write_lock:
+            coll = self._get(name)
+            with self._transaction("delete the collection") as conn:
+                conn.execute("DELETE FROM documents WHERE collection = ?", (name,))
+                conn.execute("DELETE FROM collections WHERE name = ?", (name,))
+                with coll.live.lock.write():
+                    conn.execute("COMMIT")
+                    coll.live.retired = True
+                    del self._collections[name]
+
+    # --- documents ---------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        name: str,
+        ids: Sequence[str],
+        vectors: Any,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
+        *,
+        index: str | None = None,
+    ) -> list[str]:
+        """Store documents all or nothing; an existing id gets the new vector and metadata.
+
+        Creates the collection with this batch's dimension (and ``index``, default flat) if
+        it does not exist. Returns the stored ids once they are durable.
+        """
+        self._check_open()
+        check_collection_name(name)
+        if isinstance(ids, str):
+            raise InvalidNameError("ids must be a list of strings, not one string")
+        ids = [check_doc_id(doc_id) for doc_id in ids]
+        seen: set[str] = set()
+        for doc_id in ids:
+            if doc_id in seen:
+                raise DuplicateIdError(f"document id {_shown(doc_id)} appears more than once in the request")
+            seen.add(doc_id)
+        if not ids:
+            return []
+        vectors = normalised_rows(vectors)
+        if len(vectors) != len(ids):
+            raise InvalidVectorError(f"got {len(ids)} ids but {len(vectors)} vectors")
+        if metadata is not None and len(metadata) != len(ids):
+            raise InvalidMetadataError(f"got {len(ids)} ids but {len(metadata)} metadata entries")
+        texts = [metadata_json(m, self.max_metadata_bytes) for m in metadata or [None] * len(ids)]
+        if index is not None:
+            self._resolve_options(index, None)
+        dim = vectors.shape[1]
+        with self._write_lock:
+            coll = self._collections.get(name)
+            if coll is not None and coll.dim != dim:
+                raise DimensionMismatchError(f"collection {name!r} holds {coll.dim}-d vectors, got {dim}-d")
+            if coll is not None and index is not None and index != coll.kind:
+                raise CollectionExistsError(f"collection {name!r} exists with index type {coll.kind!r}")
+            if coll is None and dim > MAX_DIM:
+                raise InvalidParameterError(f"vectors have {dim} dimensions, over the limit of {MAX_DIM}")
+            now = time.time()
+            with self._transaction("store the documents") as conn:
+                created = coll is None
+                if coll is None:
+                    kind = index or "flat"
+                    coll = self._insert_collection(conn, name, dim, kind, self._resolve_options(kind, None))
+                old = self._existing_rows(conn, name, ids)
+                removed = np.array([old[doc_id][0] for doc_id in ids if doc_id in old], np.int64)
+                conn.executemany("DELETE FROM documents WHERE row_id = ?", [(int(r),) for r in removed])
+                labels = np.arange(len(ids), dtype=np.int64) + self._next_row_id(conn)
+                conn.executemany(
+                    "INSERT INTO documents (row_id, collection, id, metadata, created_at, updated_at, vector) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            int(label),
+                            name,
+                            doc_id,
+                            text,
+                            old[doc_id][1] if doc_id in old else now,
+                            now,
+                            vector.tobytes(),
+                        )
+                        for label, doc_id, text, vector in zip(labels, ids, texts, vectors, strict=True)
+                    ],
+                )
+                with coll.live.lock.write():
+                    conn.execute("COMMIT")
+                    self._apply_committed(coll, removed, labels, vectors)
+            if created:
+                self._collections[name] = coll
+            self._maybe_rebuild(coll)
+        return ids
+
+    def _existing_rows(
+        self, conn: sqlite3.Connection, name: str, ids: list[str]
+    ) -> dict[str, tuple[int, float]]:
+        found: dict[str, tuple[int, float]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            for doc_id, row_id, created_at in conn.execute(
+                f"SELECT id, row_id, created_at FROM documents WHERE collection = ? AND id IN "
+                f"({', '.join('?' * len(chunk))})",
+                [name, *chunk],
+            ).fetchall():
+                found[doc_id] = (row_id, created_at)
+        return found
+
+    @staticmethod
+    def _next_row_id(conn: sqlite3.Connection) -> int:
+        # AUTOINCREMENT's counter: ids of deleted rows are never handed out again.
+        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'documents'").fetchall()
+        top = conn.execute("SELECT max(row_id) FROM documents").fetchall()[0][0]
+        return max(seq[0][0] if seq else 0, top or 0) + 1
+
+    def _apply_committed(
+        self, coll: _Collection, removed: np.ndarray, labels: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        try:
+            coll.live.apply(removed, labels, vectors)
+        except Exception:
+            logger.exception("index update of %r failed after commit; reloading it from SQLite", coll.name)
+            coll.live.replace(self._load_index(coll.name, coll.dim, coll.kind, coll.options))
+
+    def get(self, name: str, doc_id: str, *, with_vector: bool = False) -> dict[str, Any]:
+        """``{"id", "metadata", "created_at", "updated_at"}`` plus ``"vector"`` (unit norm) if asked."""
+        coll = self._get(name)
+        check_doc_id(doc_id)
+        rows = self._read(
+            "SELECT metadata, created_at, updated_at, vector FROM documents WHERE collection = ? AND id = ?",
+            (name, doc_id),
+        )
+        if not rows:
+            raise DocumentNotFoundError(f"document {_shown(doc_id)} is not in collection {name!r}")
+        meta, created_at, updated_at, blob = rows[0]
+        doc = {
+            "id": doc_id,
+            "metadata": None if meta is None else json.loads(meta),
+            "created_at": created_at,
+            "updated_at": updated_at,
+        }
+        if with_vector:
+            doc["vector"] = np.frombuffer(blob, np.float32).reshape(coll.dim).copy()
+        return doc
+
+    def delete(self, name: str, doc_id: str) -> None:
+        check_doc_id(doc_id)
+        with self._write_lock:
+            coll = self._get(name)
+            with self._transaction("delete the document") as conn:
+                rows = conn.execute(
+                    "SELECT row_id FROM documents WHERE collection = ? AND id = ?", (name, doc_id)
+                ).fetchall()
+                if not rows:
+                    raise DocumentNotFoundError(f"document {_shown(doc_id)} is not in collection {name!r}")
+                conn.execute("DELETE FROM documents WHERE row_id = ?", (rows[0][0],))
+                with coll.live.lock.write():
+                    conn.execute("COMMIT")
+                    self._apply_committed(
+                        coll,
+                        np.array([rows[0][0]], np.int64),
+                        np.empty(0, np.int64),
+                        np.empty((0, coll.dim), np.float32),
+                    )
+            self._maybe_rebuild(coll)
+
+    def existing_ids(self, name: str, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored (for resumable ingest); empty if the collection is absent."""
+        self._check_open()
+        if isinstance(ids, str):
+            raise InvalidNameError("ids must be a list of strings, not one string")
+        ids = [check_doc_id(doc_id) for doc_id in ids]
+        if check_collection_name(name) not in self._collections:
+            return set()
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found.update(
+                row[0]
+                for row in self._read(
+                    f"SELECT id FROM documents WHERE collection = ? AND id IN ({', '.join('?' * len(chunk))})",
+                    [name, *chunk],
+                )
+            )
+        return found
+
+    # --- search --------------------------------------------------------------------------------
+
+    def search(
+        self, name: str, query: Any, k: int = 10, filter: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Up to ``k`` hits ``{"id", "score", "metadata"}``, best first; score = cosine similarity."""
+        if isinstance(query, np.ndarray) and query.ndim == 2:
+            if query.shape[0] != 1:
+                raise InvalidVectorError("search takes one query vector; use search_many for several")
+            return self.search_many(name, query, k, filter)[0]
+        return self.search_many(name, [query], k, filter)[0]
+
+    def search_many(
+        self, name: str, queries: Any, k: int = 10, filter: dict[str, Any] | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """``search`` for each row of ``queries`` (n, dim), with one filter for all."""
+        coll = self._get(name)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_k:
+            raise InvalidParameterError(f"k must be an integer from 1 to {self.max_k}")
+        q = normalised_rows(queries, what="query vector")
+        if q.shape[1] != coll.dim:
+            raise DimensionMismatchError(
+                f"collection {name!r} holds {coll.dim}-d vectors, the query is {q.shape[1]}-d"
+            )
+        where, params = compile_filter(filter)
+        with coll.live.lock.read():
+            if coll.live.retired:
+                raise CollectionNotFoundError(f"collection {name!r} does not exist")
+            allowed = None
+            if where:
+                rows = self._read(
+                    f"SELECT d.row_id FROM documents AS d WHERE d.collection = ? AND {where}", [name, *params]
+                )
+                allowed = np.fromiter((row[0] for row in rows), np.int64, len(rows))
+            scores, labels = coll.live.index.search(q, k, allowed)
+            return self._hits(scores, labels)
+
+    def _hits(self, scores: np.ndarray, labels: np.ndarray) -> list[list[dict[str, Any]]]:
+        wanted = sorted({int(label) for label in labels.ravel() if label >= 0})
+        docs: dict[int, tuple[str, str | None]] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            for row_id, doc_id, meta in self._read(
+                f"SELECT row_id, id, metadata FROM documents WHERE row_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ):
+                docs[row_id] = (doc_id, meta)
+        results = []
+        for row_scores, row_labels in zip(scores, labels, strict=True):
+            hits = []
+            for score, label in zip(row_scores, row_labels, strict=True):
+                doc = docs.get(int(label))
+                if doc is not None:  # label -1 (no hit); a missing row would be a bug: the lock is held
+                    hits.append(
+                        {
+                            "id": doc[0],
+                            "score": float(score),
+                            "metadata": None if doc[1] is None else json.loads(doc[1]),
+                        }
+                    )
+            results.append(hits)
+        return results
+
+    # --- index maintenance -----------------------------------------------------------------------
+
+    def _load_index(self, name: str, dim: int, kind: str, options: dict[str, Any]) -> VectorIndex:
+        """A collection's index built from SQLite (approximate ones in exact mode, built later)."""
+        conn = self._check_open()
+        index = new_index(dim, kind, options, tombstone_ratio=self.tombstone_rebuild_ratio, exact=True)
+        cursor = conn.execute(
+            "SELECT row_id, vector FROM documents WHERE collection = ? ORDER BY row_id", (name,)
+        )
+        while rows := cursor.fetchmany(8192):
+            good = [row for row in rows if len(row[1]) == 4 * dim]
+            if len(good) != len(rows):
+                logger.error(
+                    "%d documents of %r have a vector of the wrong size; left out of the index",
+                    len(rows) - len(good),
+                    name,
+                )
+            if good:
+                index.add(
+                    np.fromiter((row[0] for row in good), np.int64, len(good)),
+                    np.frombuffer(b"".join(row[1] for row in good), np.float32).reshape(-1, dim),
+                )
+        return index
+
+    def _maybe_rebuild(self, coll: _Collection) -> None:
+        """Start a rebuild if the index asks for one (caller holds the write lock)."""
+        if not coll.live.needs_rebuild():
+            return
+        coll.live.rebuilding = True
+        if not self.background_rebuild:
+            self._rebuild(coll, self._stop)
+            return
+        thread = threading.Thread(
+            target=self._rebuild, args=(coll, self._stop), daemon=True, name=f"store-rebuild-{coll.name}"
+        )
+        with self._threads_lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _rebuild(self, coll: _Collection, stop: threading.Event) -> None:
+        started = time.monotonic()
+        try:
+            fresh = coll.live.rebuild(stop.is_set)
+            if fresh is not None:
+                logger.info(
+                    "rebuilt the %s index of %r (%d vectors) in %.1f s",
+                    coll.kind,
+                    coll.name,
+                    len(fresh),
+                    time.monotonic() - started,
+                )
+        except Exception:
+            logger.exception("rebuilding the index of %r failed; the current index stays in use", coll.name)
+        finally:
+            with self._threads_lock:
+                self._threads.discard(threading.current_thread())
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def integrity_check(self) -> list[str]:
+        """Problems found (empty when fine): SQLite's integrity_check, then index vs table."""
+        problems: list[str] = []
+        with self._write_lock:
+            conn = self._check_open()
+            try:
+                result = [row[0] for row in conn.execute("PRAGMA integrity_check").fetchall()]
+                if result != ["ok"]:
+                    problems += [f"sqlite: {line}" for line in result]
+                stored = {
+                    row[0]: row[1:]
+                    for row in conn.execute("SELECT name, dim, index_type FROM collections").fetchall()
+                }
+                orphans = conn.execute(
+                    "SELECT count(*) FROM documents WHERE collection NOT IN (SELECT name FROM collections)"
+                ).fetchall()[0][0]
+                if orphans:
+                    problems.append(f"{orphans} documents belong to no collection")
+                for name in sorted(set(stored) | set(self._collections)):
+                    coll = self._collections.get(name)
+                    if coll is None or name not in stored:
+                        problems.append(
+                            f"collection {name!r} is {'missing from' if coll is None else 'only in'} memory"
+                        )
+                        continue
+                    if stored[name] != (coll.dim, coll.kind):
+                        problems.append(
+                            f"collection {name!r}: SQLite says {stored[name]}, memory {(coll.dim, coll.kind)}"
+                        )
+                    with coll.live.lock.read():
+                        row_ids = np.array(
+                            [
+                                row[0]
+                                for row in conn.execute(
+                                    "SELECT row_id FROM documents WHERE collection = ?", (name,)
+                                ).fetchall()
+                            ],
+                            np.int64,
+                        )
+                        bad_size = conn.execute(
+                            "SELECT count(*) FROM documents WHERE collection = ? AND length(vector) != ?",
+                            (name, 4 * coll.dim),
+                        ).fetchall()[0][0]
+                        labels = coll.live.index.labels()
+                    if bad_size:
+                        problems.append(f"collection {name!r}: {bad_size} vectors of the wrong size")
+                    if len(labels) != len(row_ids):
+                        problems.append(
+                            f"collection {name!r}: {len(row_ids)} documents in SQLite, "
+                            f"{len(labels)} in the index"
+                        )
+                    if len(np.unique(labels)) != len(labels):
+                        problems.append(f"collection {name!r}: duplicate entries in the index")
+                    for what, extra in (
+                        ("missing from the index", np.setdiff1d(row_ids, labels)),
+                        ("in the index but not in SQLite", np.setdiff1d(labels, row_ids)),
+                    ):
+                        if len(extra):
+                            problems.append(f"collection {name!r}: {len(extra)} documents {what}")
+            except sqlite3.Error as exc:
+                if _is_bug(exc):
+                    raise
+                problems.append(f"sqlite error: {exc}")
+        return problems

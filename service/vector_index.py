@@ -1,0 +1,423 @@
+"""In-memory FAISS indexes derived from the store's SQLite rows.
+
+Every index is keyed by the store's int64 row id (a "label"). Labels are never reused
+(SQLite AUTOINCREMENT), so a tombstoned label can never be confused with a new document.
+
+``FlatIndex`` and ``ApproximateIndex`` are not thread-safe on their own: ``search`` may
+run concurrently with other ``search`` calls (FAISS releases the GIL), but ``add`` and
+``remove`` need exclusive access. ``LiveIndex`` pairs an index with a readers-writer lock
+and rebuilds it online (snapshot, build without the lock, catch up, swap).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import faiss
+import numpy as np
+
+from service.store_errors import InvalidVectorError
+
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "flat": {},
+    "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 64},
+    # nlist/nprobe None: chosen from the collection size when the index is trained.
+    "ivf": {"nlist": None, "nprobe": None, "min_train": 1000},
+}
+# A filter matching at most this many documents is answered exactly on the subset: cheap,
+# and approximate indexes lose recall on very selective filters.
+EXACT_SUBSET_MAX = 2048
+_BUILD_CHUNK = 4096
+
+# FAISS's keyword constructors (SearchParameters(sel=..., efSearch=...)) are missing from its stubs.
+_faiss: Any = faiss
+SearchResult = tuple[np.ndarray, np.ndarray]  # scores (nq, k) float32, labels (nq, k) int64, -1 = none
+
+
+class BuildCancelled(Exception):
+    """A background rebuild was told to stop (the store is closing)."""
+
+
+def normalised_rows(vectors: Any, *, what: str = "vector") -> np.ndarray:
+    """(n, dim) float32 rows scaled to unit L2 norm; InvalidVectorError for NaN/inf/zero rows."""
+    try:
+        with np.errstate(over="ignore"):
+            arr = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidVectorError(f"{what}s must be numeric arrays of equal length") from exc
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise InvalidVectorError(f"{what}s must form a non-empty 2-D array, got shape {arr.shape}")
+    with np.errstate(over="ignore"):
+        arr = arr.astype(np.float32).astype(np.float64)  # values beyond float32's range become inf
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise InvalidVectorError(f"{what} {int(np.flatnonzero(bad)[0])} holds NaN or infinite values")
+    norms = np.linalg.norm(arr, axis=1)
+    if (norms == 0).any():
+        raise InvalidVectorError(f"{what} {int(np.flatnonzero(norms == 0)[0])} is all zeros")
+    return np.ascontiguousarray(arr / norms[:, None], dtype=np.float32)
+
+
+def _empty(nq: int) -> SearchResult:
+    return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
+
+
+class FlatIndex:
+    """Exact inner-product search: ``IndexIDMap`` over ``IndexFlatIP``; deletes are immediate."""
+
+    kind = "flat"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def labels(self) -> np.ndarray:
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        if len(labels):
+            self._index.add_with_ids(vectors, labels)
+
+    def remove(self, labels: np.ndarray) -> None:
+        if len(labels):
+            self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(labels, np.int64)))
+
+    def needs_rebuild(self) -> bool:
+        return False
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+        k = min(k, len(self) if allowed is None else len(allowed))
+        if k <= 0:
+            return _empty(len(queries))
+        if allowed is None:
+            return self._index.search(queries, k)
+        selector = faiss.IDSelectorBatch(np.asarray(allowed, np.int64))
+        return self._index.search(queries, k, params=_faiss.SearchParameters(sel=selector))
+
+
+class ApproximateIndex:
+    """HNSW or IVF index over positions, with tombstones for deletes and replacements.
+
+    FAISS's HNSW cannot remove entries and IVF removal is slow, so a removed label only
+    clears its ``alive`` bit; searches exclude dead positions with a bitmap selector, and
+    ``needs_rebuild`` asks for a compaction once they exceed ``tombstone_ratio``. The index
+    runs in an exact mode (``IndexFlatIP``) while an IVF collection is too small to train,
+    and after a reload from disk until the background build of the real index finishes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kind: str,
+        options: dict[str, Any],
+        *,
+        tombstone_ratio: float = 0.2,
+        exact: bool = False,
+    ) -> None:
+        if kind not in ("hnsw", "ivf"):
+            raise ValueError(f"not an approximate index type: {kind!r}")
+        self.dim, self.kind, self.options = dim, kind, options
+        self.tombstone_ratio = tombstone_ratio
+        self._labels = np.empty(0, np.int64)  # position -> label
+        self._alive = np.empty(0, bool)
+        self._size = 0  # positions used, dead ones included
+        self._pos: dict[int, int] = {}  # live label -> position
+        self._ascending = True  # labels were added in increasing order (the store's row ids are)
+        self._trained_on = 0
+        self._nprobe = 1
+        self._index: Any
+        if kind == "hnsw" and not exact:
+            self._mode = "hnsw"
+            self._index = faiss.IndexHNSWFlat(dim, int(options["m"]), faiss.METRIC_INNER_PRODUCT)
+            self._index.hnsw.efConstruction = int(options["ef_construction"])
+        else:
+            self._mode = "exact"
+            self._index = faiss.IndexFlatIP(dim)
+
+    @classmethod
+    def build(
+        cls,
+        dim: int,
+        kind: str,
+        options: dict[str, Any],
+        labels: np.ndarray,
+        vectors: np.ndarray,
+        *,
+        tombstone_ratio: float = 0.2,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> ApproximateIndex:
+        """A fresh index of the best mode for these vectors (slow: run it off the request path)."""
+        index = cls(dim, kind, options, tombstone_ratio=tombstone_ratio)
+        if kind == "ivf" and len(labels) >= int(options["min_train"]):
+            index._train_ivf(vectors)
+        for start in range(0, len(labels), _BUILD_CHUNK):
+            if should_stop():
+                raise BuildCancelled
+            index.add(labels[start : start + _BUILD_CHUNK], vectors[start : start + _BUILD_CHUNK])
+        return index
+
+    def _train_ivf(self, vectors: np.ndarray) -> None:
+        n = len(vectors)
+        nlist = self.options["nlist"] or max(1, min(round(2 * math.sqrt(n)), n // 39))
+        nlist = max(1, min(int(nlist), n))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = 1234
+        sample = vectors
+        if n > 64 * nlist:  # k-means needs ~40 points per centroid; more only costs time
+            rows = np.random.default_rng(0).choice(n, 64 * nlist, replace=False)
+            sample = vectors[np.sort(rows)]
+        ivf.train(np.ascontiguousarray(sample))
+        ivf.make_direct_map()  # positions are sequential, so reconstruct() works
+        self._quantizer, self._index, self._mode = quantizer, ivf, "ivf"
+        self._trained_on = n
+        self._nprobe = int(self.options["nprobe"] or min(nlist, max(8, nlist // 4)))
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+    @property
+    def mode(self) -> str:
+        """``exact``, ``hnsw`` or ``ivf``: what actually answers searches right now."""
+        return self._mode
+
+    @property
+    def tombstones(self) -> int:
+        return self._size - len(self._pos)
+
+    def labels(self) -> np.ndarray:
+        return np.fromiter(self._pos.keys(), np.int64, len(self._pos))
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        n = len(labels)
+        if not n:
+            return
+        if any(int(label) in self._pos for label in labels):
+            raise ValueError("label already present; remove it first")
+        need = self._size + n
+        if need > len(self._labels):
+            cap = max(need, 2 * len(self._labels), 1024)
+            self._labels = np.resize(self._labels, cap)
+            alive = np.zeros(cap, bool)
+            alive[: self._size] = self._alive[: self._size]
+            self._alive = alive
+        self._index.add(np.ascontiguousarray(vectors, np.float32))
+        last = self._labels[self._size - 1] if self._size else np.iinfo(np.int64).min
+        self._ascending = self._ascending and labels[0] > last and bool(np.all(np.diff(labels) > 0))
+        self._labels[self._size : need] = labels
+        self._alive[self._size : need] = True
+        self._pos.update(zip((int(x) for x in labels), range(self._size, need), strict=True))
+        self._size = need
+
+    def remove(self, labels: Iterable[int]) -> None:
+        for label in labels:
+            pos = self._pos.pop(int(label), None)
+            if pos is not None:
+                self._alive[pos] = False
+
+    def needs_rebuild(self) -> bool:
+        live = len(self._pos)
+        if self.tombstones and self.tombstones > self.tombstone_ratio * self._size:
+            return True
+        if self.kind == "hnsw":
+            return self._mode == "exact" and live > 0
+        if self._mode == "exact":
+            return live >= int(self.options["min_train"])
+        return live >= 4 * self._trained_on  # grown a lot since k-means: retrain
+
+    def live_items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, vectors) of every live entry, in insertion order."""
+        positions = np.flatnonzero(self._alive[: self._size])
+        vectors = (
+            self._index.reconstruct_batch(positions)
+            if len(positions)
+            else np.empty((0, self.dim), np.float32)
+        )
+        return self._labels[positions].copy(), vectors
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+        positions = None if allowed is None else self._positions(np.asarray(allowed, np.int64))
+        n_allowed = len(self._pos) if positions is None else len(positions)
+        k = min(k, n_allowed)
+        if k <= 0:
+            return _empty(len(queries))
+        if positions is not None and len(positions) <= EXACT_SUBSET_MAX and self._mode != "exact":
+            return self._exact(queries, k, positions)
+        if positions is None and not self.tombstones:
+            mask = None
+        elif positions is None:
+            mask = self._alive[: self._size]
+        else:
+            mask = np.zeros(self._size, bool)
+            mask[positions] = True
+        bits = None if mask is None else np.packbits(mask, bitorder="little")
+        selector = None if bits is None else faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(bits))
+        if self._mode == "hnsw":
+            params = _faiss.SearchParametersHNSW(
+                sel=selector, efSearch=max(int(self.options["ef_search"]), k)
+            )
+        elif self._mode == "ivf":
+            params = _faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe)
+        else:
+            params = _faiss.SearchParameters(sel=selector)
+        scores, found = self._index.search(queries, k, params=params)
+        short = (found >= 0).sum(axis=1) < k
+        if short.any():  # the approximate search came back with too few hits: scan everything instead
+            scores[short], found[short] = self._exhaustive(queries[short], k, selector)
+        labels = np.where(found >= 0, self._labels[np.maximum(found, 0)], -1)
+        return scores, labels
+
+    def _exhaustive(self, queries: np.ndarray, k: int, selector: Any) -> SearchResult:
+        """Exact search over the selected positions, reading the index's own stored vectors."""
+        if self._mode == "ivf":  # IVFFlat keeps full vectors: probing every list is exact
+            return self._index.search(
+                queries, k, params=_faiss.SearchParametersIVF(sel=selector, nprobe=self._index.nlist)
+            )
+        storage = faiss.downcast_index(self._index.storage) if self._mode == "hnsw" else self._index
+        return storage.search(queries, k, params=_faiss.SearchParameters(sel=selector))
+
+    def _positions(self, labels: np.ndarray) -> np.ndarray:
+        """Positions of the live entries among ``labels``."""
+        if not self._ascending:
+            pos = self._pos
+            return np.fromiter((pos[int(x)] for x in labels if int(x) in pos), np.int64)
+        # labels are appended in increasing order (row ids grow), so a binary search will do
+        found = np.minimum(np.searchsorted(self._labels[: self._size], labels), max(self._size - 1, 0))
+        keep = (
+            (self._labels[found] == labels) & self._alive[found]
+            if self._size
+            else np.zeros(len(labels), bool)
+        )
+        return found[keep]
+
+    def _exact(self, queries: np.ndarray, k: int, positions: np.ndarray) -> SearchResult:
+        scores, found = self._exact_positions(queries, k, positions)
+        return scores, np.where(found >= 0, self._labels[np.maximum(found, 0)], -1)
+
+    def _exact_positions(self, queries: np.ndarray, k: int, positions: np.ndarray) -> SearchResult:
+        vectors = self._index.reconstruct_batch(positions)
+        scores = queries @ vectors.T  # (nq, m)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, top, axis=1).astype(np.float32), positions[top]
+
+
+VectorIndex = FlatIndex | ApproximateIndex
+
+
+def new_index(
+    dim: int, kind: str, options: dict[str, Any], *, tombstone_ratio: float, exact: bool = False
+) -> VectorIndex:
+    """An empty index of the given type (``exact`` starts an approximate one in exact mode)."""
+    if kind == "flat":
+        return FlatIndex(dim)
+    return ApproximateIndex(dim, kind, options, tombstone_ratio=tombstone_ratio, exact=exact)
+
+
+class RWLock:
+    """Readers-writer lock, writer-preferring so a stream of searches cannot starve writes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class LiveIndex:
+    """A collection's index, its readers-writer lock, and online rebuilds.
+
+    Search under ``lock.read()``; call ``apply``/``replace``/``retire`` under ``lock.write()``.
+    ``rebuild`` snapshots the live vectors under the read lock, builds a fresh index with no
+    lock held, then under the write lock replays the changes journaled meanwhile and swaps.
+    """
+
+    def __init__(self, index: VectorIndex) -> None:
+        self.index = index
+        self.lock = RWLock()
+        self.rebuilding = False  # set by the caller that schedules a rebuild, cleared by rebuild()
+        self.retired = False  # the collection was deleted
+        self._generation = 0  # bumped whenever ``index`` is replaced; a stale rebuild is dropped
+        self._journal: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    def apply(self, removed: np.ndarray, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Mirror a committed change: drop ``removed`` labels, then add ``labels``/``vectors``."""
+        self.index.remove(removed)
+        self.index.add(labels, vectors)
+        if self._journal is not None:
+            self._journal.append((removed, labels, vectors))
+
+    def replace(self, index: VectorIndex) -> None:
+        self.index, self._generation = index, self._generation + 1
+
+    def needs_rebuild(self) -> bool:
+        return not self.rebuilding and not self.retired and self.index.needs_rebuild()
+
+    def rebuild(self, should_stop: Callable[[], bool] = lambda: False) -> VectorIndex | None:
+        """Replace an approximate index by a freshly built one; None if skipped or cancelled."""
+        try:
+            with self.lock.read():
+                old = self.index
+                if self.retired or not isinstance(old, ApproximateIndex):
+                    return None
+                labels, vectors = old.live_items()
+                generation, self._journal = self._generation, []
+            fresh = ApproximateIndex.build(
+                old.dim,
+                old.kind,
+                old.options,
+                labels,
+                vectors,
+                tombstone_ratio=old.tombstone_ratio,
+                should_stop=should_stop,
+            )
+            del vectors
+            with self.lock.write():
+                if self.retired or should_stop() or self._generation != generation or self._journal is None:
+                    return None
+                for removed, added, added_vectors in self._journal:
+                    fresh.remove(removed)
+                    fresh.add(added, added_vectors)
+                self.replace(fresh)
+            return fresh
+        except BuildCancelled:
+            return None
+        finally:
+            with self.lock.write():
+                self._journal, self.rebuilding = None, False
