@@ -95,13 +95,8 @@ class RequestAccountingMiddleware:
 
 
 def _open_store(settings: Settings) -> Any:
-    try:
-        from service.store import CollectionStore
-    except ModuleNotFoundError as exc:  # the store is optional until it lands
-        if exc.name != "service.store":
-            raise
-        logger.warning("service.store is not available: collections are disabled")
-        return None
+    from service.store import CollectionStore  # imports faiss: not at module import
+
     store = CollectionStore(settings.data_dir)
     store.open()
     logger.info("collection store open in %s", settings.data_dir)

@@ -12,6 +12,7 @@ the app gets its settings from ``create_app(settings)`` (routes read ``app.state
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -72,7 +73,9 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After value sent with 429 and 503.")
     preprocess_workers: int = Field(
-        2, ge=1, description="Threads that decode, tile and tokenise inputs (CPU)."
+        default_factory=lambda: max(1, min(8, os.cpu_count() or 1)),
+        ge=1,
+        description="Threads that decode, tile and tokenise inputs (CPU; default: the cores, at most 8).",
     )
     warmup_tokens: int = Field(
         256,

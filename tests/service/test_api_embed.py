@@ -166,16 +166,14 @@ def test_metrics_exposes_the_contract_names(server):
     with server.client() as client:
         client.post("/embed", json={"inputs": [{"text": "metrics"}]})
         text = client.get("/metrics").text
-    for name in (
-        'llave_requests_total{route="/embed",status="200"}',
-        "llave_queue_inputs ",
-        "llave_batch_size_bucket",
-        "llave_batch_tokens_bucket",
-        'llave_stage_seconds_bucket{le="0.001",stage="preprocess"}',
-        'stage="queue"',
-        'stage="inference"',
-    ):
-        assert name in text, name
+    assert 'llave_requests_total{route="/embed",status="200"}' in text
+    for name in ("llave_queue_inputs", "llave_batch_size_bucket", "llave_batch_tokens_bucket"):
+        assert any(line.startswith(name) for line in text.splitlines()), name
+    for stage in ("preprocess", "queue", "inference"):
+        assert any(
+            line.startswith("llave_stage_seconds_bucket") and f'stage="{stage}"' in line
+            for line in text.splitlines()
+        ), stage
 
 
 def test_docs_and_openapi_have_examples(server):
