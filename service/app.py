@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.engine import EmbeddingEngine
 from service.errors import install_error_handlers, unexpected_error_response
 from service.metrics import Metrics
-from service.routes import embed, health, openai
+from service.routes import collections, embed, health, openai, search
 from service.security import ApiKeyMiddleware, BodyLimitMiddleware
 from service.settings import Settings
 
@@ -138,6 +138,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(embed.router)
     app.include_router(openai.router)
+    app.include_router(collections.router)
+    app.include_router(search.router)
     app.include_router(health.router)
 
     # add_middleware() wraps what is there: the last added is the outermost.

@@ -196,3 +196,141 @@ OPENAI_EXAMPLES: dict[str, dict[str, Any]] = {
         "value": {"input": [{"image": PNG_8X8}, {"text": "a red square"}]},
     },
 }
+
+
+# --- collections and search --------------------------------------------------------------
+
+MetadataValue = str | int | float | bool | None
+
+
+class DocumentIn(Strict):
+    """A document: an ``id``, optional ``metadata``, and either a raw ``vector`` or the
+    fields of an input object (embedded through the same batcher as ``/embed``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    id: str = Field(min_length=1, max_length=512)
+    metadata: dict[str, Any] | None = None
+    vector: list[float] | None = Field(None, description="A precomputed embedding (normalised on upsert).")
+    text: str | None = None
+    image: str | None = Field(None, description="Base64 image bytes, a data: URI, or an allow-listed URL.")
+    instruction: str | None = None
+    content: list[ContentPart] | None = None
+
+    @model_validator(mode="after")
+    def _vector_or_input(self) -> DocumentIn:
+        has_input = any(v is not None for v in (self.text, self.image, self.content)) or bool(self.instruction)
+        if self.vector is not None and has_input:
+            raise ValueError(f"document {self.id!r}: give either 'vector' or input fields, not both")
+        if self.vector is None and not has_input:
+            raise ValueError(f"document {self.id!r}: give a 'vector' or input fields (text, image, content)")
+        if self.vector is not None and not self.vector:
+            raise ValueError(f"document {self.id!r}: 'vector' is empty")
+        return self
+
+    def to_input(self) -> dict[str, Any]:
+        return InputObject.model_validate(
+            self.model_dump(include={"text", "image", "instruction", "content"}, exclude_none=True)
+        ).to_input()
+
+
+class UpsertRequest(Strict):
+    documents: list[DocumentIn] = Field(min_length=1)
+    truncate: bool = Field(True, description="Cut over-long inputs (false: refuse them with 413).")
+
+
+class UpsertResponse(BaseModel):
+    collection: str
+    ids: list[str]
+    count: int = Field(description="Documents in the collection after the upsert.")
+
+
+class CreateCollectionRequest(Strict):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    dim: int | None = Field(None, ge=1, le=65536, description="Defaults to the served model's dimension.")
+    index: Literal["flat", "hnsw", "ivf"] = "flat"
+    options: dict[str, Any] | None = Field(None, description="hnsw: m, ef_search, ef_construction; ivf: nlist, nprobe.")
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    count: int
+    dim: int
+    index: str
+    created_at: float | None = None
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionInfo]
+
+
+class DocumentOut(BaseModel):
+    id: str
+    metadata: dict[str, Any] | None = None
+    created_at: float
+    updated_at: float
+    vector: list[float] | None = None
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class IdsRequest(Strict):
+    ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class IdsResponse(BaseModel):
+    existing: list[str]
+
+
+class VectorQuery(Strict):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    vector: list[float] = Field(min_length=1)
+
+
+class SearchRequest(Strict):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    collection: str = "default"
+    query: VectorQuery | InputObject = Field(description="An input object, or {'vector': [...]}.")
+    k: int = Field(10, ge=1, le=100_000)
+    filter: dict[str, MetadataValue | list[MetadataValue]] | None = Field(
+        None, description="{field: value} matches equality; {field: [v1, v2]} matches any of the values."
+    )
+    truncate: bool = True
+
+
+class Hit(BaseModel):
+    id: str
+    score: float = Field(description="Cosine similarity.")
+    metadata: dict[str, Any] | None = None
+
+
+class SearchResponse(BaseModel):
+    hits: list[Hit]
+    collection: str
+
+
+UPSERT_EXAMPLES: dict[str, dict[str, Any]] = {
+    "texts": {
+        "summary": "Texts with metadata",
+        "value": {"documents": [
+            {"id": "doc-1", "text": "a red circle", "metadata": {"colour": "red"}},
+            {"id": "doc-2", "text": "a blue square", "metadata": {"colour": "blue"}},
+        ]},
+    },
+    "image": {"summary": "An image", "value": {"documents": [{"id": "img-1", "image": PNG_8X8}]}},
+    "vectors": {"summary": "Raw vectors", "value": {"documents": [{"id": "v-1", "vector": [0.1, 0.2, 0.3]}]}},
+}
+
+SEARCH_EXAMPLES: dict[str, dict[str, Any]] = {
+    "text": {"summary": "Text query", "value": {"collection": "default", "query": {"text": "a red circle"}, "k": 5}},
+    "filtered": {
+        "summary": "Filtered query",
+        "value": {"collection": "default", "query": {"text": "a circle"}, "k": 5, "filter": {"colour": ["red", "blue"]}},
+    },
+    "vector": {"summary": "Raw vector query", "value": {"collection": "default", "query": {"vector": [0.1, 0.2, 0.3]}}},
+}
