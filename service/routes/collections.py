@@ -144,7 +144,7 @@ async def delete_collection(request: Request, name: str) -> dict[str, str]:
 
 
 @router.get(
-    "/collections/{name}/documents/{doc_id}",
+    "/collections/{name}/documents/{doc_id:path}",
     response_model=DocumentOut,
     responses=RESPONSES,
     summary="Get one document",
@@ -159,7 +159,7 @@ async def get_document(
 
 
 @router.delete(
-    "/collections/{name}/documents/{doc_id}",
+    "/collections/{name}/documents/{doc_id:path}",
     response_model=Deleted,
     responses=RESPONSES,
     summary="Delete one document (gone from search at once)",

@@ -1,0 +1,327 @@
+"""Bulk ingestion into a collection: ``python -m service.ingest``.
+
+    python -m service.ingest --collection photos ./images/              # every image under a folder
+    python -m service.ingest --collection docs corpus.jsonl              # one document per line
+    python -m service.ingest --collection docs corpus.jsonl --server http://127.0.0.1:8000 --api-key KEY
+    python -m service.ingest --collection docs corpus.jsonl --data-dir ./data --model ./ckpt   # no server
+
+A folder gives one document per image file (id = its path relative to the folder,
+metadata ``{"path": ...}``). A JSON-lines file gives one document per line:
+``{"id", "text"?, "image"?, "instruction"?, "content"?, "metadata"?, "vector"?}`` where an
+``image`` may be a file path (relative to the file's folder) or base64.
+
+Resumable: ids already in the collection are skipped, so an interrupted run can simply be
+started again. Talks to a running server (default) or, with ``--data-dir``, opens the
+store and embeds in-process (the server must not be running on that directory: the
+store takes a lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("llave.ingest")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+INPUT_FIELDS = ("text", "image", "instruction", "content")
+
+
+class IngestError(Exception):
+    """A source row that cannot be ingested, or a failure that stops the run."""
+
+
+@dataclass
+class Row:
+    id: str
+    where: str  # "file:line" or the image path, for error messages
+    doc: dict[str, Any]
+
+
+@dataclass
+class Report:
+    added: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"added": self.added, "skipped": self.skipped, "failed": len(self.failed)}
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _encode_file(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def iter_folder(folder: Path) -> Iterator[Row]:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        rel = path.relative_to(folder).as_posix()
+        yield Row(rel, str(path), {"id": rel, "image": path, "metadata": {"path": rel}})
+
+
+def iter_jsonl(path: Path) -> Iterator[Row | IngestError]:
+    base = path.parent
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield IngestError(f"{where}: invalid JSON ({exc.msg})")
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
+                yield IngestError(f"{where}: a row must be an object with a non-empty string 'id'")
+                continue
+            unknown = set(obj) - {"id", "metadata", "vector", *INPUT_FIELDS}
+            if unknown:
+                yield IngestError(f"{where}: unknown field(s) {sorted(unknown)}")
+                continue
+            image = obj.get("image")
+            if isinstance(image, str) and not image.startswith("data:") and (base / image).is_file():
+                obj["image"] = base / image
+            elif isinstance(image, str) and len(image) < 1024 and not image.startswith("data:"):
+                candidate = base / image
+                if candidate.suffix.lower() in IMAGE_SUFFIXES:
+                    yield IngestError(f"{where}: image file {image} not found")
+                    continue
+            yield Row(obj["id"], where, obj)
+
+
+def iter_source(source: Path) -> Iterator[Row | IngestError]:
+    if source.is_dir():
+        yield from iter_folder(source)
+    elif source.is_file():
+        yield from iter_jsonl(source)
+    else:
+        raise IngestError(f"{source}: no such folder or file")
+
+
+def _chunks(rows: Iterator[Row | IngestError], size: int, report: Report, on_error: str) -> Iterator[list[Row]]:
+    chunk: list[Row] = []
+    for row in rows:
+        if isinstance(row, IngestError):
+            _fail(report, str(row), on_error)
+            continue
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _fail(report: Report, message: str, on_error: str) -> None:
+    report.failed.append(message)
+    logger.warning("skipped: %s", message)
+    if on_error == "stop":
+        raise IngestError(message)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+class ServerTarget:
+    """Ingest through a running server's HTTP API (retrying 429 and 503)."""
+
+    def __init__(self, url: str, collection: str, api_key: str | None, timeout: float = 300.0, retries: int = 30):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.collection = collection
+        self.retries = retries
+
+    def _request(self, method: str, path: str, body: Any) -> Any:
+        for _attempt in range(self.retries):
+            r = self.client.request(method, path, json=body)
+            if r.status_code in (429, 503):
+                time.sleep(float(r.headers.get("retry-after", "1")))
+                continue
+            return r
+        raise IngestError(f"the server kept answering {r.status_code} on {path}")
+
+    def existing(self, ids: list[str]) -> set[str]:
+        r = self._request("POST", f"/collections/{self.collection}/existing", {"ids": ids})
+        if r.status_code == 404:
+            return set()
+        _raise_for(r)
+        return set(r.json()["existing"])
+
+    def upsert(self, rows: list[Row]) -> None:
+        docs = []
+        for row in rows:
+            doc = dict(row.doc)
+            if isinstance(doc.get("image"), Path):
+                doc["image"] = _encode_file(doc["image"])
+            docs.append(doc)
+        _raise_for(self._request("POST", f"/collections/{self.collection}/documents", {"documents": docs}))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _raise_for(r: Any) -> None:
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except Exception:
+            message = r.text[:200]
+        raise IngestError(f"HTTP {r.status_code}: {message}")
+
+
+class StoreTarget:
+    """Ingest straight into the store, embedding in-process (no server)."""
+
+    def __init__(self, data_dir: Path, collection: str, model: str | None, device: str, dtype: str):
+        from service.store import CollectionStore
+
+        self.store = CollectionStore(data_dir)
+        self.store.open()
+        self.collection = collection
+        self._model_id, self._device, self._dtype = model, device, dtype
+        self._embedder: Any = None
+
+    def _embed(self, inputs: list[dict[str, Any]]) -> Any:
+        if self._embedder is None:
+            if not self._model_id:
+                raise IngestError("--model is needed to embed documents without a server")
+            from model import load_embedder
+
+            self._embedder = load_embedder(self._model_id, device=self._device, dtype=self._dtype)
+        return self._embedder.embed(inputs)
+
+    def existing(self, ids: list[str]) -> set[str]:
+        return set(self.store.existing_ids(self.collection, ids))
+
+    def upsert(self, rows: list[Row]) -> None:
+        import numpy as np
+
+        from model.errors import LlaveError
+        from service.store_errors import StoreError
+
+        try:
+            to_embed = [i for i, r in enumerate(rows) if r.doc.get("vector") is None]
+            inputs = []
+            for i in to_embed:
+                inp = {k: rows[i].doc[k] for k in INPUT_FIELDS if k in rows[i].doc}
+                if isinstance(inp.get("image"), Path):
+                    inp["image"] = inp["image"].read_bytes()
+                inputs.append(inp)
+            embedded = self._embed(inputs) if inputs else None
+            dims = {len(r.doc["vector"]) for r in rows if r.doc.get("vector") is not None}
+            dims |= {embedded.shape[1]} if embedded is not None else set()
+            if len(dims) != 1:
+                raise IngestError(f"documents have different dimensions: {sorted(dims)}")
+            vectors = np.zeros((len(rows), dims.pop()), dtype=np.float32)
+            for i, r in enumerate(rows):
+                if r.doc.get("vector") is not None:
+                    vectors[i] = np.asarray(r.doc["vector"], dtype=np.float64)
+            if embedded is not None:
+                vectors[to_embed] = embedded
+            self.store.upsert(self.collection, [r.id for r in rows], vectors, [r.doc.get("metadata") for r in rows])
+        except (LlaveError, StoreError, ValueError, TypeError, OSError) as exc:
+            raise IngestError(str(exc)) from exc
+
+    def close(self) -> None:
+        self.store.close()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def ingest(source: Path, target: Any, *, batch_size: int = 32, on_error: str = "skip",
+           instruction: str | None = None, progress: bool = True) -> Report:
+    """Upsert every row of ``source`` not yet in the collection; return the counts."""
+    from tqdm import tqdm
+
+    report = Report()
+    rows = list(iter_source(source))
+    bar = tqdm(total=len(rows), unit="doc", desc=f"ingest {source.name}", disable=not progress)
+    try:
+        for chunk in _chunks(iter(rows), batch_size, report, on_error):
+            bar.update(len(chunk))
+            seen: set[str] = set()
+            unique = []
+            for row in chunk:
+                if row.id in seen:
+                    _fail(report, f"{row.where}: id {row.id!r} repeats an earlier row", on_error)
+                    continue
+                seen.add(row.id)
+                if instruction and "vector" not in row.doc and "instruction" not in row.doc:
+                    row.doc["instruction"] = instruction
+                unique.append(row)
+            stored = target.existing([r.id for r in unique]) if unique else set()
+            todo = [r for r in unique if r.id not in stored]
+            report.skipped += len(unique) - len(todo)
+            if not todo:
+                continue
+            try:
+                target.upsert(todo)
+                report.added += len(todo)
+            except IngestError:
+                # Find the bad rows: one at a time, so the good ones still land.
+                for row in todo:
+                    try:
+                        target.upsert([row])
+                        report.added += 1
+                    except IngestError as exc:
+                        _fail(report, f"{row.where}: {exc}", on_error)
+            bar.set_postfix(added=report.added, skipped=report.skipped, failed=len(report.failed))
+        # Rows refused by the parser were counted in _chunks; the bar covers them too.
+        bar.update(bar.total - bar.n)
+    finally:
+        bar.close()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Bulk-ingest images or JSON lines into a collection (resumable).")
+    parser.add_argument("source", type=Path, help="a folder of images, or a .jsonl file of documents")
+    parser.add_argument("--collection", required=True, help="collection name (created on first upsert)")
+    parser.add_argument("--server", default="http://127.0.0.1:8000", help="URL of a running server")
+    parser.add_argument("--api-key", default=None, help="API key of the server (or LLAVE_API_KEY)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="write to this store directly instead of a server (the server must be stopped)")
+    parser.add_argument("--model", default=None, help="with --data-dir: checkpoint used to embed")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32, help="documents per upsert request")
+    parser.add_argument("--instruction", default=None, help="instruction added to every input document")
+    parser.add_argument("--on-error", choices=["skip", "stop"], default="skip",
+                        help="bad rows: report and skip them, or stop at the first")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import os
+
+    try:
+        if args.data_dir is not None:
+            target: Any = StoreTarget(args.data_dir, args.collection, args.model, args.device, args.dtype)
+        else:
+            target = ServerTarget(args.server, args.collection, args.api_key or os.environ.get("LLAVE_API_KEY"))
+        try:
+            report = ingest(args.source, target, batch_size=args.batch_size, on_error=args.on_error,
+                            instruction=args.instruction, progress=not args.no_progress)
+        finally:
+            target.close()
+    except Exception as exc:  # a clear one-line message for the operator
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"collection": args.collection, **report.as_dict()}))
+    return 0 if not report.failed else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

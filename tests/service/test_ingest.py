@@ -1,0 +1,109 @@
+"""Bulk ingestion: folders and JSON lines, through a server or straight into the store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from model import load_embedder
+from service.ingest import Row, ServerTarget, StoreTarget, ingest
+from service.store import CollectionStore
+from tests.conftest import make_png
+from tests.service.conftest import REPO, start_server
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_checkpoint, tmp_path_factory):
+    server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server-ingest"), "--preprocess-workers", "2")
+    yield server
+    server.stop()
+
+
+def _image_folder(root):
+    colours = {"red": (220, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 220)}
+    for i, (name, rgb) in enumerate(colours.items()):
+        sub = root / ("sub" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{name}.png").write_bytes(make_png(40 + 10 * i, 48, rgb))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_through_server_is_resumable(srv, tiny_checkpoint, tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    cmd = [sys.executable, "-m", "service.ingest", "--collection", "pics", str(folder), "--server", srv.url,
+           "--batch-size", "2", "--no-progress"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(first.stdout.strip().splitlines()[-1]) == {"collection": "pics", "added": 3, "skipped": 0, "failed": 0}
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(second.stdout.strip().splitlines()[-1])["skipped"] == 3
+    with srv.client() as c:
+        assert c.get("/collections/pics").json()["count"] == 3
+        doc = c.get("/collections/pics/documents/sub/green.png")
+        assert doc.status_code == 200 and doc.json()["metadata"] == {"path": "sub/green.png"}
+        # The stored vector is the model's embedding of that file.
+        vec = np.asarray(c.get("/collections/pics/documents/red.png", params={"with_vector": True}).json()["vector"])
+    ref = load_embedder(tiny_checkpoint, device="cpu").embed([{"image": (folder / "red.png").read_bytes()}])[0]
+    np.testing.assert_allclose(vec, ref, atol=1e-5)
+
+
+def test_jsonl_bad_rows_are_reported_with_line_numbers(srv, tmp_path):
+    (tmp_path / "a.png").write_bytes(make_png(32, 32))
+    lines = [
+        {"id": "t1", "text": "a red circle", "metadata": {"k": 1}},
+        "this is not json",
+        {"id": "i1", "image": "a.png"},
+        {"text": "no id"},
+        {"id": "v1", "vector": [0.0] * 64},  # all zeros: refused by the store
+        {"id": "i2", "image": "missing.png"},
+        {"id": "t1", "text": "repeated id in the same chunk"},
+        {"id": "t2", "text": "fine", "colour": "extra field"},
+    ]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    target = ServerTarget(srv.url, "lines", None)
+    try:
+        report = ingest(src, target, batch_size=16, progress=False)
+    finally:
+        target.close()
+    assert report.added == 2  # t1 and i1
+    joined = "\n".join(report.failed)
+    for lineno in (2, 4, 5, 6, 7, 8):
+        assert f"docs.jsonl:{lineno}:" in joined, joined
+    assert len(report.failed) == 6
+    target = ServerTarget(srv.url, "lines", None)
+    try:
+        with pytest.raises(Exception, match="docs.jsonl:2"):
+            ingest(src, target, batch_size=16, on_error="stop", progress=False)
+    finally:
+        target.close()
+
+
+def test_direct_store_mode(tiny_checkpoint, tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    data = tmp_path / "data"
+    target = StoreTarget(data, "direct", str(tiny_checkpoint), "cpu", "float32")
+    try:
+        report = ingest(folder, target, progress=False)
+        assert report.added == 3
+        assert ingest(folder, target, progress=False).skipped == 3
+        target.upsert([Row("extra", "test", {"id": "extra", "text": "a caption"})])
+    finally:
+        target.close()
+    store = CollectionStore(data)
+    store.open()
+    try:
+        assert store.describe("direct")["count"] == 4
+        assert store.integrity_check() == []
+    finally:
+        store.close()
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "service.ingest", "--collection", "x", str(tmp_path / "nope"),
+                        "--data-dir", str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "no such folder or file" in r.stderr
