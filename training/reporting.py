@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -14,9 +17,26 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def truncate_jsonl(path: Path, *, after_step: int) -> None:
+    """Keep only the lines with ``step <= after_step`` (all gone for 0)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= after_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def plot_loss(metrics_path: Path, png_path: Path) -> None:
-    """Loss against step from metrics.jsonl (with a running mean once there are enough)."""
-    import matplotlib
+    """Loss against step from metrics.jsonl (with a running mean once there are enough).
+    Skipped, with a warning, where matplotlib is not installed (it is a train extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s", png_path.name)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -57,7 +57,7 @@ from training.checkpoint import (  # noqa: E402
 )
 from training.data import GroupedBatchSampler, PairDataset, collate_pairs, load_train_pairs  # noqa: E402
 from training.distributed import all_reduce_mean, barrier, destroy_distributed, init_distributed  # noqa: E402
-from training.reporting import append_jsonl, plot_loss, write_model_card  # noqa: E402
+from training.reporting import append_jsonl, plot_loss, truncate_jsonl, write_model_card  # noqa: E402
 from training.step import (  # noqa: E402
     StepConfig,
     configure_trainable,
@@ -267,8 +267,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     metrics_path = out / "metrics.jsonl"
-    if ctx.is_main and resume_dir is None:
-        metrics_path.write_text("")
+    if ctx.is_main:  # a fresh run starts empty files; a resumed one drops lines past its step
+        for path in (metrics_path, out / "eval.jsonl"):
+            truncate_jsonl(path, after_step=state["step"] if resume_dir is not None else 0)
     last_loss: float | None = None
     evaluation: dict | None = None
 

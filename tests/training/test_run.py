@@ -87,6 +87,12 @@ def test_resume_continues_exactly_where_it_stopped(tiny_checkpoint, shapes, tmp_
         assert a["lr"] == pytest.approx(b["lr"])
     for key, value in _weights(straight).items():
         torch.testing.assert_close(_weights(resumed)[key], value, msg=key)
+    # 'latest' in the same folder (as after a crash): the lines past step 2 are replaced.
+    first = _metrics(straight)
+    main(_args(tiny_checkpoint, shapes, straight, "--max-steps", "4", "--resume", "latest"))
+    again = _metrics(straight)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    assert again[3]["loss"] == pytest.approx(first[3]["loss"], rel=1e-6)
 
 
 def test_grad_cache_and_checkpointing_give_the_plain_updates(tiny_checkpoint, shapes, tmp_path):
@@ -147,3 +153,65 @@ def test_torchrun_two_processes_match_one(tiny_checkpoint, shapes, tmp_path):
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-3)
     assert (double / "model.safetensors").is_file() and not list(double.glob("rng_state_*"))
+
+
+def test_lora_adapters_merge_into_a_plain_checkpoint(tiny_checkpoint, tmp_path):
+    """With peft installed: adapters train, save merged under the plain key names (the
+    checkpoint serves without peft) and are restored exactly after saving."""
+    pytest.importorskip("peft")
+    from model import load_embedder
+    from training.checkpoint import save_hf_checkpoint
+    from training.step import configure_trainable, lora_merged
+
+    embedder = load_embedder(tiny_checkpoint, device="cpu", dtype="float32")
+    model = embedder.model
+    configure_trainable(model, lora_rank=4, lora_alpha=8)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    assert not any("language_model" in n and "lora_" not in n for n in trainable)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # as if trained: B starts at zero
+    texts = ["a red circle", "a blue star"]
+    with_adapters = embedder.embed(texts)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "merged"
+    with lora_merged(model):
+        merged = embedder.embed(texts)
+        save_hf_checkpoint(
+            model, embedder.tokenizer, embedder.image_processor, out, source=Path(tiny_checkpoint)
+        )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(
+        torch.from_numpy(merged), torch.from_numpy(with_adapters), rtol=1e-4, atol=1e-5
+    )
+    assert set(_weights(out)) == set(_weights(tiny_checkpoint))  # no lora_* keys
+    reloaded = load_embedder(out, device="cpu", dtype="float32").embed(texts)
+    torch.testing.assert_close(
+        torch.from_numpy(reloaded), torch.from_numpy(with_adapters), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_lora_run(tiny_checkpoint, shapes, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    main(
+        _args(
+            tiny_checkpoint,
+            shapes,
+            out,
+            "--max-steps",
+            "3",
+            "--save-steps",
+            "2",
+            "--lora",
+            "--lora-rank",
+            "4",
+        )
+    )
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    original, trained = _weights(tiny_checkpoint), _weights(out)
+    assert set(original) == set(trained)
+    changed = [k for k in original if "q_proj.weight" in k and not torch.equal(original[k], trained[k])]
+    assert changed  # the adapters' deltas were merged in
