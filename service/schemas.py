@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
@@ -226,6 +226,13 @@ class DocumentIn(Strict):
             raise ValueError(f"document {self.id!r}: give a 'vector' or input fields (text, image, content)")
         if self.vector is not None and not self.vector:
             raise ValueError(f"document {self.id!r}: 'vector' is empty")
+        if self.vector is None:
+            # Check the input's shape here, as /embed does: found later it would be a 500.
+            try:
+                self.to_input()
+            except ValidationError as exc:
+                reasons = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in exc.errors())
+                raise ValueError(f"document {self.id!r}: {reasons}") from None
         return self
 
     def to_input(self) -> dict[str, Any]:
