@@ -30,6 +30,7 @@ from .errors import (
 
 SHORTHAND_KEYS = frozenset({"text", "image", "instruction"})
 INTERLEAVED_KEYS = frozenset({"content", "instruction"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
 
@@ -59,6 +60,8 @@ class ParsedInput:
 def _check_text(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
+    if _SURROGATE.search(value):  # JSON allows "\ud800"; no tokenizer can encode it
+        raise InvalidInputError(f"{what} holds a lone UTF-16 surrogate (not valid Unicode text)")
     return value
 
 
