@@ -61,6 +61,7 @@ MAX_DIM = 65536
 MAX_ID_CHARS = 512
 MAX_FILTER_KEYS, MAX_FILTER_KEY_CHARS, MAX_FILTER_VALUES = 32, 256, 1024
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control chars, lone surrogates
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -150,6 +151,8 @@ def compile_filter(filter: Any) -> tuple[str, list[Any]]:
             elif isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
                 kinds["number"].append(v)
             elif isinstance(v, str):
+                if _SURROGATES.search(v):  # SQLite cannot bind it (and no stored value holds one)
+                    raise InvalidFilterError(f"filter value for {key!r} holds a lone UTF-16 surrogate")
                 kinds["text"].append(v)
             else:
                 raise InvalidFilterError(
