@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 serve: venv
-	$(BIN)/python -m service.demo
+	$(BIN)/python -m service.demo $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q
