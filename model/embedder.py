@@ -21,6 +21,16 @@ from .onevision import ImageProcessor, count_image_tokens
 from .prompts import build_message, build_prompt
 
 
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n, L, d) hidden states -> (n, d) at each row's last real token.
+
+    The index comes from the mask itself, so it is right for left and right padding
+    alike (``mask.sum() - 1`` is wrong under left padding). Shared with the trainer.
+    """
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # (n,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 @dataclass
 class PreparedInput:
     """One input after CPU preprocessing, ready to be collated into a batch."""
@@ -192,18 +202,16 @@ class Embedder:
             out["batch_num_images"] = torch.tensor([p.num_images for p in batch], dtype=torch.long).to(device)
         return out
 
-    def encode(self, tensors: dict[str, Any]) -> torch.Tensor:
+    def encode(self, tensors: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
         """Pooled final hidden states (n, dim) of the last real token of each row.
 
-        Differentiable (no ``no_grad``): the trainer calls this directly.
+        Differentiable (no ``no_grad``). ``model`` runs the forward instead of
+        ``self.model`` (e.g. the trainer's DDP wrapper, so its gradient hooks fire).
         """
         if "pixel_values" in tensors:
             tensors = dict(tensors, pixel_values=tensors["pixel_values"].to(self.model.dtype))
-        hidden = self.model(**tensors, use_cache=False).last_hidden_state  # (n, L, dim), after the final norm
-        mask = tensors["attention_mask"]
-        # Index of the last real token, valid for left or right padding alike.
-        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        hidden = (model or self.model)(**tensors, use_cache=False).last_hidden_state  # (n, L, dim), after the final norm
+        return last_token_pool(hidden, tensors["attention_mask"])
 
     def forward(self, batch: Sequence[PreparedInput]) -> torch.Tensor:
         """Device stage: collate and run the model in inference mode."""

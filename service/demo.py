@@ -28,8 +28,9 @@ from pathlib import Path
 
 DEMO_STEPS = int(os.environ.get("LLAVE_DEMO_STEPS", "1200"))
 DEMO_COLLECTION = "demo"
-QUERY_INSTRUCTION = "Find me an image that matches the given caption:"
-DOC_INSTRUCTION = "Represent the given image."
+# The demo model is trained on the synthetic "t2i" task: a bare caption ("a red circle")
+# as the query and a bare image as the target, so the demo queries and documents carry no
+# instruction. (MMEB-style instructions work the same way with models trained on them.)
 ATTRIBUTES = ("colour", "shape", "size", "position")
 
 
@@ -76,7 +77,7 @@ def _eval_images(data_dir: Path) -> list[dict]:
         parts = path.stem.split("_")[1:]
         meta = dict(zip(ATTRIBUTES, parts, strict=False))
         meta["path"] = path.relative_to(data_dir).as_posix()
-        docs.append({"id": path.stem, "image": path, "instruction": DOC_INSTRUCTION, "metadata": meta})
+        docs.append({"id": path.stem, "image": path, "metadata": meta})
     return docs
 
 
@@ -94,11 +95,11 @@ def index_demo_collection(model_dir: Path, data_dir: Path, store_dir: Path) -> l
         missing = [d for d in docs if d["id"] not in store.existing_ids(DEMO_COLLECTION, [d["id"] for d in docs])]
         for start in range(0, len(missing), 64):
             chunk = missing[start : start + 64]
-            vecs = embedder.embed([{"image": d["image"].read_bytes(), "instruction": d["instruction"]} for d in chunk])
+            vecs = embedder.embed([{"image": d["image"].read_bytes()} for d in chunk])
             store.upsert(DEMO_COLLECTION, [d["id"] for d in chunk], vecs, [d["metadata"] for d in chunk])
         print(f"[demo] collection '{DEMO_COLLECTION}': {store.describe(DEMO_COLLECTION)['count']} images "
               f"({len(missing)} added now) in {store_dir}", flush=True)
-        query = embedder.embed([{"text": "a red circle", "instruction": QUERY_INSTRUCTION}])[0]
+        query = embedder.embed([{"text": "a red circle"}])[0]
         return store.search(DEMO_COLLECTION, query, k=5)
     finally:
         store.close()
@@ -107,12 +108,12 @@ def index_demo_collection(model_dir: Path, data_dir: Path, store_dir: Path) -> l
 def print_examples(host: str, port: int, api_key: bool) -> None:
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     auth = ' -H "Authorization: Bearer $LLAVE_API_KEY"' if api_key else ""
-    search = {"collection": DEMO_COLLECTION, "query": {"text": "a red circle", "instruction": QUERY_INSTRUCTION}, "k": 5}
+    search = {"collection": DEMO_COLLECTION, "query": {"text": "a red circle"}, "k": 5}
     print(f"""
 [demo] serving on {url}   (docs: {url}/docs)
 
   curl -s {url}/embed{auth} -H 'content-type: application/json' \\
-       -d '{{"inputs": [{{"text": "a red circle", "instruction": "{QUERY_INSTRUCTION}"}}]}}'
+       -d '{{"inputs": [{{"text": "a red circle"}}, {{"text": "a blue star"}}]}}'
 
   curl -s {url}/search{auth} -H 'content-type: application/json' \\
        -d '{json.dumps(search)}'

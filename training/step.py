@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.embedder import last_token_pool
 from training.data import PairBatch
 from training.distributed import gathered_hardness_weighted_loss
 from training.grad_cache import grad_cache_step
@@ -31,13 +32,6 @@ def lr_multiplier(step: int, *, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(n, L, d) hidden states -> (n, d) at each row's last real token (any padding side);
-    the same rule as ``model.Embedder.encode``."""
-    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # (n,)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def make_encode(
