@@ -18,9 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -38,12 +36,19 @@ from service.store_errors import (
     DimensionMismatchError,
     DocumentNotFoundError,
     DuplicateIdError,
-    InvalidFilterError,
     InvalidMetadataError,
     InvalidNameError,
     InvalidParameterError,
     InvalidVectorError,
     StoreUnavailableError,
+)
+from service.store_validation import (
+    MAX_DIM,
+    check_collection_name,
+    check_doc_id,
+    compile_filter,
+    metadata_json,
+    shown,
 )
 from service.vector_index import (
     INDEX_TYPES,
@@ -57,12 +62,6 @@ from service.vector_index import (
 logger = logging.getLogger("llave.store")
 
 DB_FILE = "store.sqlite3"
-MAX_DIM = 65536
-MAX_ID_CHARS = 512
-MAX_FILTER_KEYS, MAX_FILTER_KEY_CHARS, MAX_FILTER_VALUES = 32, 256, 1024
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_SURROGATES = re.compile(r"[\ud800-\udfff]")
-_FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control chars, lone surrogates
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
     name TEXT PRIMARY KEY, dim INTEGER NOT NULL, index_type TEXT NOT NULL,
@@ -76,98 +75,6 @@ CREATE TABLE IF NOT EXISTS documents (
 -- covering index for metadata filters: they never read the (page-sized) vector rows
 CREATE INDEX IF NOT EXISTS documents_metadata ON documents (collection, metadata);
 """
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_collection_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidNameError(
-            f"invalid collection name {_shown(name)}: use 1-128 characters from "
-            "A-Z a-z 0-9 _ . -, starting with a letter or digit"
-        )
-    return name
-
-
-def check_doc_id(doc_id: Any) -> str:
-    if not isinstance(doc_id, str) or not 0 < len(doc_id) <= MAX_ID_CHARS or _FORBIDDEN_CHARS.search(doc_id):
-        raise InvalidNameError(
-            f"invalid document id {_shown(doc_id)}: use a non-empty string of at most "
-            f"{MAX_ID_CHARS} characters without control characters"
-        )
-    return doc_id
-
-
-def metadata_json(metadata: Any, max_bytes: int) -> str | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict) or not all(isinstance(key, str) for key in metadata):
-        raise InvalidMetadataError("metadata must be a JSON object with string keys, or null")
-    try:
-        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        size = len(text.encode("utf-8"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidMetadataError(f"metadata is not JSON-serialisable: {exc}") from exc
-    if size > max_bytes:
-        raise InvalidMetadataError(f"metadata is {size} bytes as JSON, over the limit of {max_bytes}")
-    return text
-
-
-def compile_filter(filter: Any) -> tuple[str, list[Any]]:
-    """SQL condition on ``documents AS d`` for ``{"field": value | [any-of values]}``; "" for none.
-
-    Matching is type-aware: ``true`` never matches ``1``, ``null`` matches only an explicit
-    null (not a missing field), and numbers compare by value (``1`` matches ``1.0``).
-    """
-    if filter is None:
-        return "", []
-    if not isinstance(filter, dict):
-        raise InvalidFilterError("filter must be an object of field -> value or list of values")
-    if len(filter) > MAX_FILTER_KEYS:
-        raise InvalidFilterError(f"filter has more than {MAX_FILTER_KEYS} fields")
-    clauses: list[str] = []
-    params: list[Any] = []
-    total = 0
-    for key, value in filter.items():
-        if (
-            not isinstance(key, str)
-            or not 0 < len(key) <= MAX_FILTER_KEY_CHARS
-            or _FORBIDDEN_CHARS.search(key)
-        ):
-            raise InvalidFilterError(f"invalid filter field {_shown(key)}")
-        if isinstance(value, list) and not value:
-            raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
-        values = value if isinstance(value, list) else [value]
-        total += len(values)
-        if total > MAX_FILTER_VALUES:
-            raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
-        kinds: dict[str, list[Any]] = {"null": [], "true": [], "false": [], "number": [], "text": []}
-        for v in values:
-            if v is None or isinstance(v, bool):
-                kinds[{None: "null", True: "true", False: "false"}[v]].append(v)
-            elif isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
-                kinds["number"].append(v)
-            elif isinstance(v, str):
-                if _SURROGATES.search(v):  # SQLite cannot bind it (and no stored value holds one)
-                    raise InvalidFilterError(f"filter value for {key!r} holds a lone UTF-16 surrogate")
-                kinds["text"].append(v)
-            else:
-                raise InvalidFilterError(
-                    f"filter value {_shown(v)} for {key!r} is not a string, finite number, boolean or null"
-                )
-        conds = [f"j.type = '{kind}'" for kind in ("null", "true", "false") if kinds[kind]]
-        for kind, types in (("number", "'integer', 'real'"), ("text", "'text'")):
-            if kinds[kind]:
-                conds.append(f"(j.type IN ({types}) AND j.atom IN ({', '.join('?' * len(kinds[kind]))}))")
-        # json_each decodes keys, so any key works (a '$."key"' path breaks on quotes/escapes).
-        clauses.append(
-            f"EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND ({' OR '.join(conds)}))"
-        )
-        params += [key, *kinds["number"], *kinds["text"]]
-    return " AND ".join(clauses), params
 
 
 @dataclass(eq=False)
@@ -405,14 +312,14 @@ class CollectionStore:
     def _resolve_options(self, kind: str, options: dict[str, Any] | None) -> dict[str, Any]:
         if kind not in INDEX_TYPES:
             raise InvalidParameterError(
-                f"unknown index type {_shown(kind)}; use one of {', '.join(INDEX_TYPES)}"
+                f"unknown index type {shown(kind)}; use one of {', '.join(INDEX_TYPES)}"
             )
         if options is not None and not isinstance(options, dict):
             raise InvalidParameterError("index options must be an object")
         resolved = dict(self._defaults[kind])
         for key, value in (options or {}).items():
             if key not in resolved:
-                raise InvalidParameterError(f"unknown option {_shown(key)} for a {kind} index")
+                raise InvalidParameterError(f"unknown option {shown(key)} for a {kind} index")
             nullable = key in ("nlist", "nprobe")
             if not (value is None and nullable) and (
                 not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000
@@ -516,7 +423,7 @@ class CollectionStore:
         seen: set[str] = set()
         for doc_id in ids:
             if doc_id in seen:
-                raise DuplicateIdError(f"document id {_shown(doc_id)} appears more than once in the request")
+                raise DuplicateIdError(f"document id {shown(doc_id)} appears more than once in the request")
             seen.add(doc_id)
         if not ids:
             return []
@@ -610,7 +517,7 @@ class CollectionStore:
             (name, doc_id),
         )
         if not rows:
-            raise DocumentNotFoundError(f"document {_shown(doc_id)} is not in collection {name!r}")
+            raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
         meta, created_at, updated_at, blob = rows[0]
         doc = {
             "id": doc_id,
@@ -631,7 +538,7 @@ class CollectionStore:
                     "SELECT row_id FROM documents WHERE collection = ? AND id = ?", (name, doc_id)
                 ).fetchall()
                 if not rows:
-                    raise DocumentNotFoundError(f"document {_shown(doc_id)} is not in collection {name!r}")
+                    raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
                 conn.execute("DELETE FROM documents WHERE row_id = ?", (rows[0][0],))
                 with coll.live.lock.write():
                     conn.execute("COMMIT")

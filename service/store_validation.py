@@ -1,0 +1,112 @@
+"""Validation of what callers hand the collection store: collection names, document
+ids, metadata and metadata filters (compiled to SQL). Pure functions; they raise the
+typed errors of ``service/store_errors.py``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from service.store_errors import InvalidFilterError, InvalidMetadataError, InvalidNameError
+
+MAX_DIM = 65536
+MAX_ID_CHARS = 512
+MAX_FILTER_KEYS, MAX_FILTER_KEY_CHARS, MAX_FILTER_VALUES = 32, 256, 1024
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control chars, lone surrogates
+
+
+
+def shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_collection_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid collection name {shown(name)}: use 1-128 characters from "
+            "A-Z a-z 0-9 _ . -, starting with a letter or digit"
+        )
+    return name
+
+
+def check_doc_id(doc_id: Any) -> str:
+    if not isinstance(doc_id, str) or not 0 < len(doc_id) <= MAX_ID_CHARS or _FORBIDDEN_CHARS.search(doc_id):
+        raise InvalidNameError(
+            f"invalid document id {shown(doc_id)}: use a non-empty string of at most "
+            f"{MAX_ID_CHARS} characters without control characters"
+        )
+    return doc_id
+
+
+def metadata_json(metadata: Any, max_bytes: int) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or not all(isinstance(key, str) for key in metadata):
+        raise InvalidMetadataError("metadata must be a JSON object with string keys, or null")
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidMetadataError(f"metadata is not JSON-serialisable: {exc}") from exc
+    if size > max_bytes:
+        raise InvalidMetadataError(f"metadata is {size} bytes as JSON, over the limit of {max_bytes}")
+    return text
+
+
+def compile_filter(filter: Any) -> tuple[str, list[Any]]:
+    """SQL condition on ``documents AS d`` for ``{"field": value | [any-of values]}``; "" for none.
+
+    Matching is type-aware: ``true`` never matches ``1``, ``null`` matches only an explicit
+    null (not a missing field), and numbers compare by value (``1`` matches ``1.0``).
+    """
+    if filter is None:
+        return "", []
+    if not isinstance(filter, dict):
+        raise InvalidFilterError("filter must be an object of field -> value or list of values")
+    if len(filter) > MAX_FILTER_KEYS:
+        raise InvalidFilterError(f"filter has more than {MAX_FILTER_KEYS} fields")
+    clauses: list[str] = []
+    params: list[Any] = []
+    total = 0
+    for key, value in filter.items():
+        if (
+            not isinstance(key, str)
+            or not 0 < len(key) <= MAX_FILTER_KEY_CHARS
+            or _FORBIDDEN_CHARS.search(key)
+        ):
+            raise InvalidFilterError(f"invalid filter field {shown(key)}")
+        if isinstance(value, list) and not value:
+            raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
+        values = value if isinstance(value, list) else [value]
+        total += len(values)
+        if total > MAX_FILTER_VALUES:
+            raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
+        kinds: dict[str, list[Any]] = {"null": [], "true": [], "false": [], "number": [], "text": []}
+        for v in values:
+            if v is None or isinstance(v, bool):
+                kinds[{None: "null", True: "true", False: "false"}[v]].append(v)
+            elif isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
+                kinds["number"].append(v)
+            elif isinstance(v, str):
+                if _SURROGATES.search(v):  # SQLite cannot bind it (and no stored value holds one)
+                    raise InvalidFilterError(f"filter value for {key!r} holds a lone UTF-16 surrogate")
+                kinds["text"].append(v)
+            else:
+                raise InvalidFilterError(
+                    f"filter value {shown(v)} for {key!r} is not a string, finite number, boolean or null"
+                )
+        conds = [f"j.type = '{kind}'" for kind in ("null", "true", "false") if kinds[kind]]
+        for kind, types in (("number", "'integer', 'real'"), ("text", "'text'")):
+            if kinds[kind]:
+                conds.append(f"(j.type IN ({types}) AND j.atom IN ({', '.join('?' * len(kinds[kind]))}))")
+        # json_each decodes keys, so any key works (a '$."key"' path breaks on quotes/escapes).
+        clauses.append(
+            f"EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND ({' OR '.join(conds)}))"
+        )
+        params += [key, *kinds["number"], *kinds["text"]]
+    return " AND ".join(clauses), params
