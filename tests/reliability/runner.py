@@ -7,6 +7,7 @@ becomes a violation in the results instead of stopping the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,7 +33,6 @@ from tests.reliability.attacks import (
     check_traversal,
     image_host_server,
 )
-from tests.reliability.conftest import CORS_ORIGIN, LIMIT_ARGS
 from tests.reliability.crash import check_kill_9
 from tests.reliability.faults import (
     check_dead_worker,
@@ -43,12 +43,12 @@ from tests.reliability.faults import (
 from tests.reliability.helpers import assert_healthy
 from tests.reliability.hostile import check_case, hostile_cases
 from tests.reliability.load import check_overload
-from tests.service.conftest import API_KEY, FAIL_BATCH, start_server
+from tests.reliability.servers import start_keyed_server, start_main_server
 
 
 @dataclass
 class Config:
-    fuzz_examples: int = 150  # random examples per operation and mode (schemathesis -n)
+    fuzz_examples: int = 400  # random examples per operation and mode (schemathesis -n)
     hostile_passes: int = 5
     hostile_concurrency: int = 16
     load_clients: int = 200
@@ -178,6 +178,14 @@ def ssrf(server: Any) -> dict[str, Any]:
     }
 
 
+def traversal(server: Any, workdir: Path) -> dict[str, Any]:
+    return {"requests": check_traversal(server.url, server.port, workdir, public=(server.model_name,))}
+
+
+def load(server: Any, config: Config) -> dict[str, Any]:
+    return check_overload(server, clients=config.load_clients, seconds=config.load_seconds, seed=config.seed)
+
+
 def run_all(config: Config, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     from model import load_embedder
     from model.tiny import build_checkpoint
@@ -187,51 +195,28 @@ def run_all(config: Config, workdir: Path, log: Callable[[str], None] = print) -
     started = time.monotonic()
     checkpoint = build_checkpoint(workdir / "tiny", fmt="hf", seed=0, preset="tiny")
     embedder = load_embedder(checkpoint, device="cpu", dtype="float32")
-    (workdir / "main").mkdir(exist_ok=True)
-    (workdir / "keyed").mkdir(exist_ok=True)
-    main = start_server(
-        checkpoint, workdir / "main", *LIMIT_ARGS, "--image-url-allow-hosts", "localhost,*.localhost",
-        env={"LLAVE_FAULT_INJECTION": f"fail-batch:{FAIL_BATCH}"},
-    )  # fmt: skip
-    keyed = start_server(
-        checkpoint, workdir / "keyed", "--max-queue", "32", "--max-batch-size", "8", "--max-inputs-per-request", "16",
-        "--request-timeout-s", "30", "--preprocess-workers", "2", "--cors-origins", CORS_ORIGIN,
-        env={"LLAVE_API_KEY": API_KEY},
-    )  # fmt: skip
-    for server in (main, keyed):
-        server.model_name = str(checkpoint)
-    keyed.auth = {"Authorization": f"Bearer {API_KEY}"}
-    try:
+    for name in ("main", "keyed", "dead_worker", "disk_full", "read_only", "crash"):
+        (workdir / name).mkdir(exist_ok=True)
+    with contextlib.ExitStack() as servers:
+        main = start_main_server(checkpoint, workdir / "main")
+        servers.callback(main.stop)
+        keyed = start_keyed_server(checkpoint, workdir / "keyed")
+        servers.callback(keyed.stop)
         run.section("fuzz", lambda: fuzz(main.url, config.fuzz_examples, workdir, config.seed))
         run.section("hostile", lambda: hostile(main, config.hostile_passes, config.hostile_concurrency))
         run.section("ssrf", lambda: ssrf(main))
-        run.section(
-            "traversal",
-            lambda: {
-                "requests": check_traversal(main.url, main.port, workdir / "main", public=(main.model_name,))
-            },
-        )
+        run.section("traversal", lambda: traversal(main, workdir / "main"))
         run.section(
             "failing_batch", lambda: check_failing_batches(main, embedder, config.failing_batch_rounds)
         )
         run.section("auth", lambda: auth(keyed))
-        run.section(
-            "load",
-            lambda: check_overload(
-                keyed, clients=config.load_clients, seconds=config.load_seconds, seed=config.seed
-            ),
-        )
-    finally:
-        main.stop()
-        keyed.stop()
+        run.section("load", lambda: load(keyed, config))
     for name, fn in [
         ("dead_worker", check_dead_worker),
         ("disk_full", check_disk_full),
         ("read_only", check_read_only_data_dir),
     ]:
-        (workdir / name).mkdir(exist_ok=True)
         run.section(name, lambda fn=fn, name=name: fn(checkpoint, workdir / name))
-    (workdir / "crash").mkdir(exist_ok=True)
     run.section(
         "kill_9", lambda: check_kill_9(checkpoint, workdir / "crash", config.crash_rounds, seed=config.seed)
     )

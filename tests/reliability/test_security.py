@@ -24,8 +24,8 @@ from tests.reliability.attacks import (
     concrete,
     image_host_server,
 )
-from tests.reliability.conftest import CORS_ORIGIN
 from tests.reliability.helpers import assert_clean_error, raw_http
+from tests.reliability.servers import CORS_ORIGIN
 from tests.service.conftest import API_KEY
 
 # --- the API key on every route -------------------------------------------------------------
