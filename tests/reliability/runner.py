@@ -40,6 +40,7 @@ from tests.reliability.faults import (
     check_failing_batches,
     check_read_only_data_dir,
 )
+from tests.reliability.fuzzing import REJECTION_STATUSES
 from tests.reliability.helpers import assert_healthy
 from tests.reliability.hostile import check_case, hostile_cases
 from tests.reliability.load import check_overload
@@ -90,8 +91,14 @@ class Run:
 def fuzz(url: str, examples: int, workdir: Path, seed: int) -> dict[str, Any]:
     """schemathesis' CLI: examples, coverage, fuzzing and stateful phases, positive and negative."""
     report_path = workdir / "schemathesis.json"
+    config_path = workdir / "schemathesis.toml"
+    config_path.write_text(
+        "[checks.negative_data_rejection]\n"
+        f"expected-statuses = {json.dumps([str(s) for s in REJECTION_STATUSES])}\n"
+    )
     command = [
-        str(Path(sys.executable).parent / "schemathesis"), "run", url + "/openapi.json",
+        str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config_path),
+        "run", url + "/openapi.json",
         "--max-examples", str(examples), "--workers", "1", "--seed", str(seed), "--request-timeout", "60",
         # positive_data_acceptance: valid-by-schema data can still be bad (random base64 is no image);
         # allow_header_conformance: Starlette's 405 lists one route's methods (see the report).

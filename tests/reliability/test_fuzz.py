@@ -28,6 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
+from tests.reliability.fuzzing import REJECTION_STATUSES
 from tests.reliability.helpers import assert_no_leak
 
 MAX_EXAMPLES = int(os.environ.get("RELIABILITY_FUZZ_EXAMPLES", "25"))
@@ -50,7 +51,14 @@ def _spec() -> dict:
 SPEC = _spec()
 schema = schemathesis.openapi.from_dict(
     SPEC,
-    config=schemathesis.Config.from_dict({"generation": {"mode": "all", "max-examples": MAX_EXAMPLES}}),
+    config=schemathesis.Config.from_dict(
+        {
+            "generation": {"mode": "all", "max-examples": MAX_EXAMPLES},
+            "checks": {
+                "negative_data_rejection": {"expected-statuses": [str(s) for s in REJECTION_STATUSES]}
+            },
+        }
+    ),
 )
 
 
