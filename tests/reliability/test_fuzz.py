@@ -8,7 +8,8 @@ to a live server. Each operation gets its explicit examples, schemathesis' cover
 negative. Every response must be documented (status, content type, body schema), never a
 5xx (the server is ready before the first case, so no 503 either), schema-invalid requests
 must be refused, and error bodies must have the error shape and leak nothing.
-``RELIABILITY_FUZZ_EXAMPLES`` sets the random examples per operation (the soak run uses more).
+``RELIABILITY_FUZZ_EXAMPLES`` sets the random examples per operation (the soak run uses more);
+the run is repeatable (a fixed seed, ``RELIABILITY_FUZZ_SEED``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ schema = schemathesis.openapi.from_dict(
     SPEC,
     config=schemathesis.Config.from_dict(
         {
+            "seed": int(os.environ.get("RELIABILITY_FUZZ_SEED", "0")),  # repeatable; change it to explore
             "generation": {"mode": "all", "max-examples": MAX_EXAMPLES},
             "checks": {
                 "negative_data_rejection": {"expected-statuses": [str(s) for s in REJECTION_STATUSES]}
