@@ -31,6 +31,9 @@ from .errors import (
 SHORTHAND_KEYS = frozenset({"text", "image", "instruction"})
 INTERLEAVED_KEYS = frozenset({"content", "instruction"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Raster formats accepted; everything else Pillow could open (EPS would run Ghostscript,
+# plus PDF, PSD, TGA, ...) is refused before any decoder is tried.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO")  # JPEG covers MPO files too
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
 
@@ -156,7 +159,7 @@ def _open(value: Any, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(raw))
+            return Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image exceeds the pixel limit of {limits.max_pixels}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:

@@ -112,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=settings.log_level,
         log_config=None,  # use the logging configured above
         timeout_graceful_shutdown=10,
+        # Longer than clients' idle expiry (httpx: 5 s), so a client never reuses a
+        # connection the server is closing at that same moment.
+        timeout_keep_alive=75,
     )
 
 

@@ -181,3 +181,18 @@ def test_animated_gif_uses_first_frame(tiny_embedder):
 def test_extreme_aspect_ratio_is_refused(tiny_embedder):
     with pytest.raises(ImageDecodeError, match="aspect ratio"):
         tiny_embedder.preprocess({"image": b64(make_png(2000, 2))})
+
+
+@pytest.mark.parametrize("fmt", ["TGA", "PPM", "PCX"])
+def test_formats_outside_the_allow_list_are_refused(tiny_embedder, fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buf, fmt)
+    with pytest.raises(ImageDecodeError, match="unknown or corrupt"):
+        tiny_embedder.preprocess({"image": b64(buf.getvalue())})
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_common_formats_are_accepted(tiny_embedder, fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buf, fmt)
+    assert tiny_embedder.preprocess({"image": b64(buf.getvalue())}).num_images == 1
