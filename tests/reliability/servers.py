@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.service.conftest import API_KEY, FAIL_BATCH, Server, start_server
+from tests.service.conftest import API_KEY, FAIL_BATCH, MAIN_ARGS, Server, start_server
 
-# Small limits so that "at the limit" and "over the limit" are cheap to send.
-LIMIT_ARGS = (
-    "--max-batch-size", "8",
-    "--max-queue", "256",
-    "--max-inputs-per-request", "16",
-    "--max-images-per-input", "2",
-    "--max-image-pixels", "10000",
-    "--max-input-tokens", "512",
-    "--max-body-bytes", "300000",
-    "--preprocess-workers", "2",
-)  # fmt: skip
+# Small limits so that "at the limit" and "over the limit" are cheap to send: the same
+# limits as the main API-test server.
+LIMIT_ARGS = MAIN_ARGS
 CORS_ORIGIN = "https://app.example"
 
 
