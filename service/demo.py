@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEMO_STEPS = int(os.environ.get("LLAVE_DEMO_STEPS", "1200"))
+DEMO_STEPS = int(os.environ.get("LLAVE_DEMO_STEPS", "600"))
 DEMO_COLLECTION = "demo"
 # The demo model is trained on the synthetic "t2i" task: a bare caption ("a red circle")
 # as the query and a bare image as the target, so the demo queries and documents carry no
@@ -65,7 +65,7 @@ def prepare_model(cache: Path) -> Path:
         py, str(repo / "training" / "run.py"), "--model", str(base),
         "--train-data", str(data_dir / "train.jsonl"), "--image-root", str(data_dir),
         "--output-dir", str(model_dir), "--max-steps", str(DEMO_STEPS), "--per-device-batch-size", "64",
-        "--learning-rate", "2e-3", "--warmup-steps", "30", "--max-grad-norm", "1.0", "--alpha", "9",
+        "--learning-rate", "5e-4", "--warmup-steps", "30", "--max-grad-norm", "1.0", "--alpha", "9",
         "--logit-scale", "50", "--no-freeze-vision-tower", "--mask-duplicates", "--precision", "fp32",
         "--no-gradient-checkpointing", "--device", "cpu", "--seed", "0", "--logging-steps", "50",
     ], env=_training_env())
