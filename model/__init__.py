@@ -45,7 +45,11 @@ def load_embedder(
     loaded = load_checkpoint(path_or_id, device=device, dtype=dtype, attn_implementation=attn_implementation)
     config = EmbedderConfig(
         max_length=max_length or loaded.max_length,
-        image_limits=ImageLimits(max_pixels=max_image_pixels, max_images=max_images_per_input, max_bytes=max_image_bytes),
+        image_limits=ImageLimits(
+            max_pixels=max_image_pixels, max_images=max_images_per_input, max_bytes=max_image_bytes
+        ),
         vision_aspect_ratio=getattr(loaded.model.config, "vision_aspect_ratio", "anyres_max_9"),
     )
-    return Embedder(loaded.model, loaded.tokenizer, loaded.image_processor, name=str(path_or_id), config=config)
+    return Embedder(
+        loaded.model, loaded.tokenizer, loaded.image_processor, name=str(path_or_id), config=config
+    )

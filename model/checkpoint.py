@@ -83,8 +83,10 @@ def resolve_path(path_or_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=patterns, etag_timeout=10))
     except Exception as exc:
-        raise CheckpointError(f"{text}: cannot download from the hub ({type(exc).__name__}); "
-                              "check the id and the network, or pass a local folder") from exc
+        raise CheckpointError(
+            f"{text}: cannot download from the hub ({type(exc).__name__}); "
+            "check the id and the network, or pass a local folder"
+        ) from exc
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -154,7 +156,9 @@ def _load_hf(path: Path, dtype: torch.dtype, attn: str) -> LoadedCheckpoint:
     if missing:
         raise CheckpointError(f"{path}: missing keys in the checkpoint: {missing[:5]}")
     if info.get("mismatched_keys"):
-        raise CheckpointError(f"{path}: weights with mismatched shapes: {sorted(info['mismatched_keys'])[:5]}")
+        raise CheckpointError(
+            f"{path}: weights with mismatched shapes: {sorted(info['mismatched_keys'])[:5]}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         image_processor = ImageProcessor.from_pretrained(str(path))
@@ -181,11 +185,14 @@ def _load_llava(path: Path, config: dict[str, Any], dtype: torch.dtype, attn: st
     model = LlavaOnevisionModel(hf_config)
     load_weights_into(model, weights, path)
     model = model.to(dtype)
-    return LoadedCheckpoint(model, tokenizer, build_image_processor(hf_config, preprocess), path, "llava", _max_length(tokenizer))
+    return LoadedCheckpoint(
+        model, tokenizer, build_image_processor(hf_config, preprocess), path, "llava", _max_length(tokenizer)
+    )
 
 
-def load_checkpoint(path_or_id, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-                    attn_implementation: str = "sdpa") -> LoadedCheckpoint:
+def load_checkpoint(
+    path_or_id, *, device: str = "auto", dtype: str | torch.dtype = "auto", attn_implementation: str = "sdpa"
+) -> LoadedCheckpoint:
     """Load either layout onto ``device`` in ``dtype``, in eval mode, with the authors'
     feature packing installed."""
     from .onevision import install_authors_packing

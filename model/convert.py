@@ -79,13 +79,21 @@ def read_llava_weights(src: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _vision_config(config: dict[str, Any], src: Path, weights: dict[str, torch.Tensor]) -> tuple[SiglipVisionConfig, dict]:
+def _vision_config(
+    config: dict[str, Any], src: Path, weights: dict[str, torch.Tensor]
+) -> tuple[SiglipVisionConfig, dict]:
     name = config.get("mm_vision_tower") or config.get("vision_tower")
     if not name:
         raise CheckpointError(f"{src}: config has no mm_vision_tower")
-    layer_ids = {int(m.group(1)) for k in weights if (m := re.search(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", k))}
+    layer_ids = {
+        int(m.group(1))
+        for k in weights
+        if (m := re.search(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", k))
+    }
     if not layer_ids:
-        raise CheckpointError(f"{src}: no vision tower weights ({VISION_PREFIX}vision_model.encoder.layers.*)")
+        raise CheckpointError(
+            f"{src}: no vision tower weights ({VISION_PREFIX}vision_model.encoder.layers.*)"
+        )
     folder = Path(name) if Path(name).is_absolute() else src / name
     preprocess: dict[str, Any] = {}
     if (folder / "config.json").is_file():
@@ -122,7 +130,12 @@ def build_tokenizer(src: Path, config: dict[str, Any]):
 def llava_to_hf_config(config: dict[str, Any], src: Path, weights: dict[str, torch.Tensor], tokenizer):
     """The ``LlavaOnevisionConfig`` equivalent to an authors'-layout config."""
     vision, preprocess = _vision_config(config, src, weights)
-    text_fields = set(Qwen2Config().to_dict()) - {"architectures", "model_type", "transformers_version", "_name_or_path"}
+    text_fields = set(Qwen2Config().to_dict()) - {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "_name_or_path",
+    }
     text = Qwen2Config(**{k: v for k, v in config.items() if k in text_fields})
     embed = weights.get("model.embed_tokens.weight")
     if embed is None:
@@ -131,7 +144,9 @@ def llava_to_hf_config(config: dict[str, Any], src: Path, weights: dict[str, tor
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
     if image_id >= text.vocab_size:
-        raise CheckpointError(f"{src}: <image> token id {image_id} is outside the embedding table ({text.vocab_size})")
+        raise CheckpointError(
+            f"{src}: <image> token id {image_id} is outside the embedding table ({text.vocab_size})"
+        )
     aspect = config.get("image_aspect_ratio") or "anyres_max_9"
     if not str(aspect).startswith("anyres_max_"):
         aspect = "anyres_max_9"
@@ -167,7 +182,13 @@ def build_image_processor(hf_config, preprocess: dict[str, Any] | None = None) -
 
 
 def _split_weights(weights: dict[str, torch.Tensor], src: Path) -> dict[str, dict[str, torch.Tensor]]:
-    groups: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "projector": {}, "llm": {}, "newline": {}, "lm_head": {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {
+        "vision": {},
+        "projector": {},
+        "llm": {},
+        "newline": {},
+        "lm_head": {},
+    }
     unknown = []
     for key, value in weights.items():
         if key.endswith(".inv_freq"):
@@ -208,14 +229,20 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{src}: {what} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{src}: {what} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for k, v in state.items():
         if own[k].shape != v.shape:
-            raise CheckpointError(f"{src}: {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+            raise CheckpointError(
+                f"{src}: {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+            )
     module.load_state_dict(state, strict=True)
 
 
-def load_weights_into(base, weights: dict[str, torch.Tensor], src: Path, lm_head: torch.nn.Module | None = None) -> None:
+def load_weights_into(
+    base, weights: dict[str, torch.Tensor], src: Path, lm_head: torch.nn.Module | None = None
+) -> None:
     """Load authors'-layout weights into a ``LlavaOnevisionModel`` (and optional LM head)."""
     groups = _split_weights(weights, src)
     _load_strict(base.vision_tower, groups["vision"], "vision tower", src)
@@ -223,7 +250,9 @@ def load_weights_into(base, weights: dict[str, torch.Tensor], src: Path, lm_head
     _load_strict(base.language_model, groups["llm"], "language model", src)
     newline = groups["newline"]["image_newline"]
     if newline.shape != base.image_newline.shape:
-        raise CheckpointError(f"{src}: image_newline has shape {tuple(newline.shape)}, expected {tuple(base.image_newline.shape)}")
+        raise CheckpointError(
+            f"{src}: image_newline has shape {tuple(newline.shape)}, expected {tuple(base.image_newline.shape)}"
+        )
     with torch.no_grad():
         base.image_newline.copy_(newline)
         if lm_head is not None:

@@ -67,7 +67,9 @@ class Embedder:
     ``image_processor`` is the PIL OneVision processor.
     """
 
-    def __init__(self, model, tokenizer, image_processor: ImageProcessor, *, name: str, config: EmbedderConfig):
+    def __init__(
+        self, model, tokenizer, image_processor: ImageProcessor, *, name: str, config: EmbedderConfig
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -75,7 +77,9 @@ class Embedder:
         self.config = config
         mcfg = model.config
         self.dim: int = mcfg.text_config.hidden_size
-        self.image_token_id: int = mcfg.image_token_id if hasattr(mcfg, "image_token_id") else mcfg.image_token_index
+        self.image_token_id: int = (
+            mcfg.image_token_id if hasattr(mcfg, "image_token_id") else mcfg.image_token_index
+        )
         self.crop: int = mcfg.vision_config.image_size
         self.patch: int = mcfg.vision_config.patch_size
         self.grid_pinpoints = [list(p) for p in mcfg.image_grid_pinpoints]
@@ -163,7 +167,9 @@ class Embedder:
             images = [decode_image(v, self.limits) for v in parsed.images]
             sizes = [(im.height, im.width) for im in images]
             feats = self.image_processor(images=[images], return_tensors=None, do_pad=False)
-            pixel_values = np.concatenate([np.asarray(p, dtype=np.float32) for p in feats["pixel_values"]], axis=0)
+            pixel_values = np.concatenate(
+                [np.asarray(p, dtype=np.float32) for p in feats["pixel_values"]], axis=0
+            )
         counts = [self.image_tokens(h, w, multi_image=multi) for h, w in sizes]
         ids, spans = self._expand(ids, counts)
         ids, truncated = self._cut(ids, spans, truncate)
@@ -174,7 +180,9 @@ class Embedder:
         parsed = parse_input(inp, self.limits)
         ids = self._tokenize(build_prompt(build_message(parsed.parts, parsed.instruction)))
         multi = parsed.num_images > 1
-        extra = sum(self.image_tokens(*image_size(v, self.limits), multi_image=multi) - 1 for v in parsed.images)
+        extra = sum(
+            self.image_tokens(*image_size(v, self.limits), multi_image=multi) - 1 for v in parsed.images
+        )
         return min(len(ids) + extra, self.max_length)
 
     def warmup_inputs(self, n: int, tokens: int) -> list[PreparedInput]:
@@ -185,7 +193,9 @@ class Embedder:
         return [PreparedInput(input_ids=list(ids)) for _ in range(n)]
 
     # ------------------------------------------------------------------ stage 2: device
-    def collate(self, batch: Sequence[PreparedInput], device: str | torch.device | None = None) -> dict[str, Any]:
+    def collate(
+        self, batch: Sequence[PreparedInput], device: str | torch.device | None = None
+    ) -> dict[str, Any]:
         """Right-pad a batch into model tensors (pixel crops of all images concatenated)."""
         device = device or self.device
         width = max(p.cost for p in batch)
@@ -198,7 +208,9 @@ class Embedder:
         crops = [p.pixel_values for p in batch if p.pixel_values is not None]
         if crops:
             out["pixel_values"] = torch.from_numpy(np.concatenate(crops, axis=0)).to(device)
-            out["image_sizes"] = torch.tensor([s for p in batch for s in p.image_sizes], dtype=torch.long).to(device)
+            out["image_sizes"] = torch.tensor([s for p in batch for s in p.image_sizes], dtype=torch.long).to(
+                device
+            )
             out["batch_num_images"] = torch.tensor([p.num_images for p in batch], dtype=torch.long).to(device)
         return out
 
@@ -210,7 +222,9 @@ class Embedder:
         """
         if "pixel_values" in tensors:
             tensors = dict(tensors, pixel_values=tensors["pixel_values"].to(self.model.dtype))
-        hidden = (model or self.model)(**tensors, use_cache=False).last_hidden_state  # (n, L, dim), after the final norm
+        hidden = (model or self.model)(
+            **tensors, use_cache=False
+        ).last_hidden_state  # (n, L, dim), after the final norm
         return last_token_pool(hidden, tensors["attention_mask"])
 
     def forward(self, batch: Sequence[PreparedInput]) -> torch.Tensor:

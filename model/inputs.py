@@ -34,7 +34,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # Raster formats accepted; everything else Pillow could open (EPS would run Ghostscript,
 # plus PDF, PSD, TGA, ...) is refused before any decoder is tried.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO")  # JPEG covers MPO files too
-_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+_DATA_URI = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,7 +133,9 @@ def image_bytes(value: Any, limits: ImageLimits) -> bytes:
     elif isinstance(value, str):
         text = value.strip()
         if text[:8].lower().startswith(("http://", "https://")):
-            raise ImageDecodeError("remote image URLs must be resolved by the caller (the service's allow-list)")
+            raise ImageDecodeError(
+                "remote image URLs must be resolved by the caller (the service's allow-list)"
+            )
         match = _DATA_URI.match(text)
         if match:
             if not match.group("b64"):
@@ -144,7 +148,9 @@ def image_bytes(value: Any, limits: ImageLimits) -> bytes:
         except (binascii.Error, ValueError) as exc:
             raise ImageDecodeError("image is not valid base64") from exc
     else:
-        raise ImageDecodeError(f"an image must be base64 text, a data: URI or bytes, got {type(value).__name__}")
+        raise ImageDecodeError(
+            f"an image must be base64 text, a data: URI or bytes, got {type(value).__name__}"
+        )
     if not raw:
         raise ImageDecodeError("image is empty")
     if len(raw) > limits.max_bytes:

@@ -105,7 +105,9 @@ def count_image_tokens(
     return base + rows * cols + rows
 
 
-def _pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+def _pack_image_features(
+    self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"
+):
     """Drop-in replacement for ``LlavaOnevisionModel.pack_image_features`` that unpads
     with the authors' truncation. Same inputs and outputs as the transformers method."""
     vision = self.config.vision_config

@@ -56,9 +56,20 @@ PRESETS = {
     "tiny": Preset(
         image_size=64,
         patch_size=16,
-        vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
-        text={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "tie_word_embeddings": False},
+        vision={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        text={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
+        },
         vocab_size=None,
         dtype=torch.float32,
         siglip_name=None,
@@ -66,10 +77,24 @@ PRESETS = {
     "llave-0.5b": Preset(
         image_size=384,
         patch_size=14,
-        vision={"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26, "num_attention_heads": 16,
-                "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"},
-        text={"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-              "num_key_value_heads": 2, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+        vision={
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 16,
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu_pytorch_tanh",
+        },
+        text={
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "rope_theta": 1_000_000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
         vocab_size=151936,
         dtype=torch.bfloat16,
         siglip_name="google/siglip-so400m-patch14-384",
@@ -79,9 +104,20 @@ PRESETS = {
     "demo": Preset(
         image_size=64,
         patch_size=16,
-        vision={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
-        text={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "tie_word_embeddings": False},
+        vision={
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        text={
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
+        },
         vocab_size=None,
         dtype=torch.float32,
         siglip_name=None,
@@ -105,12 +141,15 @@ def build_tokenizer(vocab_size: int = 640):
     )
     words = _WORDS.split()
     corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
-    corpus += [w.capitalize() for w in words] + ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"]
+    corpus += [w.capitalize() for w in words] + [
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    ]
     bpe.train_from_iterator(corpus, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tok.add_tokens(SPECIAL_TOKENS, special_tokens=True)
     tok.model_max_length = DEFAULT_MAX_LENGTH
     tok.padding_side = "right"
@@ -122,8 +161,9 @@ def build_config(preset: Preset, tokenizer):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vocab = preset.vocab_size or (len(tokenizer) + 63) // 64 * 64
-    vision = SiglipVisionConfig(image_size=preset.image_size, patch_size=preset.patch_size,
-                                vision_use_head=False, **preset.vision)
+    vision = SiglipVisionConfig(
+        image_size=preset.image_size, patch_size=preset.patch_size, vision_use_head=False, **preset.vision
+    )
     text = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **preset.text)
     crop = preset.image_size
     config = LlavaOnevisionConfig(
@@ -197,9 +237,16 @@ def _write_llava(model, tokenizer, out: Path, preset: Preset) -> None:
         vdict = vision.to_dict()
         vdict.pop("transformers_version", None)
         (out / tower / "config.json").write_text(json.dumps(vdict, indent=2))
-        (out / tower / "preprocessor_config.json").write_text(json.dumps(
-            {"image_mean": SIGLIP_MEAN, "image_std": SIGLIP_MEAN, "size": {"height": vision.image_size, "width": vision.image_size}},
-            indent=2))
+        (out / tower / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "image_mean": SIGLIP_MEAN,
+                    "image_std": SIGLIP_MEAN,
+                    "size": {"height": vision.image_size, "width": vision.image_size},
+                },
+                indent=2,
+            )
+        )
     config = {
         **text,
         "architectures": ["LlavaQwenForCausalLM"],
@@ -241,9 +288,15 @@ def build_checkpoint(out: str | Path, *, fmt: str = "hf", seed: int = 0, preset:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build a random LLaVE checkpoint offline.")
     parser.add_argument("out", help="output folder (created if needed)")
-    parser.add_argument("--format", choices=["hf", "llava"], default="hf",
-                        help="hf: transformers LlavaOnevision layout; llava: the LLaVE authors' layout")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same weights in both layouts)")
+    parser.add_argument(
+        "--format",
+        choices=["hf", "llava"],
+        default="hf",
+        help="hf: transformers LlavaOnevision layout; llava: the LLaVE authors' layout",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="weight seed (same seed, same weights in both layouts)"
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes")
     args = parser.parse_args(argv)
     path = build_checkpoint(args.out, fmt=args.format, seed=args.seed, preset=args.preset)

@@ -58,21 +58,84 @@ def prepare_model(cache: Path) -> Path:
     py = sys.executable
     cache.mkdir(parents=True, exist_ok=True)
     _run("base checkpoint", [py, "-m", "model.tiny", str(base), "--preset", "demo", "--seed", "0"])
-    _run("synthetic data", [py, "-m", "training.synthetic", str(data_dir), "--n", "6000", "--seed", "0",
-                            "--tasks", "t2i", "--eval-n", "200"])
+    _run(
+        "synthetic data",
+        [
+            py,
+            "-m",
+            "training.synthetic",
+            str(data_dir),
+            "--n",
+            "6000",
+            "--seed",
+            "0",
+            "--tasks",
+            "t2i",
+            "--eval-n",
+            "200",
+        ],
+    )
     repo = Path(__file__).resolve().parents[1]
-    _run("training", [
-        py, str(repo / "training" / "run.py"), "--model", str(base),
-        "--train-data", str(data_dir / "train.jsonl"), "--image-root", str(data_dir),
-        "--output-dir", str(model_dir), "--max-steps", str(DEMO_STEPS), "--per-device-batch-size", "64",
-        "--learning-rate", "5e-4", "--warmup-steps", "30", "--max-grad-norm", "1.0", "--alpha", "9",
-        "--logit-scale", "50", "--no-freeze-vision-tower", "--mask-duplicates", "--precision", "fp32",
-        "--no-gradient-checkpointing", "--device", "cpu", "--seed", "0", "--logging-steps", "50",
-    ], env=_training_env())
+    _run(
+        "training",
+        [
+            py,
+            str(repo / "training" / "run.py"),
+            "--model",
+            str(base),
+            "--train-data",
+            str(data_dir / "train.jsonl"),
+            "--image-root",
+            str(data_dir),
+            "--output-dir",
+            str(model_dir),
+            "--max-steps",
+            str(DEMO_STEPS),
+            "--per-device-batch-size",
+            "64",
+            "--learning-rate",
+            "5e-4",
+            "--warmup-steps",
+            "30",
+            "--max-grad-norm",
+            "1.0",
+            "--alpha",
+            "9",
+            "--logit-scale",
+            "50",
+            "--no-freeze-vision-tower",
+            "--mask-duplicates",
+            "--precision",
+            "fp32",
+            "--no-gradient-checkpointing",
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+            "--logging-steps",
+            "50",
+        ],
+        env=_training_env(),
+    )
     print("[demo] evaluating on the held-out synthetic split", flush=True)
-    out = subprocess.run([py, "-m", "training.evaluate", "--model", str(model_dir), "--data",
-                          str(data_dir / "eval.jsonl"), "--image-root", str(data_dir), "--device", "cpu"],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            py,
+            "-m",
+            "training.evaluate",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_dir / "eval.jsonl"),
+            "--image-root",
+            str(data_dir),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     print(out.stdout, end="", flush=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     done.write_text(json.dumps({"precision_at_1": result["precision_at_1"], "steps": DEMO_STEPS}))
@@ -102,13 +165,18 @@ def index_demo_collection(model_dir: Path, data_dir: Path, store_dir: Path) -> l
     store = CollectionStore(store_dir)
     store.open()
     try:
-        missing = [d for d in docs if d["id"] not in store.existing_ids(DEMO_COLLECTION, [d["id"] for d in docs])]
+        missing = [
+            d for d in docs if d["id"] not in store.existing_ids(DEMO_COLLECTION, [d["id"] for d in docs])
+        ]
         for start in range(0, len(missing), 64):
             chunk = missing[start : start + 64]
             vecs = embedder.embed([{"image": d["image"].read_bytes()} for d in chunk])
             store.upsert(DEMO_COLLECTION, [d["id"] for d in chunk], vecs, [d["metadata"] for d in chunk])
-        print(f"[demo] collection '{DEMO_COLLECTION}': {store.describe(DEMO_COLLECTION)['count']} images "
-              f"({len(missing)} added now) in {store_dir}", flush=True)
+        print(
+            f"[demo] collection '{DEMO_COLLECTION}': {store.describe(DEMO_COLLECTION)['count']} images "
+            f"({len(missing)} added now) in {store_dir}",
+            flush=True,
+        )
         query = embedder.embed([{"text": "a red circle"}])[0]
         return store.search(DEMO_COLLECTION, query, k=5)
     finally:
@@ -119,7 +187,8 @@ def print_examples(host: str, port: int, api_key: bool) -> None:
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     auth = ' -H "Authorization: Bearer $LLAVE_API_KEY"' if api_key else ""
     search = {"collection": DEMO_COLLECTION, "query": {"text": "a red circle"}, "k": 5}
-    print(f"""
+    print(
+        f"""
 [demo] serving on {url}   (docs: {url}/docs)
 
   curl -s {url}/embed{auth} -H 'content-type: application/json' \\
@@ -130,7 +199,9 @@ def print_examples(host: str, port: int, api_key: bool) -> None:
 
   curl -s {url}/search{auth} -H 'content-type: application/json' \\
        -d '{json.dumps({**search, "filter": {"shape": ["star", "square"]}})}'
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     cache = Path(os.environ.get("LLAVE_DEMO_DIR", ".cache/demo")).resolve()
     model_dir = prepare_model(cache)
     score = json.loads((cache / "model.done.json").read_text())["precision_at_1"]
-    print(f"[demo] demo model {model_dir}: Precision@1 on the held-out synthetic eval = {score:.3f}", flush=True)
+    print(
+        f"[demo] demo model {model_dir}: Precision@1 on the held-out synthetic eval = {score:.3f}", flush=True
+    )
     from service.__main__ import load_settings
 
     store_dir = load_settings([*argv, "--model", str(model_dir)]).data_dir
@@ -150,8 +223,13 @@ def main(argv: list[str] | None = None) -> None:
         hits = index_demo_collection(model_dir, cache / "data", store_dir)
     except Exception as exc:  # e.g. a server already holds this data directory
         raise SystemExit(f"[demo] cannot prepare the demo collection in {store_dir}: {exc}") from exc
-    print("[demo] 'a red circle' ->", ", ".join(
-        f"{h['metadata'].get('colour')} {h['metadata'].get('shape')} ({h['score']:.2f})" for h in hits), flush=True)
+    print(
+        "[demo] 'a red circle' ->",
+        ", ".join(
+            f"{h['metadata'].get('colour')} {h['metadata'].get('shape')} ({h['score']:.2f})" for h in hits
+        ),
+        flush=True,
+    )
     from service.__main__ import load_settings
 
     settings = load_settings([*argv, "--model", str(model_dir)])  # env and flags, as the server sees them

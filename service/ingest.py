@@ -108,7 +108,9 @@ def iter_source(source: Path) -> Iterator[Row | IngestError]:
         raise IngestError(f"{source}: no such folder or file")
 
 
-def _chunks(rows: Iterator[Row | IngestError], size: int, report: Report, on_error: str) -> Iterator[list[Row]]:
+def _chunks(
+    rows: Iterator[Row | IngestError], size: int, report: Report, on_error: str
+) -> Iterator[list[Row]]:
     chunk: list[Row] = []
     for row in rows:
         if isinstance(row, IngestError):
@@ -135,7 +137,9 @@ def _fail(report: Report, message: str, on_error: str) -> None:
 class ServerTarget:
     """Ingest through a running server's HTTP API (retrying 429 and 503)."""
 
-    def __init__(self, url: str, collection: str, api_key: str | None, timeout: float = 300.0, retries: int = 30):
+    def __init__(
+        self, url: str, collection: str, api_key: str | None, timeout: float = 300.0, retries: int = 30
+    ):
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -230,7 +234,9 @@ class StoreTarget:
                     vectors[i] = np.asarray(r.doc["vector"], dtype=np.float64)
             if embedded is not None:
                 vectors[to_embed] = embedded
-            self.store.upsert(self.collection, [r.id for r in rows], vectors, [r.doc.get("metadata") for r in rows])
+            self.store.upsert(
+                self.collection, [r.id for r in rows], vectors, [r.doc.get("metadata") for r in rows]
+            )
         except (LlaveError, StoreError, ValueError, TypeError, OSError) as exc:
             raise IngestError(str(exc)) from exc
 
@@ -241,8 +247,15 @@ class StoreTarget:
 # ----------------------------------------------------------------------------- driver
 
 
-def ingest(source: Path, target: Any, *, batch_size: int = 32, on_error: str = "skip",
-           instruction: str | None = None, progress: bool = True) -> Report:
+def ingest(
+    source: Path,
+    target: Any,
+    *,
+    batch_size: int = 32,
+    on_error: str = "skip",
+    instruction: str | None = None,
+    progress: bool = True,
+) -> Report:
     """Upsert every row of ``source`` not yet in the collection; return the counts."""
     from tqdm import tqdm
 
@@ -287,20 +300,30 @@ def ingest(source: Path, target: Any, *, batch_size: int = 32, on_error: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Bulk-ingest images or JSON lines into a collection (resumable).")
+    parser = argparse.ArgumentParser(
+        description="Bulk-ingest images or JSON lines into a collection (resumable)."
+    )
     parser.add_argument("source", type=Path, help="a folder of images, or a .jsonl file of documents")
     parser.add_argument("--collection", required=True, help="collection name (created on first upsert)")
     parser.add_argument("--server", default="http://127.0.0.1:8000", help="URL of a running server")
     parser.add_argument("--api-key", default=None, help="API key of the server (or LLAVE_API_KEY)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="write to this store directly instead of a server (the server must be stopped)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="write to this store directly instead of a server (the server must be stopped)",
+    )
     parser.add_argument("--model", default=None, help="with --data-dir: checkpoint used to embed")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=32, help="documents per upsert request")
     parser.add_argument("--instruction", default=None, help="instruction added to every input document")
-    parser.add_argument("--on-error", choices=["skip", "stop"], default="skip",
-                        help="bad rows: report and skip them, or stop at the first")
+    parser.add_argument(
+        "--on-error",
+        choices=["skip", "stop"],
+        default="skip",
+        help="bad rows: report and skip them, or stop at the first",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -310,10 +333,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_dir is not None:
             target: Any = StoreTarget(args.data_dir, args.collection, args.model, args.device, args.dtype)
         else:
-            target = ServerTarget(args.server, args.collection, args.api_key or os.environ.get("LLAVE_API_KEY"))
+            target = ServerTarget(
+                args.server, args.collection, args.api_key or os.environ.get("LLAVE_API_KEY")
+            )
         try:
-            report = ingest(args.source, target, batch_size=args.batch_size, on_error=args.on_error,
-                            instruction=args.instruction, progress=not args.no_progress)
+            report = ingest(
+                args.source,
+                target,
+                batch_size=args.batch_size,
+                on_error=args.on_error,
+                instruction=args.instruction,
+                progress=not args.no_progress,
+            )
         finally:
             target.close()
     except Exception as exc:  # a clear one-line message for the operator

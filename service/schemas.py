@@ -219,7 +219,9 @@ class DocumentIn(Strict):
 
     @model_validator(mode="after")
     def _vector_or_input(self) -> DocumentIn:
-        has_input = any(v is not None for v in (self.text, self.image, self.content)) or bool(self.instruction)
+        has_input = any(v is not None for v in (self.text, self.image, self.content)) or bool(
+            self.instruction
+        )
         if self.vector is not None and has_input:
             raise ValueError(f"document {self.id!r}: give either 'vector' or input fields, not both")
         if self.vector is None and not has_input:
@@ -257,7 +259,9 @@ class CreateCollectionRequest(Strict):
 
     dim: int | None = Field(None, ge=1, le=65536, description="Defaults to the served model's dimension.")
     index: Literal["flat", "hnsw", "ivf"] = "flat"
-    options: dict[str, Any] | None = Field(None, description="hnsw: m, ef_search, ef_construction; ivf: nlist, nprobe.")
+    options: dict[str, Any] | None = Field(
+        None, description="hnsw: m, ef_search, ef_construction; ivf: nlist, nprobe."
+    )
 
 
 class CollectionInfo(BaseModel):
@@ -324,20 +328,33 @@ class SearchResponse(BaseModel):
 UPSERT_EXAMPLES: dict[str, dict[str, Any]] = {
     "texts": {
         "summary": "Texts with metadata",
-        "value": {"documents": [
-            {"id": "doc-1", "text": "a red circle", "metadata": {"colour": "red"}},
-            {"id": "doc-2", "text": "a blue square", "metadata": {"colour": "blue"}},
-        ]},
+        "value": {
+            "documents": [
+                {"id": "doc-1", "text": "a red circle", "metadata": {"colour": "red"}},
+                {"id": "doc-2", "text": "a blue square", "metadata": {"colour": "blue"}},
+            ]
+        },
     },
     "image": {"summary": "An image", "value": {"documents": [{"id": "img-1", "image": PNG_8X8}]}},
     "vectors": {"summary": "Raw vectors", "value": {"documents": [{"id": "v-1", "vector": [0.1, 0.2, 0.3]}]}},
 }
 
 SEARCH_EXAMPLES: dict[str, dict[str, Any]] = {
-    "text": {"summary": "Text query", "value": {"collection": "default", "query": {"text": "a red circle"}, "k": 5}},
+    "text": {
+        "summary": "Text query",
+        "value": {"collection": "default", "query": {"text": "a red circle"}, "k": 5},
+    },
     "filtered": {
         "summary": "Filtered query",
-        "value": {"collection": "default", "query": {"text": "a circle"}, "k": 5, "filter": {"colour": ["red", "blue"]}},
+        "value": {
+            "collection": "default",
+            "query": {"text": "a circle"},
+            "k": 5,
+            "filter": {"colour": ["red", "blue"]},
+        },
     },
-    "vector": {"summary": "Raw vector query", "value": {"collection": "default", "query": {"vector": [0.1, 0.2, 0.3]}}},
+    "vector": {
+        "summary": "Raw vector query",
+        "value": {"collection": "default", "query": {"vector": [0.1, 0.2, 0.3]}},
+    },
 }

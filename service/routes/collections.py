@@ -103,7 +103,8 @@ async def upsert_documents(
     if to_embed:
         engine = get_engine(request)
         result = await cancel_on_disconnect(
-            request, engine.embed([docs[i].to_input() for i in to_embed], truncate=body.truncate, normalize=True)
+            request,
+            engine.embed([docs[i].to_input() for i in to_embed], truncate=body.truncate, normalize=True),
         )
         embedded = result.embeddings
     dims = {len(d.vector) for d in docs if d.vector is not None}
@@ -115,7 +116,9 @@ async def upsert_documents(
     vectors = np.empty((len(docs), dim), dtype=np.float32)
     for row, d in enumerate(docs):
         if d.vector is not None:
-            vectors[row] = np.asarray(d.vector, dtype=np.float64)  # overflow becomes inf, refused by the store
+            vectors[row] = np.asarray(
+                d.vector, dtype=np.float64
+            )  # overflow becomes inf, refused by the store
     if embedded is not None:
         vectors[to_embed] = embedded
     stored = await _call(store, "upsert", name, ids, vectors, [d.metadata for d in docs])
@@ -123,7 +126,9 @@ async def upsert_documents(
     return JSONResponse({"collection": name, "ids": list(stored), "count": info["count"]})
 
 
-@router.get("/collections", response_model=CollectionList, responses=ERROR_RESPONSES, summary="List collections")
+@router.get(
+    "/collections", response_model=CollectionList, responses=ERROR_RESPONSES, summary="List collections"
+)
 async def list_collections(request: Request) -> dict[str, Any]:
     return {"collections": await _call(get_store(request), "list_collections")}
 
@@ -136,7 +141,10 @@ async def describe_collection(request: Request, name: str) -> dict[str, Any]:
 
 
 @router.delete(
-    "/collections/{name}", response_model=Deleted, responses=RESPONSES, summary="Delete a collection and its documents"
+    "/collections/{name}",
+    response_model=Deleted,
+    responses=RESPONSES,
+    summary="Delete a collection and its documents",
 )
 async def delete_collection(request: Request, name: str) -> dict[str, str]:
     await _call(get_store(request), "delete_collection", name)

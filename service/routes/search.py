@@ -31,7 +31,8 @@ async def search(
         # Check the collection first: an unknown one should not cost a forward pass.
         await asyncio.to_thread(store.describe, body.collection)
         result = await cancel_on_disconnect(
-            request, get_engine(request).embed([body.query.to_input()], truncate=body.truncate, normalize=True)
+            request,
+            get_engine(request).embed([body.query.to_input()], truncate=body.truncate, normalize=True),
         )
         query = result.embeddings[0]
         headers = timing_headers(result)

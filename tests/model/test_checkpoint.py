@@ -21,9 +21,18 @@ def _inputs():
     return [
         {"text": "a red circle"},
         {"image": b64(make_png(64, 64))},
-        {"image": b64(make_png(47, 123, (0, 200, 0))), "text": "what is it?", "instruction": "Represent the image"},
-        {"content": [{"type": "image", "image": b64(make_png(30, 40))}, {"type": "text", "text": " vs "},
-                     {"type": "image", "image": b64(make_png(90, 20, (0, 0, 255)))}]},
+        {
+            "image": b64(make_png(47, 123, (0, 200, 0))),
+            "text": "what is it?",
+            "instruction": "Represent the image",
+        },
+        {
+            "content": [
+                {"type": "image", "image": b64(make_png(30, 40))},
+                {"type": "text", "text": " vs "},
+                {"type": "image", "image": b64(make_png(90, 20, (0, 0, 255)))},
+            ]
+        },
     ]
 
 
@@ -42,7 +51,9 @@ def test_convert_cli_writes_a_loadable_hf_checkpoint(tiny_checkpoint, tiny_llava
     assert cfg["vision_feature_select_strategy"] == "full" and cfg["vision_feature_layer"] == -1
     assert cfg["image_grid_pinpoints"] == [[64, 64], [64, 128], [128, 64], [128, 128]]
     converted = load_embedder(out, device="cpu")
-    np.testing.assert_allclose(converted.embed(_inputs()), load_embedder(tiny_checkpoint, device="cpu").embed(_inputs()), atol=1e-6)
+    np.testing.assert_allclose(
+        converted.embed(_inputs()), load_embedder(tiny_checkpoint, device="cpu").embed(_inputs()), atol=1e-6
+    )
 
 
 def test_hf_layout_loads_with_stock_auto_classes(tiny_checkpoint):
@@ -84,7 +95,9 @@ def test_dtype_bfloat16_on_cpu(tiny_checkpoint):
     emb = load_embedder(tiny_checkpoint, device="cpu", dtype="bfloat16")
     assert emb.dtype == "bfloat16"
     vec = emb.embed([{"text": "a red circle"}, {"image": b64(make_png(64, 64))}])
-    ref = load_embedder(tiny_checkpoint, device="cpu").embed([{"text": "a red circle"}, {"image": b64(make_png(64, 64))}])
+    ref = load_embedder(tiny_checkpoint, device="cpu").embed(
+        [{"text": "a red circle"}, {"image": b64(make_png(64, 64))}]
+    )
     assert vec.dtype == np.float32
     assert np.all(np.sum(vec * ref, axis=1) > 0.98)
 

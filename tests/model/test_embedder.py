@@ -30,8 +30,14 @@ def _mixed():
         {"image": make_png(60, 200), "instruction": "Represent the given image."},  # raw bytes
         {"image": Image.new("RGB", (100, 100), (0, 255, 0))},  # a PIL image
         {"image": "data:image/png;base64," + b64(make_png(33, 33))},  # a data: URI
-        {"content": [{"type": "image", "image": b64(make_png(30, 40))}, {"type": "text", "text": "and"},
-                     {"type": "image", "image": b64(make_png(90, 20))}], "instruction": "Compare"},
+        {
+            "content": [
+                {"type": "image", "image": b64(make_png(30, 40))},
+                {"type": "text", "text": "and"},
+                {"type": "image", "image": b64(make_png(90, 20))},
+            ],
+            "instruction": "Compare",
+        },
         "a bare string is text",
     ]
 
@@ -64,7 +70,9 @@ def test_pooling_picks_last_real_token_under_left_and_right_padding(tiny_embedde
     positions = (left_mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         r = emb.encode(right)
-        hidden = emb.model(input_ids=left_ids, attention_mask=left_mask, position_ids=positions).last_hidden_state
+        hidden = emb.model(
+            input_ids=left_ids, attention_mask=left_mask, position_ids=positions
+        ).last_hidden_state
         mask = left_mask
         last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
         l_pooled = hidden[torch.arange(2), last]
@@ -93,7 +101,12 @@ def test_cost_estimate_matches_processor(tiny_embedder, size):
 
 
 def test_cost_estimate_multi_image(tiny_embedder):
-    inp = {"content": [{"type": "image", "image": b64(make_png(30, 40))}, {"type": "image", "image": b64(make_png(128, 64))}]}
+    inp = {
+        "content": [
+            {"type": "image", "image": b64(make_png(30, 40))},
+            {"type": "image", "image": b64(make_png(128, 64))},
+        ]
+    }
     prep = tiny_embedder.preprocess(inp)
     assert tiny_embedder.estimate_cost(inp) == prep.cost
     # Several images: one crop each, 16 features + newline.

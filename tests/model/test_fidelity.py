@@ -91,9 +91,12 @@ def test_model_packing_truncates_and_matches_the_count(tiny_embedder, height, wi
     tensors = emb.collate([prep])
     with torch.no_grad():
         feats = emb.model.get_image_features(
-            pixel_values=tensors["pixel_values"], image_sizes=tensors["image_sizes"],
-            batch_num_images=tensors["batch_num_images"], vision_feature_layer=-1,
-            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+            pixel_values=tensors["pixel_values"],
+            image_sizes=tensors["image_sizes"],
+            batch_num_images=tensors["batch_num_images"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
         ).pooler_output
     assert feats[0].shape[0] == n_image
     vec = emb.embed([{"image": b64(make_png(width, height))}])
@@ -110,7 +113,9 @@ def test_packing_override_is_identical_to_transformers_when_counts_agree(tiny_em
         feats = [torch.randn(1 + grid_h * grid_w, side * side, 64, generator=gen)]
         sizes = torch.tensor([[height, width]])
         ours, ours_len = model.pack_image_features(feats, sizes, image_newline=model.image_newline)
-        ref, ref_len = LlavaOnevisionModel.pack_image_features(model, feats, sizes, image_newline=model.image_newline)
+        ref, ref_len = LlavaOnevisionModel.pack_image_features(
+            model, feats, sizes, image_newline=model.image_newline
+        )
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours_len, ref_len)
 
 

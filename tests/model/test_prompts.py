@@ -46,8 +46,14 @@ def test_embedder_prompt_matches_rules(tiny_embedder, png_b64):
     assert tiny_embedder.prompt({"image": img, "instruction": "Represent the given image."}) == (
         HEAD + "<image>\nRepresent the given image." + TAIL
     )
-    interleaved = {"content": [{"type": "text", "text": "x"}, {"type": "image", "image": img},
-                               {"type": "text", "text": "y"}, {"type": "image", "image": img}]}
+    interleaved = {
+        "content": [
+            {"type": "text", "text": "x"},
+            {"type": "image", "image": img},
+            {"type": "text", "text": "y"},
+            {"type": "image", "image": img},
+        ]
+    }
     assert tiny_embedder.prompt(interleaved) == HEAD + "x<image>y<image>" + TAIL
 
 

@@ -15,8 +15,16 @@ from tests.service.conftest import start_server
 
 @pytest.fixture(scope="module")
 def srv(tiny_checkpoint, tmp_path_factory):
-    server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server-collections"),
-                          "--max-batch-size", "8", "--max-inputs-per-request", "64", "--preprocess-workers", "2")
+    server = start_server(
+        tiny_checkpoint,
+        tmp_path_factory.mktemp("server-collections"),
+        "--max-batch-size",
+        "8",
+        "--max-inputs-per-request",
+        "64",
+        "--preprocess-workers",
+        "2",
+    )
     yield server
     server.stop()
 
@@ -30,9 +38,16 @@ def test_upsert_inputs_and_search_equals_exact_search(srv, tiny_checkpoint):
     docs = [
         {"id": "t-red", "text": "a red circle", "metadata": {"colour": "red", "kind": "text"}},
         {"id": "t-blue", "text": "a blue square", "metadata": {"colour": "blue", "kind": "text"}},
-        {"id": "i-red", "image": b64(make_png(64, 64, (220, 0, 0))), "metadata": {"colour": "red", "kind": "image"}},
-        {"id": "i-mix", "content": [{"type": "text", "text": "see"}, {"type": "image", "image": b64(make_png(40, 64))}],
-         "metadata": {"colour": None, "kind": "image"}},
+        {
+            "id": "i-red",
+            "image": b64(make_png(64, 64, (220, 0, 0))),
+            "metadata": {"colour": "red", "kind": "image"},
+        },
+        {
+            "id": "i-mix",
+            "content": [{"type": "text", "text": "see"}, {"type": "image", "image": b64(make_png(40, 64))}],
+            "metadata": {"colour": None, "kind": "image"},
+        },
         {"id": "t-instr", "text": "green", "instruction": "Represent the colour:", "metadata": {"n": 3}},
     ]
     with srv.client() as c:
@@ -40,31 +55,50 @@ def test_upsert_inputs_and_search_equals_exact_search(srv, tiny_checkpoint):
         assert r.status_code == 200, r.text
         assert r.json()["ids"] == [d["id"] for d in docs] and r.json()["count"] == 5
         info = c.get("/collections/e2e").json()
-        assert info == {"name": "e2e", "count": 5, "dim": 64, "index": "flat", "created_at": info["created_at"]}
+        assert info == {
+            "name": "e2e",
+            "count": 5,
+            "dim": 64,
+            "index": "flat",
+            "created_at": info["created_at"],
+        }
 
         emb = load_embedder(tiny_checkpoint, device="cpu")
         stored = emb.embed([{k: v for k, v in d.items() if k not in ("id", "metadata")} for d in docs])
         query = emb.embed([{"text": "a red thing"}])[0]
         expected = sorted(zip((stored @ query).tolist(), [d["id"] for d in docs], strict=True), reverse=True)
 
-        hits = c.post("/search", json={"collection": "e2e", "query": {"text": "a red thing"}, "k": 10}).json()["hits"]
+        hits = c.post(
+            "/search", json={"collection": "e2e", "query": {"text": "a red thing"}, "k": 10}
+        ).json()["hits"]
         assert [h["id"] for h in hits] == [i for _, i in expected]
         np.testing.assert_allclose([h["score"] for h in hits], [s for s, _ in expected], atol=1e-4)
         assert hits[0]["metadata"] is not None
 
         # Raw-vector query gives the same ranking.
-        hv = c.post("/search", json={"collection": "e2e", "query": {"vector": query.tolist()}, "k": 3}).json()["hits"]
+        hv = c.post(
+            "/search", json={"collection": "e2e", "query": {"vector": query.tolist()}, "k": 3}
+        ).json()["hits"]
         assert [h["id"] for h in hv] == [i for _, i in expected[:3]]
 
         # Filters: equality and any-of; never a filtered-out document.
-        red = c.post("/search", json={"collection": "e2e", "query": {"vector": query.tolist()},
-                                      "filter": {"colour": "red"}}).json()["hits"]
+        red = c.post(
+            "/search",
+            json={"collection": "e2e", "query": {"vector": query.tolist()}, "filter": {"colour": "red"}},
+        ).json()["hits"]
         assert {h["id"] for h in red} == {"t-red", "i-red"}
-        anyof = c.post("/search", json={"collection": "e2e", "query": {"vector": query.tolist()},
-                                        "filter": {"colour": ["blue", None]}}).json()["hits"]
+        anyof = c.post(
+            "/search",
+            json={
+                "collection": "e2e",
+                "query": {"vector": query.tolist()},
+                "filter": {"colour": ["blue", None]},
+            },
+        ).json()["hits"]
         assert {h["id"] for h in anyof} == {"t-blue", "i-mix"}
-        num = c.post("/search", json={"collection": "e2e", "query": {"vector": query.tolist()},
-                                      "filter": {"n": 3}}).json()["hits"]
+        num = c.post(
+            "/search", json={"collection": "e2e", "query": {"vector": query.tolist()}, "filter": {"n": 3}}
+        ).json()["hits"]
         assert [h["id"] for h in num] == ["t-instr"]
 
 
@@ -79,20 +113,34 @@ def test_replace_get_delete_and_counts(srv):
         assert got["metadata"] == {"i": 1}
         created = got["created_at"]
         # Replace d1 with d0's direction: searching d0 now finds both at score 1.
-        r = c.post("/collections/vec/documents", json={"documents": [{"id": "d1", "vector": (3 * v[0]).tolist(),
-                                                                      "metadata": {"i": "new"}}]})
+        r = c.post(
+            "/collections/vec/documents",
+            json={"documents": [{"id": "d1", "vector": (3 * v[0]).tolist(), "metadata": {"i": "new"}}]},
+        )
         assert r.status_code == 200 and r.json()["count"] == 3
         after = c.get("/collections/vec/documents/d1").json()
-        assert after["metadata"] == {"i": "new"} and after["created_at"] == created and after["updated_at"] >= created
-        hits = c.post("/search", json={"collection": "vec", "query": {"vector": v[0].tolist()}, "k": 2}).json()["hits"]
-        assert {h["id"] for h in hits} == {"d0", "d1"} and all(math.isclose(h["score"], 1.0, abs_tol=1e-5) for h in hits)
+        assert (
+            after["metadata"] == {"i": "new"}
+            and after["created_at"] == created
+            and after["updated_at"] >= created
+        )
+        hits = c.post(
+            "/search", json={"collection": "vec", "query": {"vector": v[0].tolist()}, "k": 2}
+        ).json()["hits"]
+        assert {h["id"] for h in hits} == {"d0", "d1"} and all(
+            math.isclose(h["score"], 1.0, abs_tol=1e-5) for h in hits
+        )
         # Delete: gone from get and from search at once.
         assert c.delete("/collections/vec/documents/d0").json() == {"deleted": "d0"}
         assert c.get("/collections/vec/documents/d0").status_code == 404
-        hits = c.post("/search", json={"collection": "vec", "query": {"vector": v[0].tolist()}, "k": 10}).json()["hits"]
+        hits = c.post(
+            "/search", json={"collection": "vec", "query": {"vector": v[0].tolist()}, "k": 10}
+        ).json()["hits"]
         assert [h["id"] for h in hits][0] == "d1" and "d0" not in {h["id"] for h in hits}
         assert len(hits) == 2  # never more than the collection holds
-        assert c.post("/collections/vec/existing", json={"ids": ["d0", "d1", "d2", "x"]}).json() == {"existing": ["d1", "d2"]}
+        assert c.post("/collections/vec/existing", json={"ids": ["d0", "d1", "d2", "x"]}).json() == {
+            "existing": ["d1", "d2"]
+        }
         names = [x["name"] for x in c.get("/collections").json()["collections"]]
         assert "vec" in names
         assert c.delete("/collections/vec").json() == {"deleted": "vec"}
@@ -109,23 +157,43 @@ def test_explicit_hnsw_collection(srv):
         for start in range(0, 200, 50):
             docs = [{"id": str(i), "vector": v[i].tolist()} for i in range(start, start + 50)]
             assert c.post("/collections/approx/documents", json={"documents": docs}).status_code == 200
-        hits = c.post("/search", json={"collection": "approx", "query": {"vector": v[7].tolist()}, "k": 5}).json()["hits"]
+        hits = c.post(
+            "/search", json={"collection": "approx", "query": {"vector": v[7].tolist()}, "k": 5}
+        ).json()["hits"]
         assert hits[0]["id"] == "7"
 
 
 @pytest.mark.parametrize(
     ("method", "path", "body", "status"),
     [
-        ("post", "/collections/bad/documents", {"documents": [{"id": "a", "vector": [1.0, 0.0]},
-                                                              {"id": "a", "vector": [0.0, 1.0]}]}, 422),
+        (
+            "post",
+            "/collections/bad/documents",
+            {"documents": [{"id": "a", "vector": [1.0, 0.0]}, {"id": "a", "vector": [0.0, 1.0]}]},
+            422,
+        ),
         ("post", "/collections/bad/documents", {"documents": [{"id": "a", "vector": [0.0, 0.0]}]}, 422),
-        ("post", "/collections/bad/documents", {"documents": [{"id": "a", "vector": [1.0, 0.0]},
-                                                              {"id": "b", "vector": [1.0, 0.0, 0.0]}]}, 422),
+        (
+            "post",
+            "/collections/bad/documents",
+            {"documents": [{"id": "a", "vector": [1.0, 0.0]}, {"id": "b", "vector": [1.0, 0.0, 0.0]}]},
+            422,
+        ),
         ("post", "/collections/bad/documents", {"documents": [{"id": "a"}]}, 422),
-        ("post", "/collections/bad/documents", {"documents": [{"id": "a", "vector": [1.0], "text": "x"}]}, 422),
+        (
+            "post",
+            "/collections/bad/documents",
+            {"documents": [{"id": "a", "vector": [1.0], "text": "x"}]},
+            422,
+        ),
         ("post", "/collections/bad/documents", {"documents": [{"id": "", "vector": [1.0]}]}, 422),
         ("post", "/collections/bad/documents", {"documents": []}, 422),
-        ("post", "/collections/bad/documents", {"documents": [{"id": "a", "vector": [1.0], "metadata": [1]}]}, 422),
+        (
+            "post",
+            "/collections/bad/documents",
+            {"documents": [{"id": "a", "vector": [1.0], "metadata": [1]}]},
+            422,
+        ),
         # An encoded slash never reaches a collection name: no route matches.
         ("post", "/collections/..%2Fescape/documents", {"documents": [{"id": "a", "vector": [1.0]}]}, 404),
         ("post", "/collections/../documents", {"documents": [{"id": "a", "vector": [1.0]}]}, 404),
@@ -154,7 +222,12 @@ def test_bad_requests(srv, method, path, body, status):
 
 def test_dimension_mismatch_and_nan_vectors(srv):
     with srv.client() as c:
-        assert c.post("/collections/dims/documents", json={"documents": [{"id": "a", "vector": [1.0, 0.0, 0.0]}]}).status_code == 200
+        assert (
+            c.post(
+                "/collections/dims/documents", json={"documents": [{"id": "a", "vector": [1.0, 0.0, 0.0]}]}
+            ).status_code
+            == 200
+        )
         r = c.post("/collections/dims/documents", json={"documents": [{"id": "b", "vector": [1.0, 0.0]}]})
         assert r.status_code == 422 and "3-d" in r.json()["error"]["message"]
         r = c.post("/search", json={"collection": "dims", "query": {"vector": [1.0, 0.0]}})
@@ -162,7 +235,9 @@ def test_dimension_mismatch_and_nan_vectors(srv):
         raw = '{"documents": [{"id": "n", "vector": [NaN, 1.0, 0.0]}]}'
         r = c.post("/collections/dims/documents", content=raw, headers={"content-type": "application/json"})
         assert r.status_code in (400, 422)
-        r = c.post("/collections/dims/documents", json={"documents": [{"id": "big", "vector": [1e39, 1.0, 0.0]}]})
+        r = c.post(
+            "/collections/dims/documents", json={"documents": [{"id": "big", "vector": [1e39, 1.0, 0.0]}]}
+        )
         assert r.status_code == 422
         # A model-embedded document has the model's dimension (64), not 3: refused, nothing stored.
         r = c.post("/collections/dims/documents", json={"documents": [{"id": "t", "text": "hello"}]})
@@ -175,9 +250,13 @@ def test_batch_upsert_is_all_or_nothing(srv):
         good = {"id": "ok", "vector": [1.0, 0.0]}
         bad = {"id": "bad", "vector": [float("inf"), 0.0]}
         assert c.post("/collections/atomic/documents", json={"documents": [good]}).status_code == 200
-        r = c.post("/collections/atomic/documents", content=(
-            '{"documents": [{"id": "ok2", "vector": [0.0, 1.0]}, {"id": "bad", "vector": [Infinity, 0.0]}]}'),
-            headers={"content-type": "application/json"})
+        r = c.post(
+            "/collections/atomic/documents",
+            content=(
+                '{"documents": [{"id": "ok2", "vector": [0.0, 1.0]}, {"id": "bad", "vector": [Infinity, 0.0]}]}'
+            ),
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code in (400, 422)
         assert c.get("/collections/atomic/documents/ok2").status_code == 404
         assert c.get("/collections/atomic").json()["count"] == 1
@@ -217,14 +296,18 @@ def test_persistence_across_restart(tiny_checkpoint, tmp_path):
         with server.client() as c:
             docs = [{"id": f"p{i}", "vector": v[i].tolist(), "metadata": {"i": i}} for i in range(30)]
             assert c.post("/collections/keep/documents", json={"documents": docs}).status_code == 200
-            before = c.post("/search", json={"collection": "keep", "query": {"vector": v[3].tolist()}, "k": 5}).json()
+            before = c.post(
+                "/search", json={"collection": "keep", "query": {"vector": v[3].tolist()}, "k": 5}
+            ).json()
     finally:
         server.stop()
     server = start_server(tiny_checkpoint, tmp_path)
     try:
         with server.client() as c:
             assert c.get("/collections/keep").json()["count"] == 30
-            after = c.post("/search", json={"collection": "keep", "query": {"vector": v[3].tolist()}, "k": 5}).json()
+            after = c.post(
+                "/search", json={"collection": "keep", "query": {"vector": v[3].tolist()}, "k": 5}
+            ).json()
             assert after == before
     finally:
         server.stop()

@@ -19,13 +19,20 @@ from tests.service.conftest import REPO, free_port
 
 def _start(tmp_path, port):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVE_")}
-    env.update({
-        "LLAVE_DEMO_DIR": str(tmp_path / "cache"), "LLAVE_DATA_DIR": str(tmp_path / "data"),
-        "LLAVE_PORT": str(port), "LLAVE_DEMO_STEPS": "3", "HF_HUB_OFFLINE": "1", "LLAVE_LOG_LEVEL": "warning",
-    })
+    env.update(
+        {
+            "LLAVE_DEMO_DIR": str(tmp_path / "cache"),
+            "LLAVE_DATA_DIR": str(tmp_path / "data"),
+            "LLAVE_PORT": str(port),
+            "LLAVE_DEMO_STEPS": "3",
+            "HF_HUB_OFFLINE": "1",
+            "LLAVE_LOG_LEVEL": "warning",
+        }
+    )
     log = open(tmp_path / f"demo-{port}.log", "w")  # noqa: SIM115 (closed by the caller)
-    proc = subprocess.Popen([sys.executable, "-m", "service.demo"], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.demo"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     return proc, log
 
 
@@ -63,7 +70,9 @@ def test_demo_prepares_trains_indexes_serves_and_caches(tmp_path):
         assert "[demo] training:" in out and "curl -s" in out and f"127.0.0.1:{port}/search" in out
         info = httpx.get(url + "/collections/demo").json()
         assert info["count"] == 1600 and info["dim"] == 128
-        hits = httpx.post(url + "/search", json={"collection": "demo", "query": {"text": "a red circle"}, "k": 3}).json()
+        hits = httpx.post(
+            url + "/search", json={"collection": "demo", "query": {"text": "a red circle"}, "k": 3}
+        ).json()
         assert len(hits["hits"]) == 3 and {"colour", "shape"} <= set(hits["hits"][0]["metadata"])
     finally:
         _stop(proc, log)

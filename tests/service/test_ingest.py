@@ -18,7 +18,9 @@ from tests.service.conftest import REPO, start_server
 
 @pytest.fixture(scope="module")
 def srv(tiny_checkpoint, tmp_path_factory):
-    server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server-ingest"), "--preprocess-workers", "2")
+    server = start_server(
+        tiny_checkpoint, tmp_path_factory.mktemp("server-ingest"), "--preprocess-workers", "2"
+    )
     yield server
     server.stop()
 
@@ -35,10 +37,26 @@ def _image_folder(root):
 
 def test_folder_through_server_is_resumable(srv, tiny_checkpoint, tmp_path):
     folder = _image_folder(tmp_path / "imgs")
-    cmd = [sys.executable, "-m", "service.ingest", "--collection", "pics", str(folder), "--server", srv.url,
-           "--batch-size", "2", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.ingest",
+        "--collection",
+        "pics",
+        str(folder),
+        "--server",
+        srv.url,
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
-    assert json.loads(first.stdout.strip().splitlines()[-1]) == {"collection": "pics", "added": 3, "skipped": 0, "failed": 0}
+    assert json.loads(first.stdout.strip().splitlines()[-1]) == {
+        "collection": "pics",
+        "added": 3,
+        "skipped": 0,
+        "failed": 0,
+    }
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     assert json.loads(second.stdout.strip().splitlines()[-1])["skipped"] == 3
     with srv.client() as c:
@@ -46,8 +64,12 @@ def test_folder_through_server_is_resumable(srv, tiny_checkpoint, tmp_path):
         doc = c.get("/collections/pics/documents/sub/green.png")
         assert doc.status_code == 200 and doc.json()["metadata"] == {"path": "sub/green.png"}
         # The stored vector is the model's embedding of that file.
-        vec = np.asarray(c.get("/collections/pics/documents/red.png", params={"with_vector": True}).json()["vector"])
-    ref = load_embedder(tiny_checkpoint, device="cpu").embed([{"image": (folder / "red.png").read_bytes()}])[0]
+        vec = np.asarray(
+            c.get("/collections/pics/documents/red.png", params={"with_vector": True}).json()["vector"]
+        )
+    ref = load_embedder(tiny_checkpoint, device="cpu").embed([{"image": (folder / "red.png").read_bytes()}])[
+        0
+    ]
     np.testing.assert_allclose(vec, ref, atol=1e-5)
 
 
@@ -104,6 +126,19 @@ def test_direct_store_mode(tiny_checkpoint, tmp_path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "service.ingest", "--collection", "x", str(tmp_path / "nope"),
-                        "--data-dir", str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.ingest",
+            "--collection",
+            "x",
+            str(tmp_path / "nope"),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "no such folder or file" in r.stderr
