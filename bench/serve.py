@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import os
 import re
@@ -104,6 +105,7 @@ class Server:
             cmd, cwd=common.REPO, env=common.offline_env(**self.env), stdout=logf, stderr=logf
         )
         logf.close()
+        atexit.register(self.stop)  # also on SIGTERM (see main) and on errors
         log(f"started server {self.name} (pid {self.proc.pid}): {self.command}")
 
     async def wait_ready(self, timeout: float = 900.0) -> None:
@@ -124,6 +126,10 @@ class Server:
                         return
                 await asyncio.sleep(0.25)
         raise TimeoutError(f"server {self.name} not ready after {timeout:.0f} s")
+
+    def interrupt(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -251,8 +257,13 @@ async def closed_loop(
             cpu0 = common.cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
             client0 = time.process_time()
             w0 = time.perf_counter()
+            slices: list[tuple[float, float]] = []  # (end time, foreign cores in the second before)
+            slice_load = common.ForeignLoad([server.proc.pid])  # type: ignore[union-attr]
             while True:
                 await asyncio.sleep(0.05)
+                if time.perf_counter() - slice_load._t0 >= 1.0:
+                    slices.append((time.perf_counter(), slice_load.cores()))
+                    slice_load.start()
                 elapsed = time.perf_counter() - w0
                 done = sum(1 for r in records if r[1] >= w0)
                 if (elapsed >= duration and done >= min_rounds * concurrency) or elapsed >= max_window:
@@ -268,7 +279,31 @@ async def closed_loop(
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         await _drain(client)
-    return _point(concurrency, records, errors, w0, w1, m0, m1, cpu1 - cpu0, client_cpu, foreign_cores)
+    point = _point(concurrency, records, errors, w0, w1, m0, m1, cpu1 - cpu0, client_cpu, foreign_cores)
+    point.update(_quiet_slices(records, w0, slices))
+    return point
+
+
+def _quiet_slices(
+    records: list[Record], w0: float, slices: list[tuple[float, float]], threshold: float = 0.3
+) -> dict[str, Any]:
+    """Throughput over the seconds of the window in which other processes were quiet.
+
+    Only meaningful when a second holds many completions (answers come in bursts of a
+    batch); reported next to the plain figure, never instead of it.
+    """
+    quiet_s, done = 0.0, 0
+    start = w0
+    for end, cores in slices:
+        if cores < threshold:
+            quiet_s += end - start
+            done += sum(r[2] for r in records if start <= r[1] < end)
+        start = end
+    window = slices[-1][0] - w0 if slices else 0.0
+    return {
+        "quiet_fraction": quiet_s / window if window else float("nan"),
+        "throughput_quiet": done / quiet_s if quiet_s >= 3.0 else float("nan"),
+    }
 
 
 async def _drain(client: Any) -> None:
@@ -500,6 +535,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--naive-kinds", default="text", help="kinds also run against the --max-batch-size 1 server"
     )
+    g.add_argument(
+        "--naive-concurrency",
+        default="",
+        help="concurrencies for the naive/variant servers (default: --concurrency)",
+    )
+    g.add_argument(
+        "--offline-batches",
+        default="",
+        help="offline batch sizes (default: 1, 2, 4, ... up to the top concurrency)",
+    )
     g.add_argument("--offline-duration", type=float, default=4.0, help="seconds per offline batch size")
     g.add_argument("--text-tokens", type=int, default=40, help="tokens per text (before the ChatML template)")
     g.add_argument("--image-size", default="384x384", help="WxH of the JPEG test images")
@@ -553,13 +598,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, name, value)
 
         default("--repeats", "repeats", 1)
-        default("--duration", "duration", 5.0 if on_cuda else 4.0)
+        default("--duration", "duration", 4.0)
         default("--warmup", "warmup", 1.0)
         default("--min-rounds", "min_rounds", 1.0)
-        default("--offline-duration", "offline_duration", 1.0 if on_cuda else 0.5)
-        default("--kinds", "kinds", "text,image" if on_cuda else "text,image,mixed")
+        default("--offline-duration", "offline_duration", 0.5)
+        default("--offline-batches", "offline_batches", "1,4,16,64" if on_cuda else "1,4,16")
+        default("--kinds", "kinds", "text,image")
+        default("--naive-concurrency", "naive_concurrency", "1,64")
         default("--max-window", "max_window", 30.0)
         default("--quiet-wait", "quiet_wait", 0.0)
+        if not any(a.startswith("--warmup-tokens") for a in args.server_arg):
+            args.server_arg = [*args.server_arg, "--warmup-tokens=64"]  # a shorter server warm-up
         if on_cuda:
             default("--client-procs", "client_procs", 4)
     return args
@@ -633,7 +682,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for rep in range(args.repeats):
                 for kind in group_kinds if rep % 2 == 0 else group_kinds[::-1]:
                     log(f"repeat {rep + 1}/{args.repeats}, {kind}: offline sweep")
-                    sizes = batch_sizes_for(max(concurrencies))
+                    sizes = (
+                        [int(b) for b in args.offline_batches.split(",")]
+                        if args.offline_batches
+                        else batch_sizes_for(max(concurrencies))
+                    )
                     for row in offline.sweep(
                         inputs[kind], sizes, args.offline_duration, lambda: quiet(args, [])
                     ):
@@ -643,7 +696,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         names.reverse()
                     for name in names:
                         server = servers[name]
-                        order = concurrencies if rep % 2 == 0 else concurrencies[::-1]
+                        cs = concurrencies
+                        if name != "batched" and args.naive_concurrency:
+                            cs = [int(c) for c in args.naive_concurrency.split(",")]
+                        order = cs if rep % 2 == 0 else cs[::-1]
                         for c in order:
                             quiet(args, [s.proc.pid for s in servers.values() if s.proc])
                             point = await closed_loop(
@@ -666,6 +722,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             )
             del offline
         finally:
+            for s in servers.values():
+                s.interrupt()  # all at once: each takes a few seconds to shut down
             for s in servers.values():
                 s.stop()
         result["groups"].append(group)
@@ -748,8 +806,12 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                     }
                     for key in ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_batch_size", "ms_per_batch",
                                 "device_busy", "server_cpu_cores", "client_cpu_cores", "foreign_cpu_cores",
-                                "header_preprocess_ms", "header_queue_ms", "header_inference_ms"):  # fmt: skip
-                        row[key] = top[key]
+                                "header_preprocess_ms", "header_queue_ms", "header_inference_ms",
+                                "quiet_fraction"):  # fmt: skip
+                        row[key] = top.get(key, float("nan"))
+                    quiet_tp = [p.get("throughput_quiet", float("nan")) for p in at]
+                    quiet_tp = [x for x in quiet_tp if x == x]
+                    row["throughput_quiet_best"] = max(quiet_tp) if quiet_tp else float("nan")
                     for key in ("throughput", "p50_ms", "p99_ms"):
                         sp = common.spread([p[key] for p in at])
                         row[key + "_median"] = sp["median"]
@@ -836,6 +898,8 @@ def report(result: dict[str, Any]) -> str:
                 "client_cpu_cores",
                 "foreign_cpu_cores",
                 "foreign_cpu_cores_max",
+                "quiet_fraction",
+                "throughput_quiet_best",
                 "errors",
             ],  # fmt: skip
             title="Served, closed loop (best repeat; *_median and *_spread = (max - min) / median over repeats; "
@@ -954,6 +1018,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run atexit: stop the servers
     args = parse_args(argv)
     if args.plot_only:
         import json
