@@ -177,6 +177,7 @@ def reload_probe(data_dir: str, name: str, n_queries: int, k: int, seed: int) ->
     import faiss  # noqa: F401  (import cost and its arenas before the baseline)
 
     base = anon()
+    base_rss = common.rss_bytes()
     store = CollectionStore(data_dir)
     t0 = time.perf_counter()
     store.open()
@@ -194,6 +195,7 @@ def reload_probe(data_dir: str, name: str, n_queries: int, k: int, seed: int) ->
         store.search(name, q, k=k)
         lat_after.append((time.perf_counter() - s0) * 1000.0)
     rss = anon() - base
+    peak = common.peak_rss_bytes() - base_rss  # includes the background build's transient copies
     count = store.describe(name)["count"]
     store.close()
     return {
@@ -204,6 +206,7 @@ def reload_probe(data_dir: str, name: str, n_queries: int, k: int, seed: int) ->
         "search_p50_ms_after": common.percentile(lat_after, 50),
         "rss_anon_bytes": rss,
         "rss_anon_gb_per_million": rss / 1e9 / (count / 1e6) if count else float("nan"),
+        "peak_rss_gb_per_million": peak / 1e9 / (count / 1e6) if count else float("nan"),
         "count": count,
     }
 
@@ -443,6 +446,7 @@ def report(result: dict[str, Any]) -> str:
             "reload_build_s": r["reload"]["background_build_s"],
             "p50_ms_while_building": r["reload"]["search_p50_ms_while_building"],
             "anon_GB_per_M": r["reload"]["rss_anon_gb_per_million"],
+            "peak_GB_per_M": r["reload"].get("peak_rss_gb_per_million", float("nan")),
             "others_cores": r.get("foreign_cpu_cores", float("nan")),
         }
         if "http" in r:

@@ -610,7 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not any(a.startswith("--warmup-tokens") for a in args.server_arg):
             args.server_arg = [*args.server_arg, "--warmup-tokens=64"]  # a shorter server warm-up
         if on_cuda:
-            default("--client-procs", "client_procs", 4)
+            default("--client-procs", "client_procs", 8)
     return args
 
 
@@ -975,7 +975,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = result["summary"]
-    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(15, 5))
     colours = {"text": "tab:blue", "image": "tab:orange", "mixed": "tab:green"}
     for kind in s["references"]:
         servers = dict.fromkeys(p["server"] for p in s["points"] if p["kind"] == kind)
@@ -1002,13 +1002,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_ylabel("throughput (inputs/s)")
     ax_l.set_ylabel("latency (ms)")
-    ax_t.legend(fontsize=7)
-    ax_l.legend(fontsize=7)
+    ax_t.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax_l.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     m = result.get("machine", {})
+    models = "; ".join(f"{'/'.join(g['kinds'])}: {Path(g['checkpoint']).name}" for g in result["groups"])
     fig.suptitle(
-        f"bench/serve.py on {m.get('gpu') or m.get('cpu', '?')} ({result['args']['device']}, {result['args']['dtype']}); "
-        "text: llave-0.5b shapes"
-        + ("" if result["args"]["device"].startswith("cuda") else ", image/mixed: see README"),
+        f"bench/serve.py on {m.get('gpu') or m.get('cpu', '?')} ({result['args']['device']}, "
+        f"{result['args']['dtype']}); {models}",
         fontsize=9,
     )
     fig.tight_layout()
