@@ -4,6 +4,7 @@
     python bench/serve.py --quick               # about a minute: fewer, shorter points
     python bench/serve.py --gpu-quick           # = --quick --device cuda --dtype bfloat16 (~3-4 min)
     python bench/serve.py --checkpoint PATH --device cuda --dtype bfloat16 --kinds text,image
+    python bench/serve.py --kinds text --inputs-per-request 8   # requests of 8 inputs each
     python bench/serve.py --plot-only bench/results/serve.json   # redraw the chart
 
 What it does, per checkpoint:
@@ -168,9 +169,16 @@ Record = tuple[float, float, int, float, float, float]  # sent, done, inputs, pr
 
 
 def _worker_factory(
-    client: Any, bodies: list[bytes], records: list[Record], errors: dict[int, int], clock: Any
+    client: Any,
+    bodies: list[bytes],
+    records: list[Record],
+    errors: dict[int, int],
+    clock: Any,
+    per_body: int = 1,
 ) -> Any:
-    """A closed-loop client: send one request, wait for the answer, repeat until cancelled."""
+    """A closed-loop client: send one request, wait for the answer, repeat until cancelled.
+
+    Each body carries ``per_body`` inputs."""
     headers = {"content-type": "application/json"}
     counter = iter(range(1 << 62))
     state = {"checked": False}
@@ -194,7 +202,7 @@ def _worker_factory(
                 (
                     t0,
                     t1,
-                    1,
+                    per_body,
                     float(h.get("x-llave-preprocess-ms", "nan")),
                     float(h.get("x-llave-queue-ms", "nan")),
                     float(h.get("x-llave-inference-ms", "nan")),
@@ -214,6 +222,7 @@ async def closed_loop(
     min_rounds: float,
     max_window: float,
     procs: int = 1,
+    per_body: int = 1,
 ) -> dict[str, Any]:
     """N workers, each sending one request and waiting; measures one window in steady state.
 
@@ -225,14 +234,14 @@ async def closed_loop(
 
     if procs > 1 and concurrency >= procs:
         return await _closed_loop_procs(
-            server, bodies, concurrency, duration=duration, warmup=warmup, procs=procs
+            server, bodies, concurrency, duration=duration, warmup=warmup, procs=procs, per_body=per_body
         )
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     records: list[Record] = []
     errors: dict[int, int] = {}
 
     async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=httpx.Timeout(900.0)) as client:
-        worker = _worker_factory(client, bodies, records, errors, time.perf_counter)
+        worker = _worker_factory(client, bodies, records, errors, time.perf_counter, per_body)
 
         async def metrics() -> dict[str, float]:
             return parse_metrics((await client.get("/metrics")).text)
@@ -316,7 +325,7 @@ async def _drain(client: Any) -> None:
 
 
 def _client_process(
-    url: str, bodies: list[bytes], workers: int, t_start: float, w0: float, w1: float
+    url: str, bodies: list[bytes], workers: int, t_start: float, w0: float, w1: float, per_body: int = 1
 ) -> dict[str, Any]:
     """One client process of ``_closed_loop_procs`` (epoch clock, shared with the parent)."""
     import httpx
@@ -326,7 +335,7 @@ def _client_process(
         errors: dict[int, int] = {}
         limits = httpx.Limits(max_connections=workers + 4, max_keepalive_connections=workers + 4)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(900.0)) as client:
-            worker = _worker_factory(client, bodies, records, errors, time.time)
+            worker = _worker_factory(client, bodies, records, errors, time.time, per_body)
             await asyncio.sleep(max(0.0, t_start - time.time()))
             tasks = [asyncio.create_task(worker()) for _ in range(workers)]
             await asyncio.sleep(max(0.0, w0 - time.time()))
@@ -342,7 +351,14 @@ def _client_process(
 
 
 async def _closed_loop_procs(
-    server: Server, bodies: list[bytes], concurrency: int, *, duration: float, warmup: float, procs: int
+    server: Server,
+    bodies: list[bytes],
+    concurrency: int,
+    *,
+    duration: float,
+    warmup: float,
+    procs: int,
+    per_body: int = 1,
 ) -> dict[str, Any]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -355,7 +371,7 @@ async def _closed_loop_procs(
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            loop.run_in_executor(pool, _client_process, server.url, bodies, n, t_start, w0, w1)
+            loop.run_in_executor(pool, _client_process, server.url, bodies, n, t_start, w0, w1, per_body)
             for n in shares
             if n
         ]
@@ -546,6 +562,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="offline batch sizes (default: 1, 2, 4, ... up to the top concurrency)",
     )
     g.add_argument("--offline-duration", type=float, default=4.0, help="seconds per offline batch size")
+    g.add_argument(
+        "--inputs-per-request",
+        type=int,
+        default=1,
+        help="inputs in each request's body (throughput still counts inputs)",
+    )
     g.add_argument("--text-tokens", type=int, default=40, help="tokens per text (before the ChatML template)")
     g.add_argument("--image-size", default="384x384", help="WxH of the JPEG test images")
     g.add_argument(
@@ -678,7 +700,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             costs = {k: [offline.embedder.preprocess(x).cost for x in v] for k, v in inputs.items()}
             group["tokens_per_input"] = {k: sum(c) / len(c) for k, c in costs.items()}
-            bodies = {k: [common_json({"inputs": [x]}) for x in v] for k, v in inputs.items()}
+            per = args.inputs_per_request
+            bodies = {
+                k: [common_json({"inputs": v[i : i + per]}) for i in range(0, len(v) - per + 1, per)]
+                for k, v in inputs.items()
+            }
+            group["inputs_per_request"] = per
             for rep in range(args.repeats):
                 for kind in group_kinds if rep % 2 == 0 else group_kinds[::-1]:
                     log(f"repeat {rep + 1}/{args.repeats}, {kind}: offline sweep")
@@ -711,6 +738,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                 min_rounds=args.min_rounds if name == "batched" else 0.0,
                                 max_window=args.max_window,
                                 procs=args.client_procs,
+                                per_body=per,
                             )
                             point.update(kind=kind, server=name, repeat=rep)
                             group["points"].append(point)

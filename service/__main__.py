@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -85,9 +86,16 @@ def configure_logging(level: str) -> None:
     )
 
 
+def apply_process_settings(settings: Settings) -> None:
+    """Settings that belong to the whole process rather than to the app."""
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings(argv)
     configure_logging(settings.log_level)
+    apply_process_settings(settings)
 
     import uvicorn
 

@@ -345,6 +345,11 @@ class EmbeddingEngine:
             self.metrics.stage_seconds.labels(stage="queue").observe(item.queued_s)
         batches = {item.batch.batch_id: item.batch for item in done}
         embeddings = np.stack([item.value for item in done]).astype(np.float32, copy=False)
+        if not np.isfinite(embeddings).all():  # e.g. a float16 overflow: never answer or store these
+            raise InferenceError(
+                "the model produced non-finite values (NaN or infinity) for this request; "
+                "serving with --dtype bfloat16 or float32 avoids float16 overflow"
+            )
         tokens = sum(p.cost for p in prepared)
         return EmbedResult(
             embeddings=embeddings,

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Threads that decode, tile and tokenise inputs (CPU; default: the cores, at most 8).",
     )
+    gil_switch_interval_ms: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Python's thread switch interval (sys.setswitchinterval) in ms. Under heavy "
+        "HTTP load the device thread waits up to this long for the interpreter lock after each "
+        "kernel launch; smaller values help GPU serving (default: Python's, 5 ms).",
+    )
     warmup_tokens: int = Field(
         256,
         ge=1,

@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from service.engine import EmbeddingEngine, EmbedResult
 from service.errors import ClientClosedRequestError, PayloadTooLargeError
@@ -27,6 +29,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "Model not ready, request timed out, or worker down",
     }.items()
 }
+
+
+class VectorJSONResponse(JSONResponse):
+    """A JSON response rendered by orjson, for bodies made mostly of float vectors.
+
+    The stdlib encoder spends ~0.3 ms on one 896-float vector, a large share of a request's
+    CPU on the event loop when requests are small; orjson does it ~15x faster and writes the
+    same shortest round-trip digits. Content must be plain JSON types with finite floats
+    (the engine refuses non-finite embeddings before they get here).
+    """
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 def get_settings(request: Request) -> Settings:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from service.routes.common import (
     ERROR_RESPONSES,
+    VectorJSONResponse,
     cancel_on_disconnect,
     check_input_count,
     get_engine,
@@ -46,4 +47,4 @@ async def embed(
         "dim": int(result.embeddings.shape[1]),
         "usage": result.usage,
     }
-    return JSONResponse(content, headers=timing_headers(result))
+    return VectorJSONResponse(content, headers=timing_headers(result))

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from service.errors import InvalidRequestError, NotFoundError
 from service.routes.common import (
     ERROR_RESPONSES,
+    VectorJSONResponse,
     cancel_on_disconnect,
     check_input_count,
     get_engine,
@@ -70,7 +71,7 @@ async def create_embeddings(
             "total_tokens": result.usage["total_tokens"],
         },
     }
-    return JSONResponse(content, headers=timing_headers(result))
+    return VectorJSONResponse(content, headers=timing_headers(result))
 
 
 @router.get("/models", response_model=OpenAIModelList, summary="The one served model (OpenAI shape)")

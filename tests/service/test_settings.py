@@ -133,3 +133,18 @@ def test_limits_report_what_is_enforced():
     limits = Settings(model="m", max_body_bytes=123, max_inputs_per_request=4, max_queue=8).limits()
     assert limits["max_body_bytes"] == 123 and limits["max_inputs_per_request"] == 4
     assert limits["max_queue"] == 8 and limits["image_urls"] is False
+
+
+def test_gil_switch_interval_is_applied_to_the_process():
+    from service.__main__ import apply_process_settings
+
+    before = sys.getswitchinterval()
+    try:
+        apply_process_settings(load_settings(["--model", "m"]))
+        assert sys.getswitchinterval() == before  # unset: Python's own
+        apply_process_settings(load_settings(["--model", "m", "--gil-switch-interval-ms", "0.5"]))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(SystemExit):
+        load_settings(["--model", "m", "--gil-switch-interval-ms", "0"])
