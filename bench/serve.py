@@ -804,7 +804,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                 vals = [r["throughput"] for r in off if r["batch_size"] == b]
                 by_batch[str(b)] = {"best": max(vals), **common.spread(vals)}
             off_best = max(best.values())
-            b1_best = max(b1.values())
+            b1_best = max(b1.values(), default=float("nan"))  # nan: the sweep skipped batch 1
             ref = {
                 "checkpoint": group["checkpoint"],
                 "tokens_per_input": group["tokens_per_input"][kind],
@@ -813,7 +813,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                 "offline_best_batch": [best_b[r] for r in reps],
                 "batch1_rate": b1_best,
                 "batch1_rate_repeats": common.spread(list(b1.values())),
-                "direct_latency_ms": min(direct.values()),
+                "direct_latency_ms": min(direct.values(), default=float("nan")),
                 "direct_latency_ms_repeats": common.spread(list(direct.values())),
                 "batching_ceiling": off_best / b1_best,
                 "offline_by_batch": by_batch,
@@ -878,6 +878,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                             if (r, cmax) in naive
                         ],
                     }
+                if ("naive", cmax) in best_pts and b1:
                     t["batching_ceiling"] = {
                         "best": off_best / b1_best,
                         "per_repeat": [best[r] / b1[r] for r in reps],
@@ -891,7 +892,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                             if (r, cmax) in naive
                         ],
                     }
-                if ("batched", 1) in best_pts:
+                if ("batched", 1) in best_pts and direct:
                     p50s = [batched[(r, 1)]["p50_ms"] for r in reps if (r, 1) in batched]
                     t["p50_c1_over_direct"] = {
                         "best": min(p50s) / min(direct.values()),
