@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, list):
             default = ",".join(default) or "none"
         shown = "set" if name == "api_key" else default
-        help_text = f"{field.description} [env LLAVE_{name.upper()}; default: {shown}]"
+        help_text = f"{field.description} [env LLAVE_{name.upper()}; default: {shown}]".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text, **extra}
         if flag_type is not None:
             kwargs["type"] = flag_type
@@ -86,16 +85,9 @@ def configure_logging(level: str) -> None:
     )
 
 
-def apply_process_settings(settings: Settings) -> None:
-    """Settings that belong to the whole process rather than to the app."""
-    if settings.gil_switch_interval_ms is not None:
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings(argv)
     configure_logging(settings.log_level)
-    apply_process_settings(settings)
 
     import uvicorn
 

@@ -162,6 +162,10 @@ class EmbeddingEngine:
             started = time.perf_counter()
             self.embedder = await self._device.run(self._load_model)
             loaded = time.perf_counter()
+            interval = s.gil_switch_interval_s(str(self.embedder.device))
+            if interval is not None:  # process-wide; see Settings.gil_switch_interval_ms
+                sys.setswitchinterval(interval)
+                logger.info("GIL switch interval set to %g ms", interval * 1000.0)
             self.state = "warming"
             n, tokens = await self._device.run(self._warmup)
             emb = self.embedder

@@ -135,16 +135,11 @@ def test_limits_report_what_is_enforced():
     assert limits["max_queue"] == 8 and limits["image_urls"] is False
 
 
-def test_gil_switch_interval_is_applied_to_the_process():
-    from service.__main__ import apply_process_settings
-
-    before = sys.getswitchinterval()
-    try:
-        apply_process_settings(load_settings(["--model", "m"]))
-        assert sys.getswitchinterval() == before  # unset: Python's own
-        apply_process_settings(load_settings(["--model", "m", "--gil-switch-interval-ms", "0.5"]))
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-    finally:
-        sys.setswitchinterval(before)
+def test_gil_switch_interval_defaults_to_short_on_cuda_only():
+    s = load_settings(["--model", "m"])
+    assert s.gil_switch_interval_s("cpu") is None  # Python's own
+    assert s.gil_switch_interval_s("cuda:0") == pytest.approx(0.0001)
+    s = load_settings(["--model", "m", "--gil-switch-interval-ms", "0.5"])
+    assert s.gil_switch_interval_s("cpu") == s.gil_switch_interval_s("cuda") == pytest.approx(0.0005)
     with pytest.raises(SystemExit):
         load_settings(["--model", "m", "--gil-switch-interval-ms", "0"])
