@@ -58,6 +58,40 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+# Where a sample's time goes: the innermost frame that belongs to one of these (path prefixes
+# as py-spy prints them, relative to site-packages or the repository).
+CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("forward (torch, transformers)", ("torch/", "transformers/")),
+    ("HTTP stack (uvicorn, starlette, fastapi, pydantic)",
+     ("uvicorn/", "starlette/", "fastapi/", "pydantic", "httptools", "h11/", "anyio/", "json/")),
+    ("preprocessing libraries (tokenizers, PIL, numpy)", ("tokenizers/", "PIL/", "numpy/")),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("server code (service/)", ("service/",)),
+    ("model code (model/)", ("model/",)),
+    ("asyncio, threads, queues", ("asyncio/", "threading.py", "concurrent/", "queue.py", "selectors.py",
+                                  "uvloop/", "contextlib.py", "weakref", "_weakrefset.py")),
+]  # fmt: skip
+
+
+def profile_shares(path: Path) -> dict[str, float]:
+    """Share of py-spy samples (raw/collapsed format) per category of ``CATEGORIES``."""
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        files = re.findall(r"\(([^():]+):\d+\)", stack)
+        category = "other"
+        for file in reversed(files):  # innermost first
+            hit = next((name for name, prefixes in CATEGORIES if file.startswith(prefixes)), None)
+            if hit is not None:
+                category = hit
+                break
+        counts[category] = counts.get(category, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
 async def point(
     server: serve.Server,
     bodies: list[bytes],
@@ -141,6 +175,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             "--threads",
                             "-r",
                             "200",
+                            "--nonblocking",  # two samplers at once: neither may pause the server
                             *extra,
                         ],  # fmt: skip
                         stdout=subprocess.DEVNULL,
@@ -160,6 +195,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for spy in spies:
                     spy.wait()
                 log(f"py-spy profiles at c={c} in {out_dir}")
+                for tag in ("all", "gil"):
+                    path = out_dir / f"{args.preset}-{args.kind}-c{c}-{tag}.txt"
+                    if path.exists():
+                        shares = profile_shares(path)
+                        result.setdefault("profile_shares", {})[f"c{c}-{tag}"] = shares
+                        log(f"  c={c} {tag}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     finally:
         server.stop()
     result["machine"] = common.machine_info()
