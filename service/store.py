@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from service import index_snapshot
 from service.store_errors import (
     CollectionExistsError,
     CollectionNotFoundError,
@@ -53,6 +54,7 @@ from service.store_validation import (
 from service.vector_index import (
     INDEX_TYPES,
     OPTION_DEFAULTS,
+    ApproximateIndex,
     LiveIndex,
     VectorIndex,
     new_index,
@@ -126,8 +128,10 @@ class CollectionStore:
         background_rebuild: bool = True,
         read_only: bool = False,
         max_db_bytes: int | None = None,
+        index_snapshots: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.index_snapshots = index_snapshots
         self.path = self.data_dir / DB_FILE
         self.max_k, self.max_metadata_bytes = max_k, max_metadata_bytes
         self.tombstone_rebuild_ratio = tombstone_rebuild_ratio
@@ -171,7 +175,9 @@ class CollectionStore:
                     "SELECT name, dim, index_type, options, created_at FROM collections"
                 ).fetchall():
                     options = json.loads(options)
-                    index = self._load_index(name, dim, kind, options)
+                    index = self._load_snapshot(name, dim, kind, options) or self._load_index(
+                        name, dim, kind, options
+                    )
                     self._collections[name] = _Collection(
                         name, dim, kind, options, created_at, LiveIndex(index)
                     )
@@ -187,10 +193,13 @@ class CollectionStore:
             raise
 
     def close(self) -> None:
-        """Stop background rebuilds and close every connection. Call once traffic has stopped."""
+        """Stop background rebuilds, save built approximate indexes (``index_snapshots``) and
+        close every connection. Call once traffic has stopped."""
         self._stop.set()
         self.wait_for_maintenance()
         with self._write_lock:
+            if self._writer is not None and self.index_snapshots and not self.read_only:
+                self._save_snapshots()
             self._release()
 
     def __enter__(self) -> CollectionStore:
@@ -656,6 +665,51 @@ class CollectionStore:
                     np.frombuffer(b"".join(row[1] for row in good), np.float32).reshape(-1, dim),
                 )
         return index
+
+    def _load_snapshot(self, name: str, dim: int, kind: str, options: dict[str, Any]) -> VectorIndex | None:
+        """The index saved at the last clean close, when it still matches the table exactly."""
+        if not self.index_snapshots or kind not in ("hnsw", "ivf"):
+            return None
+        if not index_snapshot.snapshot_path(self.data_dir, name).is_dir():
+            return None
+        started = time.monotonic()
+        rows = self._check_open().execute(
+            "SELECT row_id FROM documents WHERE collection = ? ORDER BY row_id", (name,)
+        )
+        live = np.fromiter((row[0] for row in rows), np.int64)
+        index = index_snapshot.load(
+            self.data_dir, name, dim, kind, options, live, tombstone_ratio=self.tombstone_rebuild_ratio
+        )
+        if index is not None:
+            logger.info(
+                "loaded the saved %s index of %r (%d vectors) in %.1f s",
+                kind,
+                name,
+                len(index),
+                time.monotonic() - started,
+            )
+        return index
+
+    def _save_snapshots(self) -> None:
+        """Save each built approximate index; drop snapshots of deleted collections (never raises)."""
+        try:
+            for coll in self._collections.values():
+                index = coll.live.index
+                if not isinstance(index, ApproximateIndex) or index.mode == "exact" or coll.live.retired:
+                    continue
+                started = time.monotonic()
+                with coll.live.lock.read():
+                    index_snapshot.save(self.data_dir, coll.name, index)
+                logger.info(
+                    "saved the %s index of %r (%d vectors) in %.1f s",
+                    coll.kind,
+                    coll.name,
+                    len(index),
+                    time.monotonic() - started,
+                )
+            index_snapshot.remove_stale(self.data_dir, set(self._collections))
+        except Exception:  # e.g. a full disk: the next start rebuilds instead
+            logger.exception("saving index snapshots failed; the next start rebuilds the indexes")
 
     def _maybe_rebuild(self, coll: _Collection) -> None:
         """Start a rebuild if the index asks for one (caller holds the write lock)."""

@@ -166,6 +166,57 @@ class ApproximateIndex:
             index.add(labels[start : start + _BUILD_CHUNK], vectors[start : start + _BUILD_CHUNK])
         return index
 
+    def export_state(self) -> tuple[Any, np.ndarray, np.ndarray, dict[str, Any]]:
+        """(FAISS index, labels by position, alive bits, plain facts) for a snapshot on disk."""
+        if self._mode == "exact":
+            raise ValueError("an index in exact mode is rebuilt from the store, not saved")
+        facts = {
+            "mode": self._mode,
+            "size": self._size,
+            "ascending": self._ascending,
+            "trained_on": self._trained_on,
+            "nprobe": self._nprobe,
+        }
+        return self._index, self._labels[: self._size].copy(), self._alive[: self._size].copy(), facts
+
+    @classmethod
+    def restore(
+        cls,
+        dim: int,
+        kind: str,
+        options: dict[str, Any],
+        faiss_index: Any,
+        labels: np.ndarray,
+        alive: np.ndarray,
+        facts: dict[str, Any],
+        *,
+        tombstone_ratio: float = 0.2,
+    ) -> ApproximateIndex:
+        """The inverse of ``export_state``; raises ValueError when the parts disagree."""
+        size = int(facts["size"])
+        mode = facts["mode"]
+        if mode != kind or faiss_index.d != dim or faiss_index.ntotal != size:
+            raise ValueError(
+                f"snapshot of a {mode} index with {faiss_index.ntotal} x {faiss_index.d} vectors"
+            )
+        if len(labels) != size or len(alive) != size:
+            raise ValueError("snapshot labels and index sizes differ")
+        index = cls(dim, kind, options, tombstone_ratio=tombstone_ratio, exact=True)
+        # ``faiss_index`` must be the object that owns the C++ index (as faiss.read_index returns
+        # it, already of its concrete class): a downcast copy would not keep it alive.
+        expected = faiss.IndexHNSWFlat if mode == "hnsw" else faiss.IndexIVFFlat
+        if not isinstance(faiss_index, expected):
+            raise ValueError(f"snapshot holds a {type(faiss_index).__name__}, not a {expected.__name__}")
+        if mode == "ivf":
+            faiss_index.make_direct_map()  # positions are sequential, so reconstruct() works
+            index._trained_on, index._nprobe = int(facts["trained_on"]), int(facts["nprobe"])
+        index._index, index._mode = faiss_index, mode
+        index._labels, index._alive, index._size = labels.astype(np.int64), alive.astype(bool), size
+        live = np.flatnonzero(index._alive)
+        index._pos = dict(zip((int(x) for x in index._labels[live]), (int(p) for p in live), strict=True))
+        index._ascending = bool(facts["ascending"])
+        return index
+
     def _train_ivf(self, vectors: np.ndarray) -> None:
         n = len(vectors)
         nlist = self.options["nlist"] or max(1, min(round(2 * math.sqrt(n)), n // 39))
