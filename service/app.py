@@ -97,7 +97,7 @@ class RequestAccountingMiddleware:
 def _open_store(settings: Settings) -> Any:
     from service.store import CollectionStore  # imports faiss: not at module import
 
-    store = CollectionStore(settings.data_dir)
+    store = CollectionStore(settings.data_dir, index_snapshots=settings.index_snapshots)
     store.open()
     logger.info("collection store open in %s", settings.data_dir)
     return store

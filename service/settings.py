@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         "info", description="Log level of the server and uvicorn."
     )
     data_dir: Path = Field(Path("./data"), description="Directory of the collection store.")
+    index_snapshots: bool = Field(
+        True,
+        description="Save built HNSW/IVF indexes at shutdown and reuse them at start-up when they "
+        "still match the stored documents, instead of rebuilding (disk: about the size of the vectors).",
+    )
 
     # --- batching and overload ---------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="Most inputs in one forward pass.")

@@ -138,3 +138,46 @@ def test_deleted_collections_lose_their_snapshot_and_read_only_stores_write_none
     store.close()
     assert not path.exists()
     assert not any(index_snapshot.snapshot_root(tmp_path).iterdir())
+
+
+def test_a_restarted_server_reuses_its_saved_index(tiny_checkpoint, tmp_path):
+    from tests.service.conftest import start_server
+
+    x = random_data(400, 16, 21, clustered=True)
+    docs = [{"id": f"d{i}", "vector": [float(v) for v in row]} for i, row in enumerate(x)]
+    queries = [
+        {"collection": "h", "query": {"vector": docs[i]["vector"]}, "k": 5}
+        for i in range(1, 400, 23)
+        if not 200 <= i < 210
+    ]
+    # (random_data's rows 200-209 duplicate row 0: skipped, so no query has tied answers)
+
+    def search(srv):
+        with srv.client() as c:
+            return [c.post("/search", json=q).json()["hits"] for q in queries]
+
+    srv = start_server(tiny_checkpoint, tmp_path, "--log-level", "info")
+    try:
+        with srv.client() as c:
+            assert c.put("/collections/h", json={"dim": 16, "index": "hnsw"}).status_code < 300
+            for start in range(0, len(docs), 100):
+                r = c.post("/collections/h/documents", json={"documents": docs[start : start + 100]})
+                assert r.status_code == 200, r.text
+        before = search(srv)
+    finally:
+        srv.stop()  # SIGTERM: a clean shutdown writes the snapshot
+    assert (index_snapshot.snapshot_path(tmp_path / "data", "h") / "meta.json").exists()
+
+    srv = start_server(tiny_checkpoint, tmp_path, "--log-level", "info")
+    try:
+        assert "loaded the saved hnsw index of 'h' (400 vectors)" in srv.log()
+        assert search(srv) == before
+    finally:
+        srv.stop()
+
+    srv = start_server(tiny_checkpoint, tmp_path, "--log-level", "info", "--no-index-snapshots")
+    try:
+        assert "loaded the saved" not in srv.log()
+        assert [h[0]["id"] for h in search(srv)] == [h[0]["id"] for h in before]
+    finally:
+        srv.stop()
