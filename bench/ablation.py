@@ -1,6 +1,6 @@
 """Ablation: hardness-weighted loss (alpha 9) against InfoNCE (alpha 0) on the demo model.
 
-    python bench/ablation.py --quick          # 1 seed, 150 steps (a few minutes)
+    python bench/ablation.py --quick          # 1 seed, 60 steps (about a minute)
     python bench/ablation.py                  # 3 seeds x 2 alphas x 600 steps (~30 min on 2 cores)
 
 For each seed s: the ``demo``-preset random checkpoint built with ``--seed s``, trained by
@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-duplicates", action=argparse.BooleanOptionalAction, default=True,
                    help="identical targets are not negatives (the demo recipe; off = the paper's loss as is)")  # fmt: skip
     p.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
-    p.add_argument("--quick", action="store_true", help="1 seed, 150 steps")
+    p.add_argument("--quick", action="store_true", help="1 seed, 60 steps (a smoke run: P@1 is still low)")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.quick:
@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if "--seeds" not in explicit:
             args.seeds = "0"
         if "--steps" not in explicit:
-            args.steps = 150
+            args.steps = 60
     args.out_name = (
         "ablation" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick and not args.tag else "")
     )
