@@ -207,7 +207,7 @@ class ApproximateIndex:
         expected = faiss.IndexHNSWFlat if mode == "hnsw" else faiss.IndexIVFFlat
         if not isinstance(faiss_index, expected):
             raise ValueError(f"snapshot holds a {type(faiss_index).__name__}, not a {expected.__name__}")
-        if mode == "ivf":
+        if isinstance(faiss_index, faiss.IndexIVFFlat):
             faiss_index.make_direct_map()  # positions are sequential, so reconstruct() works
             index._trained_on, index._nprobe = int(facts["trained_on"]), int(facts["nprobe"])
         index._index, index._mode = faiss_index, mode
