@@ -215,11 +215,15 @@ class ForeignLoad:
         self._busy0, _ = _busy_jiffies()
         self._mine0 = self._mine()
 
+    def elapsed(self) -> float:
+        """Seconds since ``start``."""
+        return time.perf_counter() - self._t0
+
     def cores(self) -> float:
         """Foreign cores since ``start``."""
         busy1, _ = _busy_jiffies()
         mine1 = self._mine()
-        span = time.perf_counter() - self._t0
+        span = self.elapsed()
         if span <= 0:
             return float("nan")
         busy = (busy1 - self._busy0) / os.sysconf("SC_CLK_TCK")

@@ -390,9 +390,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["reload"] = run_reload_probe(data_dir, "bench", args)
                 log(f"  reload: open {row['reload']['open_s']:.1f} s, build {row['reload']['background_build_s']:.1f} s, "
                     f"{row['reload']['rss_anon_gb_per_million']:.2f} GB anon RSS per million")  # fmt: skip
-                if "http" in modes and (
-                    not args.quick or n == sizes[0]
-                ):  # quick: HTTP at the first size only
+                # (--quick: over HTTP at the first size only)
+                if "http" in modes and (not args.quick or n == sizes[0]):
                     row["http"] = run_http(tiny, data_dir, kind, n, qs, args)  # type: ignore[arg-type]
                 result["rows"].append(row)
                 shutil.rmtree(data_dir, ignore_errors=True)

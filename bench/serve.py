@@ -134,7 +134,7 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.interrupt()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -270,7 +270,7 @@ async def closed_loop(
             slice_load = common.ForeignLoad([server.proc.pid])  # type: ignore[union-attr]
             while True:
                 await asyncio.sleep(0.05)
-                if time.perf_counter() - slice_load._t0 >= 1.0:
+                if slice_load.elapsed() >= 1.0:
                     slices.append((time.perf_counter(), slice_load.cores()))
                     slice_load.start()
                 elapsed = time.perf_counter() - w0

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     from service.__main__ import load_settings
 
-    store_dir = load_settings([*argv, "--model", str(model_dir)]).data_dir
+    settings = load_settings([*argv, "--model", str(model_dir)])  # env and flags, as the server sees them
+    store_dir = settings.data_dir
     try:
         hits = index_demo_collection(model_dir, cache / "data", store_dir)
     except Exception as exc:  # e.g. a server already holds this data directory
@@ -230,9 +231,6 @@ def main(argv: list[str] | None = None) -> None:
         ),
         flush=True,
     )
-    from service.__main__ import load_settings
-
-    settings = load_settings([*argv, "--model", str(model_dir)])  # env and flags, as the server sees them
     print_examples(settings.host, settings.port, settings.api_key is not None)
     os.execv(sys.executable, [*server, "--model", str(model_dir)])
 

@@ -114,14 +114,14 @@ def load(
         if differs:
             logger.info("index snapshot of %r not used: its %s differ", collection, ", ".join(differs))
             return None
-        if meta["live"] != len(live_labels) or (path / "index.faiss").stat().st_size != meta["faiss_bytes"]:
-            logger.info(
-                "index snapshot of %r not used: the collection changed since it was saved", collection
-            )
-            return None
-        labels = np.load(path / "labels.npy", allow_pickle=False)
-        alive = np.load(path / "alive.npy", allow_pickle=False)
-        if len(alive) != len(labels) or not np.array_equal(np.sort(labels[alive]), live_labels):
+        changed = meta["live"] != len(live_labels) or (
+            (path / "index.faiss").stat().st_size != meta["faiss_bytes"]
+        )
+        if not changed:
+            labels = np.load(path / "labels.npy", allow_pickle=False)
+            alive = np.load(path / "alive.npy", allow_pickle=False)
+            changed = len(alive) != len(labels) or not np.array_equal(np.sort(labels[alive]), live_labels)
+        if changed:
             logger.info(
                 "index snapshot of %r not used: the collection changed since it was saved", collection
             )

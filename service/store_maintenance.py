@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +42,7 @@ class IndexMaintenance:
     _threads: set[threading.Thread]
     _threads_lock: threading.Lock
     _stop: threading.Event
-
-    def _check_open(self) -> sqlite3.Connection:  # provided by CollectionStore
-        raise NotImplementedError
+    _check_open: Callable[[], sqlite3.Connection]
 
     # --- index maintenance -----------------------------------------------------------------------
 

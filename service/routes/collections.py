@@ -116,9 +116,8 @@ async def upsert_documents(
     vectors = np.empty((len(docs), dim), dtype=np.float32)
     for row, d in enumerate(docs):
         if d.vector is not None:
-            vectors[row] = np.asarray(
-                d.vector, dtype=np.float64
-            )  # overflow becomes inf, refused by the store
+            # float64 first: an overflowing value becomes inf, which the store refuses
+            vectors[row] = np.asarray(d.vector, dtype=np.float64)
     if embedded is not None:
         vectors[to_embed] = embedded
     stored = await _call(store, "upsert", name, ids, vectors, [d.metadata for d in docs])
