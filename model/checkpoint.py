@@ -7,7 +7,6 @@ and the LLaVE authors' ``LlavaQwenForCausalLM`` (converted in memory, see
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .logs import quiet_transformers
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,24 +118,6 @@ def _max_length(tokenizer, default: int = 4096) -> int:
     return int(value) if isinstance(value, int) and 0 < value < 1_000_000 else default
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' load report and progress bars (the LM head we skip on
-    purpose shows up as 'unexpected'); real problems are raised as CheckpointError."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _load_hf(path: Path, dtype: torch.dtype, attn: str) -> LoadedCheckpoint:
     from transformers import AutoTokenizer, LlavaOnevisionModel
 
@@ -144,7 +126,7 @@ def _load_hf(path: Path, dtype: torch.dtype, attn: str) -> LoadedCheckpoint:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise CheckpointError(f"{path}: no weight files (*.safetensors)")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = LlavaOnevisionModel.from_pretrained(
                 str(path), dtype=dtype, attn_implementation=attn, output_loading_info=True
             )
@@ -170,23 +152,28 @@ def _load_hf(path: Path, dtype: torch.dtype, attn: str) -> LoadedCheckpoint:
 def _load_llava(path: Path, config: dict[str, Any], dtype: torch.dtype, attn: str) -> LoadedCheckpoint:
     from transformers import LlavaOnevisionModel
 
+    from .authors_config import read_authors_config
     from .convert import (
         build_image_processor,
         build_tokenizer,
         llava_to_hf_config,
         load_weights_into,
         read_llava_weights,
+        token_ids,
     )
 
+    # Check the config before reading gigabytes of weights.
+    settings = read_authors_config(config, where=str(path / "config.json"))
+    tokenizer = build_tokenizer(path, settings.max_length)
     weights = read_llava_weights(path)
-    tokenizer = build_tokenizer(path, config)
-    hf_config, preprocess = llava_to_hf_config(config, path, weights, tokenizer)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    hf_config, _ = llava_to_hf_config(config, path, shapes, **token_ids(tokenizer))
     hf_config._attn_implementation = attn
     model = LlavaOnevisionModel(hf_config)
     load_weights_into(model, weights, path)
     model = model.to(dtype)
     return LoadedCheckpoint(
-        model, tokenizer, build_image_processor(hf_config, preprocess), path, "llava", _max_length(tokenizer)
+        model, tokenizer, build_image_processor(hf_config), path, "llava", _max_length(tokenizer)
     )
 
 

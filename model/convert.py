@@ -22,13 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
+from .authors_config import AuthorsConfig, read_authors_config
 from .errors import CheckpointError
+from .logs import quiet_transformers
 from .onevision import ImageProcessor, parse_grid_pinpoints
 
 IMAGE_TOKEN = "<image>"
@@ -63,15 +67,19 @@ def is_llava_layout(config: dict[str, Any]) -> bool:
     return "LlavaQwenForCausalLM" in archs or "mm_vision_tower" in config
 
 
+def _weight_files(src: Path) -> list[Path]:
+    files = sorted(src.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{src}: no model.safetensors (or shards) in the LLaVE checkpoint")
+    return files
+
+
 def read_llava_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of an authors'-layout checkpoint (single or sharded safetensors)."""
     from safetensors.torch import load_file
 
-    files = sorted(src.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{src}: no model.safetensors (or shards) in the LLaVE checkpoint")
     weights: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _weight_files(src):
         try:
             weights.update(load_file(str(f)))
         except Exception as exc:  # safetensors raises its own error types
@@ -79,15 +87,42 @@ def read_llava_weights(src: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def read_weight_shapes(src: Path) -> dict[str, tuple[int, ...] | None]:
+    """Names (and shapes, where known) of the checkpoint's tensors without reading them.
+
+    Shapes come from the safetensors headers; a sharded checkpoint whose shards are
+    absent still names its tensors in ``model.safetensors.index.json`` (shape None).
+    """
+    index = src / "model.safetensors.index.json"
+    files = sorted(src.glob("model*.safetensors"))
+    if not files and index.is_file():
+        try:
+            names = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from exc
+        return {k: None for k in names}
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for f in _weight_files(src):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for k in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    shapes[k] = tuple(handle.get_slice(k).get_shape())
+        except Exception as exc:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({exc})") from exc
+    return shapes
+
+
 def _vision_config(
-    config: dict[str, Any], src: Path, weights: dict[str, torch.Tensor]
-) -> tuple[SiglipVisionConfig, dict]:
-    name = config.get("mm_vision_tower") or config.get("vision_tower")
-    if not name:
-        raise CheckpointError(f"{src}: config has no mm_vision_tower")
+    settings: AuthorsConfig, src: Path, shapes: Mapping[str, tuple[int, ...] | None]
+) -> SiglipVisionConfig:
+    """The SigLIP tower as the authors build it: the named folder's config.json over the
+    authors' defaults (so400m's shape), with the layer count that the weights hold."""
+    name = settings.vision_tower
     layer_ids = {
         int(m.group(1))
-        for k in weights
+        for k in shapes
         if (m := re.search(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", k))
     }
     if not layer_ids:
@@ -95,85 +130,113 @@ def _vision_config(
             f"{src}: no vision tower weights ({VISION_PREFIX}vision_model.encoder.layers.*)"
         )
     folder = Path(name) if Path(name).is_absolute() else src / name
-    preprocess: dict[str, Any] = {}
+    fields = dict(SIGLIP_SO400M)
     if (folder / "config.json").is_file():
         raw = json.loads((folder / "config.json").read_text())
         raw = raw.get("vision_config", raw)
-        fields = {k: raw[k] for k in (*SIGLIP_SO400M, "num_channels") if k in raw}
-        if (folder / "preprocessor_config.json").is_file():
-            preprocess = json.loads((folder / "preprocessor_config.json").read_text())
-    elif "siglip-so400m-patch14-384" in str(name):
-        fields = dict(SIGLIP_SO400M)
-    else:
+        fields.update({k: raw[k] for k in (*SIGLIP_SO400M, "num_channels", "attention_dropout") if k in raw})
+    elif "siglip-so400m-patch14-384" not in name:
         raise CheckpointError(
             f"{src}: unknown vision tower {name!r}: expected a local folder with config.json "
             "or google/siglip-so400m-patch14-384"
         )
     fields["num_hidden_layers"] = max(layer_ids) + 1
-    return SiglipVisionConfig(**fields, vision_use_head=False), preprocess
+    vision = SiglipVisionConfig(**fields, vision_use_head=False)
+    if settings.mm_hidden_size is not None and settings.mm_hidden_size != vision.hidden_size:
+        raise CheckpointError(
+            f"{src}: config field mm_hidden_size={settings.mm_hidden_size} differs from the vision "
+            f"tower's hidden size {vision.hidden_size}"
+        )
+    return vision
 
 
-def build_tokenizer(src: Path, config: dict[str, Any]):
+def build_tokenizer(src: Path, max_length: int = DEFAULT_MAX_LENGTH):
     try:
-        tok = AutoTokenizer.from_pretrained(str(src))
+        # AutoTokenizer reads config.json to pick a class; its complaints about the
+        # authors' model_type and 4.x field names are about that file, not the tokenizer.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(str(src))
     except Exception as exc:
         raise CheckpointError(f"{src}: cannot load the tokenizer ({exc})") from exc
     missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
-    tok.model_max_length = int(config.get("tokenizer_model_max_length") or DEFAULT_MAX_LENGTH)
+    tok.model_max_length = max_length
     tok.padding_side = "right"
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
 
-def llava_to_hf_config(config: dict[str, Any], src: Path, weights: dict[str, torch.Tensor], tokenizer):
-    """The ``LlavaOnevisionConfig`` equivalent to an authors'-layout config."""
-    vision, preprocess = _vision_config(config, src, weights)
-    text_fields = set(Qwen2Config().to_dict()) - {
-        "architectures",
-        "model_type",
-        "transformers_version",
-        "_name_or_path",
-    }
-    text = Qwen2Config(**{k: v for k, v in config.items() if k in text_fields})
-    embed = weights.get("model.embed_tokens.weight")
-    if embed is None:
+def llava_to_hf_config(
+    config: Mapping[str, Any],
+    src: Path,
+    shapes: Mapping[str, tuple[int, ...] | None],
+    *,
+    image_token_id: int,
+    video_token_id: int | None = None,
+):
+    """The ``LlavaOnevisionConfig`` equivalent to an authors'-layout config.
+
+    ``shapes`` names the checkpoint's tensors (shapes where known, see
+    :func:`read_weight_shapes`); every field of ``config`` goes through
+    :func:`model.authors_config.read_authors_config` (mapped, required or ignored).
+    """
+    settings = read_authors_config(config, where=str(src / "config.json"))
+    vision = _vision_config(settings, src, shapes)
+    text_kwargs = dict(settings.text)
+    if "model.embed_tokens.weight" not in shapes:
         raise CheckpointError(f"{src}: missing key model.embed_tokens.weight")
-    text.vocab_size = embed.shape[0]
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-    if image_id >= text.vocab_size:
+    embed = shapes["model.embed_tokens.weight"]
+    if embed is not None:  # the shape is known
+        if config.get("vocab_size") is not None and config["vocab_size"] != embed[0]:
+            raise CheckpointError(
+                f"{src}: config field vocab_size={config['vocab_size']} differs from the "
+                f"{embed[0]} rows of model.embed_tokens.weight"
+            )
+        text_kwargs["vocab_size"] = embed[0]
+    text = Qwen2Config(**text_kwargs)
+    if image_token_id >= text.vocab_size:
         raise CheckpointError(
-            f"{src}: <image> token id {image_id} is outside the embedding table ({text.vocab_size})"
+            f"{src}: <image> token id {image_token_id} is outside the embedding table ({text.vocab_size})"
         )
-    aspect = config.get("image_aspect_ratio") or "anyres_max_9"
-    if not str(aspect).startswith("anyres_max_"):
-        aspect = "anyres_max_9"
+    if video_token_id is None or video_token_id >= text.vocab_size:
+        video_token_id = image_token_id + 1 if image_token_id + 1 < text.vocab_size else image_token_id
     hf = LlavaOnevisionConfig(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
-        image_token_index=image_id,
-        video_token_index=video_id if video_id < text.vocab_size else image_id + 1,
+        image_token_index=image_token_id,
+        video_token_index=video_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-        image_grid_pinpoints=parse_grid_pinpoints(config.get("image_grid_pinpoints"), vision.image_size),
-        vision_aspect_ratio=aspect,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        image_grid_pinpoints=parse_grid_pinpoints(settings.image_grid_pinpoints, vision.image_size),
+        vision_aspect_ratio=settings.vision_aspect_ratio,
+        tie_word_embeddings=bool(text.tie_word_embeddings),
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
     )
     hf.architectures = ["LlavaOnevisionForConditionalGeneration"]
-    return hf, preprocess
+    return hf, settings
 
 
-def build_image_processor(hf_config, preprocess: dict[str, Any] | None = None) -> ImageProcessor:
+def token_ids(tokenizer) -> dict[str, int]:
+    """``image_token_id`` and ``video_token_id`` keyword arguments from a tokenizer."""
+    return {
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "video_token_id": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+    }
+
+
+def build_image_processor(hf_config) -> ImageProcessor:
+    """The PIL OneVision processor with the authors' preprocessing: their SigLIP processor
+    is built with fixed values (mean and std 0.5, bicubic) and never reads a
+    ``preprocessor_config.json``; the crop is the tower's image size (384 for so400m)."""
     crop = hf_config.vision_config.image_size
-    preprocess = preprocess or {}
     return ImageProcessor(
         size={"height": crop, "width": crop},
-        image_mean=preprocess.get("image_mean", SIGLIP_MEAN),
-        image_std=preprocess.get("image_std", SIGLIP_MEAN),
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_MEAN,
         image_grid_pinpoints=[list(p) for p in hf_config.image_grid_pinpoints],
         resample=3,  # bicubic, as SigLIP and the authors
         do_pad=True,
@@ -269,8 +332,10 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = Non
     if not is_llava_layout(config):
         raise CheckpointError(f"{src}: not an authors'-layout (LlavaQwenForCausalLM) checkpoint")
     weights = read_llava_weights(src)
-    tokenizer = build_tokenizer(src, config)
-    hf_config, preprocess = llava_to_hf_config(config, src, weights, tokenizer)
+    settings = read_authors_config(config, where=str(src / "config.json"))
+    tokenizer = build_tokenizer(src, settings.max_length)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    hf_config, _ = llava_to_hf_config(config, src, shapes, **token_ids(tokenizer))
     if dtype is None:
         dtype = next(iter(weights.values())).dtype
     hf_config.text_config.dtype = dtype
@@ -279,7 +344,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = Non
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dst))
     tokenizer.save_pretrained(str(dst))
-    build_image_processor(hf_config, preprocess).save_pretrained(str(dst))
+    build_image_processor(hf_config).save_pretrained(str(dst))
     return dst
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .convert import CHATML_TEMPLATE, DEFAULT_MAX_LENGTH, SIGLIP_MEAN, build_image_processor
+from .convert import CHATML_TEMPLATE, DEFAULT_MAX_LENGTH, build_image_processor
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 _WORDS = (
@@ -164,7 +164,14 @@ def build_config(preset: Preset, tokenizer):
     vision = SiglipVisionConfig(
         image_size=preset.image_size, patch_size=preset.patch_size, vision_use_head=False, **preset.vision
     )
-    text = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **preset.text)
+    text_fields = dict(preset.text)
+    theta = text_fields.pop("rope_theta", 1_000_000.0)  # every published LLaVE model: 1e6
+    text = Qwen2Config(
+        vocab_size=vocab,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        **text_fields,
+    )
     crop = preset.image_size
     config = LlavaOnevisionConfig(
         vision_config=vision.to_dict(),
@@ -221,50 +228,100 @@ def _authors_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
+def authors_config(model, preset: Preset, tower: str) -> dict[str, Any]:
+    """``config.json`` as the authors' toolchain writes it (LLaVA-NeXT's ``LlavaQwenConfig``
+    saved by transformers 4.39): Qwen2 fields under their 4.x names, the ``mm_*`` fields
+    LLaVE's training sets, LLaVE's loss settings. Written field by field here, not from
+    transformers 5's config classes, so the converter cannot recognise its own output."""
+    cfg = model.config
+    text, vision = cfg.text_config, cfg.vision_config
+    theta = (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 1_000_000.0)
+    config = {
+        "_name_or_path": "./checkpoints/LLaVE-tiny",
+        "alpha": 9,
+        "architectures": ["LlavaQwenForCausalLM"],
+        "attention_dropout": 0.0,
+        "hidden_act": text.hidden_act,
+        "hidden_size": text.hidden_size,
+        "image_aspect_ratio": "anyres_max_9",
+        "image_crop_resolution": None,
+        "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],
+        "image_split_resolution": None,
+        "initializer_range": 0.02,
+        "intermediate_size": text.intermediate_size,
+        "logit_scale": 50.0,
+        "max_position_embeddings": text.max_position_embeddings,
+        "max_window_layers": text.num_hidden_layers,
+        "mm_hidden_size": vision.hidden_size,
+        "mm_newline_position": "grid",
+        "mm_patch_merge_type": "spatial_unpad",
+        "mm_projector_lr": None,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_resampler_type": None,
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_tunable_parts": "mm_mlp_adapter,mm_language_model",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": tower,
+        "mm_vision_tower_lr": None,
+        "model_type": "llava_qwen",
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "pos_skipping_range": 4096,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": float(theta),
+        "sliding_window": 32768,
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
+        "tokenizer_model_max_length": DEFAULT_MAX_LENGTH,
+        "tokenizer_padding_side": "right",
+        "torch_dtype": str(preset.dtype).removeprefix("torch."),
+        "transformers_version": "4.39.3",
+        "use_cache": True,
+        "use_mm_proj": True,
+        "use_pos_skipping": False,
+        "use_sliding_window": False,
+        "vision_tower_pretrained": None,
+        "vocab_size": text.vocab_size,
+    }
+    return config
+
+
+def _write_tower_folder(vision, folder: Path) -> None:
+    """A SigLIP tower folder as the hub ships one (its config names the full tower: one
+    more layer than the LLaVE weights keep)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tower = {
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        "hidden_act": vision.hidden_act,
+        "hidden_size": vision.hidden_size,
+        "image_size": vision.image_size,
+        "intermediate_size": vision.intermediate_size,
+        "layer_norm_eps": vision.layer_norm_eps,
+        "num_attention_heads": vision.num_attention_heads,
+        "num_channels": 3,
+        "num_hidden_layers": vision.num_hidden_layers + 1,
+        "patch_size": vision.patch_size,
+        "torch_dtype": "float32",
+        "transformers_version": "4.39.3",
+    }
+    (folder / "config.json").write_text(json.dumps(tower, indent=2, sort_keys=True) + "\n")
+
+
 def _write_llava(model, tokenizer, out: Path, preset: Preset) -> None:
     from safetensors.torch import save_file
 
-    cfg = model.config
-    text = cfg.text_config.to_dict()
-    for k in ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-        text.pop(k, None)
-    vision = cfg.vision_config
     if preset.siglip_name:
         tower = preset.siglip_name
     else:
-        tower = "vision_tower"  # a folder relative to the checkpoint, as the authors allow
-        (out / tower).mkdir(parents=True, exist_ok=True)
-        vdict = vision.to_dict()
-        vdict.pop("transformers_version", None)
-        (out / tower / "config.json").write_text(json.dumps(vdict, indent=2))
-        (out / tower / "preprocessor_config.json").write_text(
-            json.dumps(
-                {
-                    "image_mean": SIGLIP_MEAN,
-                    "image_std": SIGLIP_MEAN,
-                    "size": {"height": vision.image_size, "width": vision.image_size},
-                },
-                indent=2,
-            )
-        )
-    config = {
-        **text,
-        "architectures": ["LlavaQwenForCausalLM"],
-        "model_type": "llava",
-        "mm_vision_tower": tower,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_hidden_size": vision.hidden_size,
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "mm_patch_merge_type": "spatial_unpad",
-        "image_aspect_ratio": "anyres_max_9",
-        "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],
-        "image_token_index": cfg.image_token_id if hasattr(cfg, "image_token_id") else cfg.image_token_index,
-        "tokenizer_model_max_length": DEFAULT_MAX_LENGTH,
-        "tokenizer_padding_side": "right",
-        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+        tower = "siglip-tower"  # a folder relative to the checkpoint, as the authors allow
+        _write_tower_folder(model.config.vision_config, out / tower)
+    config = authors_config(model, preset, tower)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(_authors_state(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))
 

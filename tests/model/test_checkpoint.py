@@ -159,12 +159,19 @@ def test_mismatched_shape(fixture, request, tmp_path):
         load_embedder(ck, device="cpu")
 
 
-def test_llava_layout_unknown_vision_tower(tiny_llava_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    ("tower", "match"),
+    [
+        ("someone/else-vit", "only when the name contains 'siglip'"),  # the authors would build CLIP
+        ("someone/siglip-base-patch16-224", "unknown vision tower"),  # SigLIP, but no known shape
+    ],
+)
+def test_llava_layout_unknown_vision_tower(tiny_llava_checkpoint, tmp_path, tower, match):
     ck = _copy(tiny_llava_checkpoint, tmp_path / "c")
     cfg = json.loads((ck / "config.json").read_text())
-    cfg["mm_vision_tower"] = "someone/else-vit"
+    cfg["mm_vision_tower"] = tower
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="unknown vision tower"):
+    with pytest.raises(CheckpointError, match=match):
         load_embedder(ck, device="cpu")
 
 
