@@ -130,7 +130,7 @@ def _vision_config(
             f"{src}: no vision tower weights ({VISION_PREFIX}vision_model.encoder.layers.*)"
         )
     folder = Path(name) if Path(name).is_absolute() else src / name
-    fields = dict(SIGLIP_SO400M)
+    fields: dict[str, Any] = dict(SIGLIP_SO400M)
     if (folder / "config.json").is_file():
         raw = json.loads((folder / "config.json").read_text())
         raw = raw.get("vision_config", raw)

@@ -304,3 +304,12 @@ def test_tiny_authors_layout_is_written_with_4x_names(tiny_llava_checkpoint, cap
     with caplog.at_level(logging.WARNING, logger="model.authors_config"):
         read_authors_config(config)
     assert not caplog.records
+
+
+def test_readme_holds_the_field_table():
+    from model.authors_config import markdown_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    start, end = "<!-- field-table:start -->\n", "\n<!-- field-table:end -->"
+    held = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert held == markdown_table(), "README's field table is stale: paste `python -m model.authors_config`"
