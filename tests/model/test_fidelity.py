@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import types
 
 import numpy as np
@@ -150,7 +149,19 @@ def test_pil_backend_is_used(tiny_embedder, tiny_llava_checkpoint):
     assert type(load_embedder(tiny_llava_checkpoint, device="cpu").image_processor) is ImageProcessor
 
 
-def test_anyres_ratio_is_not_triggered_by_llave_grid():
-    # LLaVE's 2x2 grid never exceeds anyres_max_9, so no interpolation happens.
-    side = 27
-    assert math.sqrt((2 * side) ** 2 / (9 * side * side)) < 1.1
+@pytest.mark.parametrize(("height", "width"), [(768, 768), (1500, 1500), (384, 768), (3000, 1400)])
+def test_anyres_max_9_never_shrinks_llave_grids(height, width):
+    """LLaVE's grid is at most 2x2 crops, under anyres_max_9's limit: the unpadded grid is
+    kept whole (a 2x2 grid of 27x27 features plus a newline per row), where a 3x3 grid
+    allowance of 1 would shrink it."""
+    full = count_image_tokens(height, width, crop=384, patch=14, grid_pinpoints=LLAVE_PINPOINTS)
+    shrunk = count_image_tokens(
+        height, width, crop=384, patch=14, grid_pinpoints=LLAVE_PINPOINTS, vision_aspect_ratio="anyres_max_1"
+    )
+    best_h, best_w = select_best_resolution((height, width), LLAVE_PINPOINTS)
+    rows, cols = 27 * best_h // 384, 27 * best_w // 384
+    if height * best_w == width * best_h:  # same aspect: nothing to unpad
+        assert full == 729 + rows * cols + rows
+    assert full <= 729 + rows * cols + rows
+    if rows * cols > 729 * 1.21:
+        assert shrunk < full

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tolerance import assert_close_scaled
 from training import synthetic
 from training.run import main
 from training.step import last_token_pool, lr_multiplier
@@ -86,7 +87,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_checkpoint, shapes, tmp_
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["lr"] == pytest.approx(b["lr"])
     for key, value in _weights(straight).items():
-        torch.testing.assert_close(_weights(resumed)[key], value, msg=key)
+        assert_close_scaled(_weights(resumed)[key], value, rtol=1e-5, what=key)
     # 'latest' in the same folder (as after a crash): the lines past step 2 are replaced.
     first = _metrics(straight)
     main(_args(tiny_checkpoint, shapes, straight, "--max-steps", "4", "--resume", "latest"))
