@@ -85,6 +85,11 @@ def _text(name: str, why: str = "") -> Rule:
 FIELDS: dict[str, Rule] = {
     # -- Qwen2 language model -----------------------------------------------------------
     **{k: _text(k) for k in _SAME_NAME},
+    "sliding_window": _text(
+        "sliding_window",
+        "refused when below the sequence cut: the authors' eager attention applies the window even with "
+        "use_sliding_window false, their sdpa and flash attention do not",
+    ),
     "vocab_size": Rule(
         "map",
         "text_config.vocab_size",
@@ -96,11 +101,10 @@ FIELDS: dict[str, Rule] = {
         "transformers 5 keeps the RoPE base in rope_parameters (rope_type 'default')",
     ),
     "rope_scaling": Rule(
-        "require",
-        "null",
-        "transformers 4.39's Qwen2 (the authors' toolchain) has no RoPE scaling and ignores this field, "
-        "while transformers 5 would apply it: a checkpoint that sets it is ambiguous",
-        (None,),
+        "ignore",
+        "",
+        "the authors' LlavaQwenForCausalLM sets it to None when it builds the model, so no scaling ever "
+        "applies (measured: linear x2 changes nothing); a non-null value is logged",
     ),
     "pruned_heads": Rule("require", "empty", "pruned attention heads are not supported", ({}, None)),
     # -- vision tower and projector -----------------------------------------------------
@@ -117,14 +121,16 @@ FIELDS: dict[str, Rule] = {
         "require", "mlp2x_gelu", "LLaVE's projector: Linear, GELU, Linear", ("mlp2x_gelu",)
     ),
     "mm_vision_select_layer": Rule(
-        "require",
-        "-2",
-        "the saved tower already lacks its last layer, and the authors' SigLIP tower always takes the last "
-        "remaining one (it never reads this field); another value means a checkpoint not made the LLaVE way",
-        (-2,),
+        "ignore",
+        "",
+        "the authors' SigLIP tower never reads it: the saved tower lacks its last layer and the output of "
+        "the last remaining one is used (measured: -3 and -1 change nothing)",
     ),
     "mm_vision_select_feature": Rule(
-        "require", "patch", "SigLIP has no CLS token; the authors' SigLIP tower takes every patch", ("patch",)
+        "ignore",
+        "",
+        "the authors' SigLIP tower never reads it: SigLIP has no CLS token and every patch is used "
+        "(measured: cls_patch changes nothing)",
     ),
     "mm_resampler_type": Rule("require", "null", "a resampler between tower and projector", (None, "")),
     "use_mm_proj": Rule("require", "true", "the projector is always used", (True,)),
@@ -151,7 +157,10 @@ FIELDS: dict[str, Rule] = {
     ),
     "image_grid_pinpoints": Rule("map", "image_grid_pinpoints (model and image processor)", ""),
     "tokenizer_model_max_length": Rule(
-        "map", "the sequence cut (text plus image tokens)", "the authors cut the spliced sequence here"
+        "map",
+        "the sequence cut (text plus image tokens)",
+        "the authors cut the spliced sequence here; null or absent: no cut in their code, so the "
+        "tokenizer's own limit (else max_position_embeddings) applies",
     ),
     # -- ignored: no effect on an embedding -----------------------------------------------
     "image_crop_resolution": Rule("ignore", "", "read only by the 'highres'/'crop_split' tilings (refused)"),
@@ -265,7 +274,7 @@ class AuthorsConfig:
     mm_hidden_size: int | None
     image_grid_pinpoints: Any  # raw value: a list of [h, w] pairs or LLaVA-NeXT's range string
     vision_aspect_ratio: str  # anyres_max_N
-    max_length: int
+    max_length: int | None  # None: the authors do not cut (see tokenizer_model_max_length)
 
 
 def _refuse(where: str, field: str, value: Any, rule: Rule) -> CheckpointError:
@@ -292,6 +301,11 @@ def read_authors_config(config: Mapping[str, Any], *, where: str = "config.json"
         if rule.action == "require" and rule.allowed and field in config:
             if config[field] not in rule.allowed:
                 raise _refuse(where, field, config[field], rule)
+
+    if config.get("rope_scaling") is not None:
+        log.warning(
+            "%s: rope_scaling=%r is ignored, as the authors' code ignores it", where, config["rope_scaling"]
+        )
 
     def get(name: str) -> Any:
         value = config.get(name)
@@ -333,23 +347,22 @@ def read_authors_config(config: Mapping[str, Any], *, where: str = "config.json"
         raise CheckpointError(f"{where}: config field rms_norm_eps={eps!r} must be a number in (0, 1)")
 
     max_length = config.get("tokenizer_model_max_length")
-    if max_length is None:
-        max_length = 4096
-    if not _is_int(max_length) or max_length <= 0:
+    if max_length is not None and (not _is_int(max_length) or max_length <= 0):
         raise CheckpointError(
             f"{where}: config field tokenizer_model_max_length={max_length!r} must be a positive integer"
         )
-    if text["use_sliding_window"]:
-        # The authors' eager/sdpa attention never applies the window; transformers 5 would.
-        # Both agree only when the window covers every sequence the cut lets through.
-        window = text["sliding_window"]
-        if not _is_int(window) or window < max_length:
-            raise CheckpointError(
-                f"{where}: config field use_sliding_window=true with sliding_window={window!r} below "
-                f"tokenizer_model_max_length {max_length}: the authors' attention ignores the window, "
-                "transformers applies it"
-            )
-    else:
+    # The authors' eager attention masks with the window whatever use_sliding_window says;
+    # their sdpa and flash-attention paths (and transformers 5, per layer) differ. All of
+    # them agree only when the window covers every sequence that can reach the model.
+    window = text["sliding_window"]
+    longest = max_length if max_length is not None else text["max_position_embeddings"]
+    if window is not None and (not _is_int(window) or window < longest):
+        raise CheckpointError(
+            f"{where}: config field sliding_window={window!r} is below the longest sequence ({longest}): "
+            "the authors' eager attention applies the window even with use_sliding_window false, their "
+            "sdpa and flash attention do not, so the intended model is ambiguous"
+        )
+    if not text["use_sliding_window"]:
         text["sliding_window"] = None
 
     aspect = config.get("image_aspect_ratio")

@@ -164,7 +164,7 @@ def _load_llava(path: Path, config: dict[str, Any], dtype: torch.dtype, attn: st
 
     # Check the config before reading gigabytes of weights.
     settings = read_authors_config(config, where=str(path / "config.json"))
-    tokenizer = build_tokenizer(path, settings.max_length)
+    tokenizer = build_tokenizer(path, settings.max_length, fallback=settings.text["max_position_embeddings"])
     weights = read_llava_weights(path)
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     hf_config, _ = llava_to_hf_config(config, path, shapes, **token_ids(tokenizer))

@@ -150,7 +150,12 @@ def _vision_config(
     return vision
 
 
-def build_tokenizer(src: Path, max_length: int = DEFAULT_MAX_LENGTH):
+def build_tokenizer(
+    src: Path, max_length: int | None = DEFAULT_MAX_LENGTH, *, fallback: int = DEFAULT_MAX_LENGTH
+):
+    """The checkpoint's tokenizer with ``<image>``, right padding, the ChatML template and
+    ``model_max_length`` set to the sequence cut: ``max_length``, or where that is None
+    (the authors do not cut) the tokenizer's own limit, else ``fallback``."""
     try:
         # AutoTokenizer reads config.json to pick a class; its complaints about the
         # authors' model_type and 4.x field names are about that file, not the tokenizer.
@@ -163,6 +168,9 @@ def build_tokenizer(src: Path, max_length: int = DEFAULT_MAX_LENGTH):
     missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
+    if max_length is None:
+        own = getattr(tok, "model_max_length", None)
+        max_length = own if isinstance(own, int) and 0 < own < 1_000_000 else fallback
     tok.model_max_length = max_length
     tok.padding_side = "right"
     tok.chat_template = CHATML_TEMPLATE
@@ -333,7 +341,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = Non
         raise CheckpointError(f"{src}: not an authors'-layout (LlavaQwenForCausalLM) checkpoint")
     weights = read_llava_weights(src)
     settings = read_authors_config(config, where=str(src / "config.json"))
-    tokenizer = build_tokenizer(src, settings.max_length)
+    tokenizer = build_tokenizer(src, settings.max_length, fallback=settings.text["max_position_embeddings"])
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     hf_config, _ = llava_to_hf_config(config, src, shapes, **token_ids(tokenizer))
     if dtype is None:

@@ -105,25 +105,26 @@ class Embedder:
         return self.config.image_limits
 
     # ------------------------------------------------------------------ stage 1: CPU
-    def image_tokens(self, height: int, width: int, *, multi_image: bool = False) -> int:
+    def image_tokens(self, height: int, width: int) -> int:
         return count_image_tokens(
             height,
             width,
             crop=self.crop,
             patch=self.patch,
             grid_pinpoints=self.grid_pinpoints,
-            multi_image=multi_image,
             vision_aspect_ratio=self.config.vision_aspect_ratio,
         )
 
     def prompt(self, inp: Any) -> str:
         """The exact ChatML prompt for one input (``<image>`` not yet expanded)."""
         parsed = parse_input(inp, self.limits)
-        return build_prompt(build_message(parsed.parts, parsed.instruction))
+        return build_prompt(build_message(parsed.parts, parsed.instruction, interleaved=parsed.interleaved))
 
     def _tokenize(self, prompt: str) -> list[int]:
         with self._lock:
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            # verbose=False: the cut to the model's limit happens after image splicing
+            # (see _cut), so the tokenizer's length warning would be noise.
+            return self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _expand(self, ids: list[int], counts: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """Replace each ``<image>`` id by its feature count; return ids and image spans."""
@@ -158,19 +159,21 @@ class Embedder:
     def preprocess(self, inp: Any, *, truncate: bool = True) -> PreparedInput:
         """Parse, decode and tile images, build the prompt and tokenise (thread-safe)."""
         parsed = parse_input(inp, self.limits)
-        prompt = build_prompt(build_message(parsed.parts, parsed.instruction))
+        prompt = build_prompt(build_message(parsed.parts, parsed.instruction, interleaved=parsed.interleaved))
         ids = self._tokenize(prompt)
-        multi = parsed.num_images > 1
         pixel_values = None
         sizes: list[tuple[int, int]] = []
         if parsed.images:
             images = [decode_image(v, self.limits) for v in parsed.images]
             sizes = [(im.height, im.width) for im in images]
-            feats = self.image_processor(images=[images], return_tensors=None, do_pad=False)
+            # One sample per image: the processor then tiles each with anyres (base crop +
+            # grid), as the authors do for every image; given them as one sample it would
+            # keep a single crop per image.
+            feats = self.image_processor(images=[[im] for im in images], return_tensors=None, do_pad=False)
             pixel_values = np.concatenate(
                 [np.asarray(p, dtype=np.float32) for p in feats["pixel_values"]], axis=0
             )
-        counts = [self.image_tokens(h, w, multi_image=multi) for h, w in sizes]
+        counts = [self.image_tokens(h, w) for h, w in sizes]
         ids, spans = self._expand(ids, counts)
         ids, truncated = self._cut(ids, spans, truncate)
         return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes, truncated=truncated)
@@ -178,11 +181,10 @@ class Embedder:
     def estimate_cost(self, inp: Any) -> int:
         """Sequence length of an input from the text and the image headers only."""
         parsed = parse_input(inp, self.limits)
-        ids = self._tokenize(build_prompt(build_message(parsed.parts, parsed.instruction)))
-        multi = parsed.num_images > 1
-        extra = sum(
-            self.image_tokens(*image_size(v, self.limits), multi_image=multi) - 1 for v in parsed.images
+        ids = self._tokenize(
+            build_prompt(build_message(parsed.parts, parsed.instruction, interleaved=parsed.interleaved))
         )
+        extra = sum(self.image_tokens(*image_size(v, self.limits)) - 1 for v in parsed.images)
         return min(len(ids) + extra, self.max_length)
 
     def warmup_inputs(self, n: int, tokens: int) -> list[PreparedInput]:
@@ -211,7 +213,6 @@ class Embedder:
             out["image_sizes"] = torch.tensor([s for p in batch for s in p.image_sizes], dtype=torch.long).to(
                 device
             )
-            out["batch_num_images"] = torch.tensor([p.num_images for p in batch], dtype=torch.long).to(device)
         return out
 
     def encode(self, tensors: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:

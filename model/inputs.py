@@ -56,6 +56,7 @@ class ParsedInput:
     parts: list[str | None]
     instruction: str | None
     images: list[Any] = field(default_factory=list)  # raw image payloads, in order
+    interleaved: bool = False  # given as a 'content' list (not the text/image shorthand)
 
     @property
     def num_images(self) -> int:
@@ -123,7 +124,7 @@ def parse_input(obj: Any, limits: ImageLimits | None = None) -> ParsedInput:
         raise EmptyInputError("input is empty: give text, an image or content parts")
     if len(images) > limits.max_images:
         raise TooManyImagesError(f"input holds {len(images)} images; the limit is {limits.max_images}")
-    return ParsedInput(parts=parts, instruction=instruction, images=images)
+    return ParsedInput(parts=parts, instruction=instruction, images=images, interleaved="content" in obj)
 
 
 def image_bytes(value: Any, limits: ImageLimits) -> bytes:

@@ -1,7 +1,7 @@
 """LLaVA-OneVision pieces adapted to match the LLaVE authors' code exactly.
 
 transformers' OneVision classes reproduce the authors' embeddings bit for bit except in
-the places handled here (DESIGN.md, "Fidelity notes"):
+the places handled here (docs/architecture.md, "Fidelity notes"):
 
 1. Unpadding rounding. The authors truncate (``int(x)``) when they compute the height
    or width of the unpadded feature grid; transformers rounds (``int(round(x, 7))``).
@@ -38,7 +38,7 @@ __all__ = [
 
 ImageProcessor = LlavaOnevisionImageProcessorPil
 
-# LLaVE trained with 1x1..2x2 crops (DESIGN.md section 2), in units of the crop size.
+# LLaVE trained with 1x1..2x2 crops (docs/architecture.md, "Fidelity notes"), in units of the crop size.
 LLAVE_GRID = [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
@@ -85,18 +85,15 @@ def count_image_tokens(
     crop: int,
     patch: int,
     grid_pinpoints: Sequence[Sequence[int]],
-    multi_image: bool = False,
     vision_aspect_ratio: str = "anyres_max_9",
 ) -> int:
-    """Number of ``<image>`` tokens one image becomes, as the authors' model packs it.
-
-    A lone image: the base crop (side^2 features), then the unpadded grid with one
-    newline feature per row. An image in a multi-image input: one crop plus a newline.
+    """Number of ``<image>`` tokens one image becomes, as the authors' model packs it:
+    the base crop (side^2 features), then the unpadded grid with one newline feature per
+    row. Every image is tiled so, also when an input holds several (the authors' model
+    code does; transformers would give each of those one crop plus a newline).
     """
     side = crop // patch
     base = side * side
-    if multi_image:
-        return base + 1
     best_h, best_w = select_best_resolution((height, width), [list(p) for p in grid_pinpoints])
     rows, cols, _ = _unpadded_grid(height, width, side * (best_h // crop), side * (best_w // crop))
     ratio = math.sqrt(rows * cols / (_max_patches(vision_aspect_ratio) * side * side))

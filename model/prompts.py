@@ -20,23 +20,36 @@ _CHATML = (
 )
 
 
-def build_message(parts: Sequence[str | None], instruction: str | None = None) -> str:
+def build_message(
+    parts: Sequence[str | None], instruction: str | None = None, *, interleaved: bool = False
+) -> str:
     """Build the user MESSAGE from ordered parts.
 
     ``parts`` holds text strings and ``None`` for each image, in order. Text parts are
     concatenated as given; each image becomes ``<image>``. The instruction, when given,
-    goes first with one space before the content. Then LLaVE's single-image rule: when
-    the message holds exactly one image, its placeholder is moved to the front as
-    ``<image>\\n`` and the rest is stripped; several images stay where they are.
+    goes first with one space before the content.
+
+    Then the single-image rule of the authors' evaluation code (``preprocess_multimodal``):
+    a message holding exactly one ``<image>`` that does not already start with it has the
+    placeholder removed, the rest stripped, and ``<image>\n`` put in front; a message that
+    already starts with ``<image>`` is left exactly as it is (``<image> Find`` keeps its
+    space), and several images stay where they are. ``interleaved`` marks a ``content``
+    list, which goes through that rule literally. The ``text``/``image`` shorthand is
+    MMEB's layout, the image on its own line first: ``<image>\n{instruction} {text}``
+    (an image alone is ``<image>\n``).
     """
     content = "".join(IMAGE_PLACEHOLDER if p is None else p for p in parts)
     if instruction and content:
         message = f"{instruction} {content}"
     else:
         message = instruction or content
-    if message.count(IMAGE_PLACEHOLDER) == 1:
-        message = IMAGE_PLACEHOLDER + "\n" + message.replace(IMAGE_PLACEHOLDER, "").strip()
-    return message
+    if message.count(IMAGE_PLACEHOLDER) != 1:
+        return message
+    if not interleaved:
+        return IMAGE_PLACEHOLDER + "\n" + message.replace(IMAGE_PLACEHOLDER, "").strip()
+    if message.startswith(IMAGE_PLACEHOLDER):
+        return message
+    return (IMAGE_PLACEHOLDER + "\n" + message.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
 
 
 def build_prompt(message: str, system: str = SYSTEM_PROMPT) -> str:

@@ -191,12 +191,9 @@ MAPPED_PROBES = {
 CONTEXT = {"sliding_window": {"use_sliding_window": True}, "vision_tower": {"mm_vision_tower": None}}
 # Every required field: one value the converter must refuse.
 REFUSED = {
-    "rope_scaling": {"type": "linear", "factor": 2.0},
     "pruned_heads": {"0": [1]},
     "mm_hidden_size": 1024,
     "mm_projector_type": "linear",
-    "mm_vision_select_layer": -3,
-    "mm_vision_select_feature": "cls_patch",
     "mm_resampler_type": "spatial_pool",
     "use_mm_proj": False,
     "s2": True,
@@ -247,7 +244,9 @@ def test_a_value_that_cannot_be_honoured_is_refused_by_name(field):
     [
         ({"image_aspect_ratio": "pad"}, "image_aspect_ratio"),
         ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio"),
-        ({"use_sliding_window": True, "sliding_window": 1024}, "use_sliding_window"),
+        ({"use_sliding_window": True, "sliding_window": 1024}, "sliding_window"),
+        # The authors' eager attention applies a window even with the flag off.
+        ({"use_sliding_window": False, "sliding_window": 1024}, "sliding_window"),
         ({"rope_theta": "1e6"}, "rope_theta"),
         ({"rms_norm_eps": 0}, "rms_norm_eps"),
         ({"head_dim": 128}, "head_dim"),

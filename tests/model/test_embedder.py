@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from model import load_embedder
+from model.embedder import last_token_pool
 from model.errors import (
     EmptyInputError,
     ImageDecodeError,
@@ -74,15 +75,31 @@ def test_pooling_picks_last_real_token_under_left_and_right_padding(tiny_embedde
         hidden = emb.model(
             input_ids=left_ids, attention_mask=left_mask, position_ids=positions
         ).last_hidden_state
-        mask = left_mask
-        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-        l_pooled = hidden[torch.arange(2), last]
+        l_pooled = last_token_pool(hidden, left_mask)  # the project's pooling, left-padded batch
         alone = emb.encode(emb.collate([short]))
     # Raw pooled states (before L2 normalisation): tolerances scale with their magnitude.
     assert_close_scaled(r[0], alone[0], rtol=1e-5, what="right-padded pooled state")
     assert_close_scaled(l_pooled[0], alone[0], rtol=1e-5, what="left-padded pooled state")
-    # The naive "mask.sum() - 1" index would be a pad position under left padding.
-    assert int(left_mask[0].sum()) - 1 != int(last[0])
+    # The naive "mask.sum() - 1" index lands on a pad position here: it would give another state.
+    naive = hidden[0, int(left_mask[0].sum()) - 1]
+    assert not torch.allclose(naive, alone[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_pool_takes_each_rows_last_real_position(side):
+    """Direct check of the index on states that name their own position (state = position)."""
+    lengths = [1, 3, 5, 2]
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, width - n :] = 1
+    hidden = torch.arange(width, dtype=torch.float32)[None, :, None].expand(len(lengths), width, 2)
+    pooled = last_token_pool(hidden, mask)
+    expected = [n - 1 if side == "right" else width - 1 for n in lengths]
+    assert pooled[:, 0].tolist() == expected and pooled.shape == (len(lengths), 2)
 
 
 def test_distinct_inputs_give_distinct_vectors(tiny_embedder):
@@ -111,9 +128,11 @@ def test_cost_estimate_multi_image(tiny_embedder):
     }
     prep = tiny_embedder.preprocess(inp)
     assert tiny_embedder.estimate_cost(inp) == prep.cost
-    # Several images: one crop each, 16 features + newline.
-    assert prep.pixel_values.shape[0] == 2
-    assert prep.input_ids.count(tiny_embedder.image_token_id) == 2 * 17
+    # Several images are each tiled like a lone one (the authors' model code): 40x30 is a
+    # base crop + one grid crop (16 + 4x4 grid + 4 newlines = 36 features), 64x128 a base
+    # crop + two (16 + 4x8 grid + 4 newlines = 52). transformers would give 2 x (16 + 1).
+    assert prep.pixel_values.shape[0] == 2 + 3
+    assert prep.input_ids.count(tiny_embedder.image_token_id) == 36 + 52
 
 
 # ----------------------------------------------------------------------------- bad inputs

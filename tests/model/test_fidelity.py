@@ -92,7 +92,6 @@ def test_model_packing_truncates_and_matches_the_count(tiny_embedder, height, wi
         feats = emb.model.get_image_features(
             pixel_values=tensors["pixel_values"],
             image_sizes=tensors["image_sizes"],
-            batch_num_images=tensors["batch_num_images"],
             vision_feature_layer=-1,
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",

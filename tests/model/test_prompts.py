@@ -23,8 +23,8 @@ TAIL = "<|im_end|>\n<|im_start|>assistant\n\n<|im_end|>\n"
             "Represent the given image with the following question:",
             "<image>\nRepresent the given image with the following question: What is in the image",
         ),
-        # Interleaved single image in the middle: moved to the front, rest stripped.
-        (["left ", None, " right"], None, "<image>\nleft  right"),
+        # The shorthand is MMEB's layout: the image on its own line first.
+        ([None, " padded "], None, "<image>\npadded"),
         # Several images stay where they are; text parts are joined with nothing between.
         (["A:", None, "B:", None], None, "A:<image>B:<image>"),
         ([None, None], "Compare", "Compare <image><image>"),
@@ -33,6 +33,25 @@ TAIL = "<|im_end|>\n<|im_start|>assistant\n\n<|im_end|>\n"
 )
 def test_build_message(parts, instruction, expected):
     assert build_message(parts, instruction) == expected
+
+
+@pytest.mark.parametrize(
+    ("parts", "instruction", "expected"),
+    [
+        # One image in the middle: moved to the front, the rest stripped.
+        (["left ", None, " right"], None, "<image>\nleft  right"),
+        (["  ", None], None, "<image>"),  # the authors strip the result too
+        (["Find a caption for ", None], "Task:", "<image>\nTask: Find a caption for"),
+        # Already in front: left exactly as it is (the authors' preprocess_multimodal).
+        ([None, " Find a caption"], None, "<image> Find a caption"),
+        ([None, "a cat"], None, "<image>a cat"),
+        ([None], None, "<image>"),
+        ([None, "\nRepresent the given image. "], None, "<image>\nRepresent the given image. "),
+        (["A:", None, "B:", None], None, "A:<image>B:<image>"),
+    ],
+)
+def test_interleaved_content_follows_the_authors_rule_literally(parts, instruction, expected):
+    assert build_message(parts, instruction, interleaved=True) == expected
 
 
 def test_chatml_exchange_is_exact():
