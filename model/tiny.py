@@ -228,7 +228,7 @@ def _authors_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def authors_config(model, preset: Preset, tower: str) -> dict[str, Any]:
+def authors_config(model, tokenizer, preset: Preset, tower: str) -> dict[str, Any]:
     """``config.json`` as the authors' toolchain writes it (LLaVA-NeXT's ``LlavaQwenConfig``
     saved by transformers 4.39): Qwen2 fields under their 4.x names, the ``mm_*`` fields
     LLaVE's training sets, LLaVE's loss settings. Written field by field here, not from
@@ -237,10 +237,11 @@ def authors_config(model, preset: Preset, tower: str) -> dict[str, Any]:
     text, vision = cfg.text_config, cfg.vision_config
     theta = (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 1_000_000.0)
     config = {
-        "_name_or_path": "./checkpoints/LLaVE-tiny",
         "alpha": 9,
         "architectures": ["LlavaQwenForCausalLM"],
         "attention_dropout": 0.0,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "hidden_act": text.hidden_act,
         "hidden_size": text.hidden_size,
         "image_aspect_ratio": "anyres_max_9",
@@ -295,8 +296,10 @@ def _write_tower_folder(vision, folder: Path) -> None:
     more layer than the LLaVE weights keep)."""
     folder.mkdir(parents=True, exist_ok=True)
     tower = {
-        "architectures": ["SiglipVisionModel"],
+        "architectures": ["SigLipVisionModel"],
         "model_type": "siglip_vision_model",
+        "attention_dropout": 0.0,
+        "image_mean": [0.5, 0.5, 0.5],
         "hidden_act": vision.hidden_act,
         "hidden_size": vision.hidden_size,
         "image_size": vision.image_size,
@@ -320,7 +323,7 @@ def _write_llava(model, tokenizer, out: Path, preset: Preset) -> None:
     else:
         tower = "siglip-tower"  # a folder relative to the checkpoint, as the authors allow
         _write_tower_folder(model.config.vision_config, out / tower)
-    config = authors_config(model, preset, tower)
+    config = authors_config(model, tokenizer, preset, tower)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(_authors_state(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))

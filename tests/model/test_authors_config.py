@@ -297,6 +297,11 @@ def test_the_embedding_moves_when_a_mapped_field_moves(tiny_llava_checkpoint, tm
 
 def test_tiny_authors_layout_is_written_with_4x_names(tiny_llava_checkpoint, caplog):
     config = json.loads((tiny_llava_checkpoint / "config.json").read_text())
+    # The same fields as a config.json that the authors' toolchain wrote (the reference).
+    written_by_authors = json.loads(
+        (Path(__file__).parent / "authors_reference/checkpoint/config.json").read_text()
+    )
+    assert set(config) == set(written_by_authors)
     assert config["model_type"] == "llava_qwen"
     assert config["rope_theta"] == 1_000_000.0 and "rope_parameters" not in config
     assert {"use_sliding_window", "sliding_window", "max_window_layers", "rope_scaling"} <= set(config)
