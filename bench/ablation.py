@@ -1,7 +1,9 @@
 """Ablation: hardness-weighted loss (alpha 9) against InfoNCE (alpha 0) on the demo model.
 
-    python bench/ablation.py --quick          # 1 seed, 60 steps (about a minute)
-    python bench/ablation.py                  # 3 seeds x 2 alphas x 600 steps (~30 min on 2 cores)
+    python bench/ablation.py --quick          # 1 seed, 60 steps
+    python bench/ablation.py                  # 3 seeds x 2 alphas x 600 steps
+
+Run times on the benchmark machine: the script table of bench/README.md.
 
 For each seed s: the ``demo``-preset random checkpoint built with ``--seed s``, trained by
 ``training/run.py`` with the demo recipe of ``service/demo.py`` (batch 64, AdamW lr 5e-4,

@@ -1,8 +1,8 @@
 """Helpers shared by the benchmarks: checkpoints, inputs, statistics, tables, results.
 
 Nothing here imports torch or the model core at import time, so a benchmark's client
-side stays light. Benchmarks are not tests (CONVENTIONS.md): they print a table and write
-JSON under ``bench/results/``; nothing asserts on wall-clock time.
+side stays light. Benchmarks are not tests (docs/architecture.md, "Contracts"): they
+print a table and write JSON under ``bench/results/``; nothing asserts on wall-clock time.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 # pydantic-settings, faiss-cpu, ...) travel in .whl/ (see bench/README.md); results go to
 # bench/results/serve-gpu.{json,png} and, when $OUT is set, are copied there too.
 #
-#     bash bench/gpu.sh                  # ~7 min on an H100/H200
+#     bash bench/gpu.sh                  # run time: bench/README.md
 #     bash bench/gpu.sh --repeats 1      # extra flags go to bench/serve.py
 set -euo pipefail
 cd "$(dirname "$0")/.."

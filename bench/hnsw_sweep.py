@@ -1,6 +1,6 @@
 """HNSW parameters against recall@10 and latency, on the data of ``bench/index.py``.
 
-    python bench/hnsw_sweep.py --n 1000000                       # ~15 min on 2 cores
+    python bench/hnsw_sweep.py --n 1000000                       # run times: bench/README.md
     python bench/hnsw_sweep.py --n 100000 --ef-construction 64,200 --ef-search 32,128,512
 
 Builds FAISS ``IndexHNSWFlat`` (inner product, as the collection store does) over n

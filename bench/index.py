@@ -1,6 +1,6 @@
 """Collection-store benchmark: upsert throughput, search latency/QPS, recall, reload, memory.
 
-    python bench/index.py --quick                   # 10k and 30k vectors (about a minute)
+    python bench/index.py --quick                   # 10k and 30k vectors (run times: bench/README.md)
     python bench/index.py                           # 10k, 100k and 1M (long: run it in the background)
     python bench/index.py --sizes 10000 --modes store,http
 

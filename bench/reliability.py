@@ -1,8 +1,8 @@
 """Reliability and security run: fuzzing, hostile inputs, auth, SSRF, path traversal, load past
 capacity, kill -9, failing batches, a dead worker, a full and a read-only disk, with counts.
 
-    python bench/reliability.py              # the soak-sized run (~7-10 min on 2 cores)
-    python bench/reliability.py --quick      # a smaller run (~3 min)
+    python bench/reliability.py              # the soak-sized run (run times: bench/README.md)
+    python bench/reliability.py --quick      # a smaller run
     python bench/reliability.py --crash-rounds 50 --load-seconds 300 --tag long
 
 Every category reuses the checks of the fast tests in ``tests/reliability`` (the soak test

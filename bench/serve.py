@@ -1,8 +1,8 @@
 """Serving benchmark: the real server under closed-loop concurrent clients, with references.
 
-    python bench/serve.py                       # full CPU run (~25 min on 2 cores)
-    python bench/serve.py --quick               # about a minute: fewer, shorter points
-    python bench/serve.py --gpu-quick           # = --quick --device cuda --dtype bfloat16 (~3-4 min)
+    python bench/serve.py                       # full CPU run
+    python bench/serve.py --quick               # fewer, shorter points (a smoke check)
+    python bench/serve.py --gpu-quick           # = --quick --device cuda (bfloat16)
     python bench/serve.py --checkpoint PATH --device cuda --dtype bfloat16 --kinds text,image
     python bench/serve.py --kinds text --inputs-per-request 8   # requests of 8 inputs each
     python bench/serve.py --plot-only bench/results/serve.json   # redraw the chart
@@ -27,8 +27,8 @@ What it does, per checkpoint:
    alternate, concurrency order reversed every other repeat), and reports the median and
    the spread (``(max - min) / median``) of every figure.
 
-Image inputs on CPU: a 0.5B-shaped forward of one 384px image (two crops, ~1.3k tokens)
-takes seconds here, so by default image and mixed runs on CPU use the small ``demo``
+Image inputs on CPU: a 0.5B-shaped forward of one 384px image (two crops, 1,485 image
+tokens) is too slow on CPU for a sweep, so by default image and mixed runs on CPU use the small ``demo``
 preset (``--image-preset``); on CUDA they use the main checkpoint. With
 ``--image-preset same`` images run on the main checkpoint everywhere.
 
@@ -59,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import log  # noqa: E402
+
+from service.hardware import dtype_warning  # noqa: E402
 
 KINDS = ("text", "image", "mixed")
 _ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*=")
@@ -534,7 +536,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-dir", type=Path, default=common.DEFAULT_CACHE, help="where built checkpoints are cached"
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (the server's choice: bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+    )
     g = p.add_argument_group("load")
     g.add_argument("--kinds", default="text,image,mixed", help="comma-separated: text, image, mixed")
     g.add_argument("--concurrency", default="1,8,32,64", help="comma-separated client counts")
@@ -584,7 +590,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="client processes (>1: spread the clients, fixed-time windows). 0 (default): one "
         "per 16 clients, at most 8 (one asyncio client process with 64 connections spends "
-        "~8 ms of CPU per request and becomes the bottleneck against a fast server)",
+        "enough CPU per request to become the bottleneck against a fast server; bench/README.md)",
     )
     g = p.add_argument_group("server")
     g.add_argument(
@@ -601,10 +607,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(e.g. t1='OMP_NUM_THREADS=1'); repeatable",
     )
     g = p.add_argument_group("mode")
-    g.add_argument("--quick", action="store_true", help="about a minute: 1 repeat, short points")
-    g.add_argument(
-        "--gpu-quick", action="store_true", help="--quick on cuda/bfloat16, text and image (~3-4 min)"
-    )
+    g.add_argument("--quick", action="store_true", help="1 repeat, short points (a smoke check)")
+    g.add_argument("--gpu-quick", action="store_true", help="--quick on cuda/bfloat16, text and image")
     g.add_argument("--tag", default="", help="suffix of the results file (serve-TAG.json)")
     g.add_argument("--no-plot", action="store_true", help="do not draw the PNG chart")
     g.add_argument("--plot-only", type=Path, help="redraw the chart from a results JSON and exit")
@@ -612,7 +616,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gpu_quick:
         args.quick = True
         args.device = "cuda" if args.device == "cpu" else args.device
-        args.dtype = "bfloat16"
     if args.quick:
         on_cuda = args.device.startswith("cuda")
         explicit = set(sys.argv[1:] if argv is None else argv)
@@ -676,6 +679,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "groups": [],
     }
     import torch  # after the checkpoints are built (their builds run in subprocesses)
+
+    if args.dtype == "auto":  # the server's own rule, so that servers and references agree
+        from model.checkpoint import resolve_dtype
+
+        args.dtype = str(resolve_dtype("auto", torch.device(args.device))).removeprefix("torch.")
+        result["args"]["dtype"] = args.dtype
+    slow_dtype = dtype_warning(args.device, args.dtype)
+    if slow_dtype is not None:
+        log(f"WARNING: {slow_dtype}")
 
     for ckpt, group_kinds in groups.items():
         log(f"checkpoint {ckpt}: kinds {group_kinds}")

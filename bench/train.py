@@ -1,7 +1,9 @@
 """Training benchmark: loss overhead, gradient-cache memory, and training throughput on CPU.
 
-    python bench/train.py --quick      # about a minute
-    python bench/train.py              # a few minutes (the 0.5B-shaped parts dominate)
+    python bench/train.py --quick      # smaller sizes (a smoke check)
+    python bench/train.py              # the 0.5B-shaped parts take most of the time
+
+Run times on the benchmark machine: the script table of bench/README.md.
 
 Three parts, each in its own subprocess where memory or threads matter:
 

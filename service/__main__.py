@@ -88,10 +88,13 @@ def configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings(argv)
     configure_logging(settings.log_level)
+    for adjustment in settings.adjustments:
+        logger.warning("%s", adjustment)
 
     import uvicorn
 
     from service.app import create_app
+    from service.connections import uvicorn_options
 
     app = create_app(settings)
     logger.info(
@@ -112,9 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=settings.log_level,
         log_config=None,  # use the logging configured above
         timeout_graceful_shutdown=10,
-        # Longer than clients' idle expiry (httpx: 5 s), so a client never reuses a
-        # connection the server is closing at that same moment.
-        timeout_keep_alive=75,
+        # Keep-alive, header and body deadlines, connection cap: service/connections.py.
+        **uvicorn_options(settings, app.state.metrics),
     )
 
 

@@ -82,8 +82,10 @@ class RequestAccountingMiddleware:
                 status = message["status"]
             await send(message)
 
+        unanswered = 500  # the label when no response was sent
         try:
             await self.app(scope, receive, send_and_record)
+            unanswered = 499  # returned without answering: the client left (or its body timed out)
         except Exception as exc:
             if status:  # the response had started: nothing else can be sent
                 logger.error("error after the response started on %s", scope.get("path"), exc_info=exc)
@@ -91,7 +93,8 @@ class RequestAccountingMiddleware:
                 response = unexpected_error_response(scope.get("method", ""), scope.get("path", ""), exc)
                 await response(scope, receive, send_and_record)
         finally:
-            self.metrics.requests.labels(route=self._route_label(scope), status=str(status or 500)).inc()
+            label = str(status or unanswered)
+            self.metrics.requests.labels(route=self._route_label(scope), status=label).inc()
 
 
 def _open_store(settings: Settings) -> Any:

@@ -41,9 +41,9 @@ def _run(step: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 def _training_env() -> dict[str, str]:
     """One intra-op thread unless the user chose otherwise: the demo model is so small
-    that two threads gain little on an idle machine, while on a busy one (anything else
-    running on the two cores) spinning OpenMP threads made steps over 15x slower
-    (measured: 0.38 s/step with one thread against 6-9 s/step with two)."""
+    that more threads gain little on an idle machine, while on a busy one (anything else
+    running on the same cores) spinning OpenMP threads make every step much slower
+    (measured: bench/README.md, "Demo training threads")."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

@@ -53,6 +53,7 @@ from service.errors import (
     UnavailableError,
     from_model_error,
 )
+from service.hardware import dtype_warning
 from service.images import ImageFetcher
 from service.metrics import Metrics
 from service.settings import Settings
@@ -162,6 +163,9 @@ class EmbeddingEngine:
             started = time.perf_counter()
             self.embedder = await self._device.run(self._load_model)
             loaded = time.perf_counter()
+            slow_dtype = dtype_warning(self.embedder.device, self.embedder.dtype)
+            if slow_dtype is not None:  # before the warm-up, which it would make very long
+                logger.warning("%s", slow_dtype)
             interval = s.gil_switch_interval_s(str(self.embedder.device))
             if interval is not None:  # process-wide; see Settings.gil_switch_interval_ms
                 sys.setswitchinterval(interval)

@@ -18,7 +18,8 @@ and the traceback in the log, never in the response.
 | malformed JSON body                        | 400    | invalid_json              |
 | missing/wrong API key                      | 401    | unauthorized              |
 | unknown route / model / collection / doc   | 404    | not_found                 |
-| wrong method                               | 405    | method_not_allowed        |
+| wrong method (Allow: every method of the path) | 405 | method_not_allowed       |
+| headers or body not received in time (connection closed; service/connections.py) | 408 | request_timeout |
 | CollectionExistsError                      | 409    | conflict                  |
 | body, inputs, images, pixels, tokens over a limit | 413 | payload_too_large     |
 | content type not JSON                      | 415    | unsupported_media_type    |
@@ -30,6 +31,7 @@ and the traceback in the log, never in the response.
 | a batch's forward pass failed              | 500    | inference_error           |
 | any other exception (a bug)                | 500    | internal_error            |
 | model loading / timed out / worker dead / store unavailable | 503 | unavailable (+Retry-After) |
+| --max-connections reached, no idle connection to close | 503 | unavailable (+Retry-After) |
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import store_errors
 
@@ -163,6 +166,7 @@ HTTP_STATUS_TYPE: dict[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -282,7 +286,29 @@ async def _handle_http_exception(request: Request, exc: Exception) -> JSONRespon
     assert isinstance(exc, StarletteHTTPException)
     kind = HTTP_STATUS_TYPE.get(exc.status_code, "internal_error" if exc.status_code >= 500 else "error")
     message = exc.detail if isinstance(exc.detail, str) else kind.replace("_", " ")
-    return error_response(exc.status_code, kind, message, exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route that matched the path; a path
+        # served by several routes (GET, PUT and DELETE /collections/{name}) has them all.
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, kind, message, headers)
+
+
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path, sorted.
+
+    Asks the router itself (each route's ``matches``, which included routers answer for
+    their own routes too) whether the path would be served with each method.
+    """
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 def unexpected_error_response(method: str, path: str, exc: BaseException) -> JSONResponse:

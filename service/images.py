@@ -9,9 +9,13 @@ internal networks), redirects are followed only to the same host (at most 3), an
 is streamed with a byte cap (413 beyond it) and an overall time limit. The fetched bytes
 replace the URL, so the model core never touches the network.
 
-Known limit: the address check resolves the name before httpx connects, which resolves it
-again; a DNS server that answers differently the second time (DNS rebinding) is not
-defended against here. Allow-list only hosts whose DNS you trust.
+DNS rebinding: the name is resolved once per connection, by the HTTP client's network
+backend (``CheckedNetworkBackend``), which refuses the connection when any answer is not
+public and then connects to the checked addresses themselves; nothing resolves the name a
+second time, so a DNS server that answers a public address to the check and a private one
+to the connection has nothing to exploit. TLS still verifies the certificate for the host
+name. A redirect is a new request: if it needs a new connection, it is resolved and checked
+the same way; a kept-alive connection it reuses was checked when it was opened.
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 
 from service.errors import InvalidInputApiError, PayloadTooLargeError
 
 MAX_REDIRECTS = 3
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# (host, port) -> the host's addresses; the default asks the system (getaddrinfo).
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
 
 def is_image_url(value: Any) -> bool:
@@ -61,11 +70,13 @@ class ImageFetcher:
         allow_private: bool = False,
         max_bytes: int = 16 * 1024 * 1024,
         timeout_s: float = 10.0,
+        resolver: Resolver | None = None,
     ) -> None:
         self.allow_hosts = [h.lower().rstrip(".") for h in allow_hosts]
         self.allow_private = allow_private
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.resolver: Resolver = resolver or system_resolve
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -120,7 +131,7 @@ class ImageFetcher:
     async def _fetch(self, url: str) -> bytes:
         first_host = None
         for _ in range(MAX_REDIRECTS + 1):
-            host = await self._check_url(url)
+            host = self._check_url(url)
             if first_host is None:
                 first_host = host
             elif host != first_host:
@@ -153,24 +164,21 @@ class ImageFetcher:
                 raise InvalidInputApiError("the image URL could not be fetched") from None
         raise InvalidInputApiError(f"the image URL redirects more than {MAX_REDIRECTS} times")
 
-    async def _check_url(self, url: str) -> str:
+    def _check_url(self, url: str) -> str:
+        """The URL's host, if allow-listed; its addresses are checked when connecting."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise InvalidInputApiError("an image URL must be http(s)://host/...")
         host = parts.hostname.lower().rstrip(".")
         if not host_allowed(host, self.allow_hosts):
             raise InvalidInputApiError(f"image URLs from host {host!r} are not allowed")
-        if not self.allow_private:
-            for ip in await _resolve(host, parts.port or (443 if parts.scheme.lower() == "https" else 80)):
-                if not _public(ip):
-                    raise InvalidInputApiError(
-                        f"image URL host {host!r} resolves to a non-public address; refused"
-                    )
         return host
 
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:
+            backend = CheckedNetworkBackend(self.resolver, allow_private=self.allow_private)
             self._client = httpx.AsyncClient(
+                transport=_CheckedTransport(backend),
                 follow_redirects=False,
                 trust_env=False,  # no proxies or netrc from the environment
                 timeout=httpx.Timeout(self.timeout_s),
@@ -179,7 +187,8 @@ class ImageFetcher:
         return self._client
 
 
-async def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+async def system_resolve(host: str, port: int) -> list[IPAddress]:
+    """The host's addresses from the system resolver (a literal address as it is)."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
@@ -192,9 +201,78 @@ async def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddre
     for info in infos:
         address = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone
         addresses.append(ipaddress.ip_address(address))
-    if not addresses:
-        raise InvalidInputApiError(f"image URL host {host!r} could not be resolved")
-    return addresses
+    return list(dict.fromkeys(addresses))
+
+
+class CheckedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """Resolves each host once, refuses non-public answers, connects to the checked addresses.
+
+    The HTTP client's only way to the network: ``InvalidInputApiError`` (422) when the host
+    has a non-public address (unless ``allow_private``) or none; the addresses are tried in
+    the resolver's order. TLS is started on the stream afterwards by httpcore with the URL's
+    host name, so the certificate is verified for the name, not the address.
+    """
+
+    def __init__(self, resolver: Resolver, *, allow_private: bool = False) -> None:
+        self.resolver = resolver
+        self.allow_private = allow_private
+        self._inner = httpcore.AnyIOBackend()
+
+    async def checked_addresses(self, host: str, port: int) -> list[IPAddress]:
+        addresses = await self.resolver(host, port)
+        if not addresses:
+            raise InvalidInputApiError(f"image URL host {host!r} could not be resolved")
+        if not self.allow_private and not all(_public(ip) for ip in addresses):
+            raise InvalidInputApiError(f"image URL host {host!r} resolves to a non-public address; refused")
+        return addresses
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await self.checked_addresses(host, port)
+        error: Exception | None = None
+        for ip in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(ip), port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("image URLs are fetched over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _CheckedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over ``CheckedNetworkBackend``.
+
+    httpx takes no network backend, so the httpcore pool it built is replaced by one with
+    the same options and ours (``_pool`` is the pool ``handle_async_request`` uses; the
+    DNS-rebinding tests fail if that ever stops being true).
+    """
+
+    def __init__(self, backend: CheckedNetworkBackend) -> None:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        super().__init__(trust_env=False, limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=backend,
+        )
 
 
 def _image_values(inp: Any) -> list[Any]:

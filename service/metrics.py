@@ -8,6 +8,11 @@
 - ``llave_stage_seconds{stage}``: ``preprocess`` (per input, in the worker pool),
   ``queue`` (per input, admission to the device), ``inference`` (per forward pass).
 - ``llave_ready``, ``llave_worker_alive``: 0/1 gauges for alerting.
+- ``llave_connections_open``: client connections open in this process (``--max-connections``).
+- ``llave_connections_closed_total{reason}``: connections the server's guards closed
+  (``service/connections.py``): ``header_timeout``, ``body_timeout`` (408),
+  ``over_capacity`` (503 at ``--max-connections``), ``idle_evicted`` (an idle keep-alive
+  connection closed to make room for a new one).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ _TOKENS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONNECTION_CLOSE_REASONS = ("header_timeout", "body_timeout", "over_capacity", "idle_evicted")
 
 
 class Metrics:
@@ -55,6 +61,17 @@ class Metrics:
         )
         for stage in ("preprocess", "queue", "inference"):
             self.stage_seconds.labels(stage=stage)  # exported from the start, at zero
+        self.connections_open = Gauge(
+            "llave_connections_open", "Client connections open in this process", registry=self.registry
+        )
+        self.connections_closed = Counter(
+            "llave_connections_closed",
+            "Client connections closed by the server's guards, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.connections_closed.labels(reason=reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

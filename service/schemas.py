@@ -1,4 +1,6 @@
-"""Request and response bodies (pydantic). Unknown fields are refused, types are strict.
+"""Request and response bodies (pydantic). Unknown fields are refused, types are strict:
+every request model is ``Strict``, so a number given as ``"1"`` or ``true`` (a vector
+component, ``k``, ``dim``) or a boolean given as ``"true"`` is a 422, never coerced.
 
 Only the shape is checked here; limits that depend on settings (inputs per request,
 images, pixels, tokens) are enforced by the routes and the model core.
@@ -207,8 +209,6 @@ class DocumentIn(Strict):
     """A document: an ``id``, optional ``metadata``, and either a raw ``vector`` or the
     fields of an input object (embedded through the same batcher as ``/embed``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
-
     id: str = Field(min_length=1, max_length=512)
     metadata: dict[str, Any] | None = None
     vector: list[float] | None = Field(None, description="A precomputed embedding (normalised on upsert).")
@@ -255,8 +255,6 @@ class UpsertResponse(BaseModel):
 
 
 class CreateCollectionRequest(Strict):
-    model_config = ConfigDict(extra="forbid", strict=False)
-
     dim: int | None = Field(None, ge=1, le=65536, description="Defaults to the served model's dimension.")
     index: Literal["flat", "hnsw", "ivf"] = "flat"
     options: dict[str, Any] | None = Field(
@@ -297,14 +295,10 @@ class IdsResponse(BaseModel):
 
 
 class VectorQuery(Strict):
-    model_config = ConfigDict(extra="forbid", strict=False)
-
     vector: list[float] = Field(min_length=1)
 
 
 class SearchRequest(Strict):
-    model_config = ConfigDict(extra="forbid", strict=False)
-
     collection: str = "default"
     query: VectorQuery | InputObject = Field(description="An input object, or {'vector': [...]}.")
     k: int = Field(10, ge=1, le=100_000)

@@ -13,10 +13,10 @@ the app gets its settings from ``create_app(settings)`` (routes read ``app.state
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -38,7 +38,9 @@ class Settings(BaseSettings):
         "auto", description="Weights and compute dtype."
     )
     served_model_name: str | None = Field(
-        None, description="Name reported by /info and /v1/models (default: the --model value)."
+        None,
+        description="Name reported by /info, /v1/models and in responses (default: the last "
+        "component of --model, its folder or hub name, never a full path).",
     )
     attn_implementation: str = Field("sdpa", description="Attention kernel passed to the model core.")
 
@@ -47,6 +49,32 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and uvicorn."
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Most open client connections in this process (keep the open-file limit, "
+        "ulimit -n, above it). At the cap an idle keep-alive connection is closed to make room; "
+        "when none is idle the new connection is answered 503 and closed.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a request's line and headers, from connecting or "
+        "from the request's first byte; then 408 and the connection is closed (closed silently "
+        "when nothing was sent).",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time a client has to send a whole request body once its headers are in; "
+        "then 408 and the connection is closed.",
+    )
+    keep_alive_timeout_s: int = Field(
+        75,
+        ge=1,
+        description="An idle keep-alive connection is closed after this long (longer than "
+        "clients' idle expiry, httpx: 5 s, so a client never reuses a closing connection).",
     )
     data_dir: Path = Field(Path("./data"), description="Directory of the collection store.")
     index_snapshots: bool = Field(
@@ -92,8 +120,8 @@ class Settings(BaseSettings):
         le=1000,
         description="Python's thread switch interval (sys.setswitchinterval) in ms. Under heavy "
         "HTTP load the device thread waits up to this long for the interpreter lock between "
-        "kernel launches. Default: 0.1 on CUDA (+28% throughput at 64 clients on an H100, "
-        "bench/README.md), Python's 5 on CPU.",
+        "kernel launches; a shorter interval lets it launch sooner, at the cost of more thread "
+        "switching. Default: 0.1 on CUDA, Python's 5 on CPU (measurements: bench/README.md).",
     )
     warmup_tokens: int = Field(
         256,
@@ -104,7 +132,12 @@ class Settings(BaseSettings):
 
     # --- request limits ----------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Largest request body (413).")
-    max_inputs_per_request: int = Field(128, ge=1, description="Most inputs in one request (413).")
+    max_inputs_per_request: int = Field(
+        128,
+        ge=1,
+        description="Most inputs in one request (413). Left at its default, it is lowered to "
+        "max-queue when that is smaller (with a warning).",
+    )
     max_images_per_input: int = Field(8, ge=1, description="Most images in one input (413).")
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Most pixels (width x height) in one image (413)."
@@ -184,17 +217,33 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        # A request larger than the queue could never be admitted (413). Two explicit values
+        # that say so contradict each other: refused. The default is adapted instead.
         if self.max_inputs_per_request > self.max_queue:
-            raise ValueError(
-                f"max_inputs_per_request ({self.max_inputs_per_request}) must not exceed "
-                f"max_queue ({self.max_queue}): such a request could never be admitted"
+            if "max_inputs_per_request" in self.model_fields_set:
+                raise ValueError(
+                    f"max_inputs_per_request ({self.max_inputs_per_request}) must not exceed "
+                    f"max_queue ({self.max_queue}): such a request could never be admitted"
+                )
+            self._adjustments.append(
+                f"max_inputs_per_request lowered from its default {self.max_inputs_per_request} to "
+                f"max_queue ({self.max_queue}): a larger request could never be admitted"
             )
+            self.max_inputs_per_request = self.max_queue
         return self
+
+    # Settings changed by ``_check_consistency``, one sentence each, logged at start-up.
+    _adjustments: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def adjustments(self) -> list[str]:
+        """Defaults that were adapted to other settings, to log at start-up (a warning each)."""
+        return list(self._adjustments)
 
     @property
     def model_name(self) -> str:
         """The name this server answers to (``/info``, ``/v1/models``, responses)."""
-        return self.served_model_name or self.model
+        return self.served_model_name or default_served_name(self.model)
 
     def limits(self) -> dict[str, object]:
         """The request limits in force, as reported by ``/info``."""
@@ -207,4 +256,20 @@ class Settings(BaseSettings):
             "max_queue": self.max_queue,
             "request_timeout_s": self.request_timeout_s,
             "image_urls": bool(self.image_url_allow_hosts),
+            "max_connections": self.max_connections,
+            "header_timeout_s": self.header_timeout_s,
+            "body_timeout_s": self.body_timeout_s,
         }
+
+
+def default_served_name(model: str) -> str:
+    """The name a server of ``model`` answers to: a folder's name or a hub id's last part.
+
+    Never the full path: /info and /v1/models are public, and a local path tells the
+    deployment's layout (user names, mount points).
+    """
+    text = model.replace("\\", "/").rstrip("/")
+    name = PurePosixPath(text).name
+    if name in ("", ".", ".."):
+        name = Path(model).expanduser().resolve().name
+    return name or "model"

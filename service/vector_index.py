@@ -25,8 +25,9 @@ from service.store_errors import InvalidVectorError
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
-    # ef_construction 160: recall@10 0.987 at 1M clustered vectors where 64 gives 0.882, at the
-    # same search latency; builds 2.4x slower (bench/hnsw_sweep.py, bench/README.md).
+    # ef_construction 160: a wider beam while building gives a better graph, so the default
+    # ef_search keeps its recall on large clustered collections at the same search latency;
+    # the price is slower builds and upserts (measured: bench/README.md, bench/hnsw_sweep.py).
     "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 160},
     # nlist/nprobe None: chosen from the collection size when the index is trained.
     "ivf": {"nlist": None, "nprobe": None, "min_train": 1000},

@@ -1,6 +1,6 @@
 """LLaVE's hardness-weighted contrastive loss, as pure functions of embeddings.
 
-Notation (DESIGN.md section 2, "Loss"): a micro-batch holds N query/target pairs gathered
+Notation (docs/architecture.md, "Loss"): a micro-batch holds N query/target pairs gathered
 over all ranks; a rank owns n of them (its "local" rows). With cosine similarities
 ``s_ij = cos(q_i, t_j)`` and temperature ``tau = 1 / logit_scale`` (0.02 for the default
 logit scale 50), the query->target loss of pair i is

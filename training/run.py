@@ -10,7 +10,7 @@ Several GPUs (one process each; negatives are gathered across all of them):
     torchrun --nproc_per_node 8 training/run.py --model ... --per-device-batch-size 32 \\
         --grad-cache-chunk-size 8 ...
 
-CPU smoke test (a tiny random model and synthetic shapes; well under a minute):
+CPU smoke test (a tiny random model and synthetic shapes):
 
     python -m model.tiny /tmp/tiny
     python -m training.synthetic /tmp/shapes --n 256 --seed 0

@@ -75,8 +75,12 @@ _QUESTIONS = {
     "position": "Where is the shape?",
 }
 TASKS = ("t2i", "i2t", "t2i_detailed", "vqa")
-IMAGE_ONLY = "<|image_1|>"
-IMAGE_INSTRUCTION = "<|image_1|>\nRepresent the given image."
+IMAGE_MARKER = "<|image_1|>"
+# An image alone in MMEB's layout: the marker on its own line. The authors' evaluation leaves
+# a message that starts with the image as written, so this is exactly the message the
+# server's {"image": ...} shorthand builds (<image>\n), and the demo is served as trained.
+IMAGE_ONLY = IMAGE_MARKER + "\n"
+IMAGE_INSTRUCTION = IMAGE_MARKER + "\nRepresent the given image."
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,9 @@ def _query_and_target(task: str, scene: Scene, writer: ImageWriter, rng: random.
         return text, "", IMAGE_INSTRUCTION, writer.write(scene), ATTRIBUTES, None
     if task == "vqa":
         attribute = rng.choice(ATTRIBUTES)
-        text = f"{IMAGE_ONLY}\nRepresent the given image with the following question: {_QUESTIONS[attribute]}"
+        text = (
+            f"{IMAGE_MARKER}\nRepresent the given image with the following question: {_QUESTIONS[attribute]}"
+        )
         return text, writer.write(scene), scene.get(attribute), "", (attribute,), attribute
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 

@@ -34,9 +34,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class VectorJSONResponse(JSONResponse):
     """A JSON response rendered by orjson, for bodies made mostly of float vectors.
 
-    The stdlib encoder spends ~0.33 ms on a response of one 896-float vector, a large share
-    of a request's CPU on the event loop when requests are small; orjson takes ~0.015 ms and
-    writes the same shortest round-trip digits (small exponents as ``0.00001``, not
+    Encoding floats is most of the work of rendering such a body, and with the stdlib
+    encoder it is a large share of a small request's CPU on the event loop; orjson does it
+    many times faster (measured: bench/README.md, ``bench/json_encode.py``) and writes the
+    same shortest round-trip digits (small exponents as ``0.00001``, not
     ``1e-05``). Content must be plain JSON types with finite floats (the engine refuses
     non-finite embeddings before they get here).
     """

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 # The shared check modules use plain asserts: let pytest explain them when they fail.
-CHECK_MODULES = ("attacks", "crash", "faults", "helpers", "hostile", "load", "runner", "servers")
+CHECK_MODULES = (
+    "attacks",
+    "crash",
+    "faults",
+    "helpers",
+    "hostile",
+    "load",
+    "runner",
+    "servers",
+    "slow_clients",
+)
 pytest.register_assert_rewrite(*(f"tests.reliability.{name}" for name in CHECK_MODULES))
 
 from tests.reliability.servers import start_keyed_server, start_main_server  # noqa: E402

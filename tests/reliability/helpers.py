@@ -17,8 +17,9 @@ def assert_clean_error(
 ) -> dict:
     """A 4xx/5xx with the documented ``{"error": {"type", "message"}}`` body that leaks nothing.
 
-    ``public``: strings the server publishes anyway (the served model name, which is the
-    checkpoint path unless ``--served-model-name`` is given) and may repeat in a message.
+    ``public``: strings the server publishes anyway (the served model name: the checkpoint
+    folder's name unless ``--served-model-name`` is given, never its path) and may repeat in
+    a message.
     """
     assert response.status_code >= 400, response.text[:300]
     if statuses is not None:

@@ -21,7 +21,7 @@ def start_main_server(checkpoint: Path, workdir: Path) -> Server:
         "--image-url-allow-hosts", "localhost,*.localhost",
         env={"LLAVE_FAULT_INJECTION": f"fail-batch:{FAIL_BATCH}"},
     )  # fmt: skip
-    server.model_name = str(checkpoint)  # the default served name: published by /info and /v1/models
+    server.model_name = checkpoint.name  # the default served name: published by /info and /v1/models
     return server
 
 
@@ -38,6 +38,6 @@ def start_keyed_server(checkpoint: Path, workdir: Path) -> Server:
         "--cors-origins", CORS_ORIGIN,
         env={"LLAVE_API_KEY": API_KEY},
     )  # fmt: skip
-    server.model_name = str(checkpoint)
+    server.model_name = checkpoint.name
     server.auth = {"Authorization": f"Bearer {API_KEY}"}
     return server

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -113,7 +115,7 @@ def test_fault_injection_is_off_by_default_and_parsed():
 
 def test_cli_errors_exit_2_with_the_flag_named(capsys):
     with pytest.raises(SystemExit) as exc:
-        load_settings(["--model", "m", "--max-queue", "2"])
+        load_settings(["--model", "m", "--max-queue", "2", "--max-inputs-per-request", "4"])
     assert exc.value.code == 2
     assert "max_queue" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -122,7 +124,10 @@ def test_cli_errors_exit_2_with_the_flag_named(capsys):
 
 
 def test_console_script_entry_point_and_help():
-    assert callable(main)
+    # The console script named in pyproject.toml resolves to this main().
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    module, _, name = pyproject["project"]["scripts"]["llave-serve"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
     out = subprocess.run(
         [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=True
     ).stdout

@@ -93,13 +93,20 @@ def test_fp32_model_and_single_process_gathered_loss():
         assert_close_scaled(grad, plain_grads[name], rtol=1e-5, what=name)
 
 
-def test_without_rng_replay_gradients_would_differ():
-    """Guards the test above: dropout really makes the second pass RNG-dependent."""
-    model, queries, _ = _setup()
-    torch.manual_seed(1)
-    a = model(queries)
-    b = model(queries)
-    assert not torch.allclose(a, b)
+def test_without_rng_replay_gradients_would_differ(monkeypatch):
+    """Guards the test above: with ``RandState.replay`` doing nothing, grad_cache_step's
+    second pass draws other dropout masks and its gradients leave the plain ones, so the
+    equality above is owed to the replay."""
+    model, queries, targets = _setup()
+    q_chunks, t_chunks = split_rows(queries, 3), split_rows(targets, 4)
+    torch.manual_seed(123)
+    _plain(model, q_chunks, t_chunks, hardness_weighted_loss)
+    plain_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(RandState, "replay", lambda self: contextlib.nullcontext())
+    torch.manual_seed(123)
+    grad_cache_step(model, q_chunks, t_chunks, hardness_weighted_loss)
+    assert any(not torch.allclose(g, plain_grads[name]) for name, g in _grads(model).items())
 
 
 def test_rand_state_replays_and_restores():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from tests.tolerance import assert_close_scaled
 from training import synthetic
 from training.run import main
-from training.step import last_token_pool, lr_multiplier
+from training.step import lr_multiplier, make_encode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,12 +121,21 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def test_training_encode_pools_like_the_embedder(tiny_embedder):
+    """The trainer's encode (training.step.make_encode) on a padded batch gives, row by
+    row, the final state of each input's last token run alone, as the embedder does."""
     prepared = [tiny_embedder.preprocess({"text": t}) for t in ("a red circle", "a much longer text " * 3)]
     tensors = tiny_embedder.collate(prepared, "cpu")
+    encode = make_encode(tiny_embedder.model, torch.float32, contextlib.nullcontext)
     with torch.no_grad():
-        hidden = tiny_embedder.model(**tensors, use_cache=False).last_hidden_state
-        expected = tiny_embedder.encode(tensors)
-    assert torch.equal(last_token_pool(hidden, tensors["attention_mask"]), expected)
+        got = encode(tensors)
+        served = tiny_embedder.encode(tensors)
+        alone = [
+            tiny_embedder.model(**tiny_embedder.collate([p], "cpu"), use_cache=False).last_hidden_state[0, -1]
+            for p in prepared
+        ]
+    assert tensors["attention_mask"][0].sum() < tensors["attention_mask"].shape[1]  # row 0 is padded
+    assert_close_scaled(got, torch.stack(alone), rtol=1e-5, what="training pooled state")
+    assert torch.equal(got, served)
 
 
 def _free_port() -> int:
@@ -157,9 +167,9 @@ def test_torchrun_two_processes_match_one(tiny_checkpoint, shapes, tmp_path):
 
 
 def test_lora_adapters_merge_into_a_plain_checkpoint(tiny_checkpoint, tmp_path):
-    """With peft installed: adapters train, save merged under the plain key names (the
-    checkpoint serves without peft) and are restored exactly after saving."""
-    pytest.importorskip("peft")
+    """Adapters train, save merged under the plain key names (the checkpoint serves
+    without peft) and are restored exactly after saving. peft comes with the dev extra
+    (``lora``), so its absence fails here rather than skipping."""
     from model import load_embedder
     from training.checkpoint import save_hf_checkpoint
     from training.step import configure_trainable, lora_merged
@@ -195,7 +205,6 @@ def test_lora_adapters_merge_into_a_plain_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_lora_run(tiny_checkpoint, shapes, tmp_path):
-    pytest.importorskip("peft")
     out = tmp_path / "lora"
     main(
         _args(
