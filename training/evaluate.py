@@ -35,11 +35,9 @@ MMEB datasets only, is ``mmeb.summary.overall``).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,7 @@ if __package__ in (None, ""):  # `python training/evaluate.py`
 
 from training import mmeb  # noqa: E402
 from training.data import BadRowError, LoadReport, Side, iter_rows, model_input, parse_side  # noqa: E402
+from training.remote import ServerEmbedder  # noqa: E402
 
 DEFAULT_DATASET = "all"
 DATA_SUFFIXES = (".parquet", ".jsonl")
@@ -296,86 +295,6 @@ def evaluate(
         bar.close()
     overall = float(np.mean([d["precision_at_1"] for d in datasets.values()])) if datasets else float("nan")
     return {"precision_at_1": overall, "rows": len(rows), "datasets": datasets}
-
-
-class ServerEmbedder:
-    """``embed`` through a running server's POST /embed (images sent as base64), so a
-    deployment is evaluated as it serves. 429 and 503 are retried after Retry-After; a
-    request over the server's size limits (413) is split in two."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        api_key: str | None = None,
-        timeout: float = 600.0,
-        retries: int = 60,
-        transport: Any = None,  # an httpx transport, for tests
-    ):
-        try:
-            import httpx
-        except ImportError as exc:  # the `serve` extra
-            raise SystemExit("--server needs httpx (pip install 'llave-server[serve]')") from exc
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
-        self.retries = retries
-        info = self._request("GET", "/info")
-        self.name = str(info.get("model") or self.url)
-        self.dim = info.get("dim")
-        self.max_inputs = int((info.get("limits") or {}).get("max_inputs_per_request") or 0) or None
-
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
-        for _attempt in range(self.retries):
-            r = self.client.request(method, path, json=body)
-            if r.status_code in (429, 503):
-                time.sleep(float(r.headers.get("retry-after") or 1))
-                continue
-            if r.status_code >= 400:
-                try:
-                    message = r.json()["error"]["message"]
-                except Exception:
-                    message = r.text[:300]
-                raise ServerError(
-                    r.status_code, f"{method} {self.url}{path}: HTTP {r.status_code}: {message}"
-                )
-            return r.json()
-        raise ServerError(
-            r.status_code, f"{method} {self.url}{path}: still HTTP {r.status_code} after {self.retries} tries"
-        )
-
-    @staticmethod
-    def _wire(item: dict[str, Any]) -> dict[str, Any]:
-        parts = []
-        for part in item["content"]:
-            if part["type"] == "image" and isinstance(part["image"], bytes):
-                part = {"type": "image", "image": base64.b64encode(part["image"]).decode("ascii")}
-            parts.append(part)
-        return {"content": parts}
-
-    def _post(self, inputs: list[dict[str, Any]]) -> np.ndarray:
-        try:
-            body = self._request("POST", "/embed", {"inputs": inputs, "normalize": True, "truncate": True})
-        except ServerError as exc:
-            if exc.status != 413 or len(inputs) == 1:
-                raise
-            half = len(inputs) // 2
-            return np.concatenate([self._post(inputs[:half]), self._post(inputs[half:])])
-        return np.asarray(body["embeddings"], dtype=np.float32)
-
-    def embed(self, inputs: Sequence[dict[str, Any]], *, batch_size: int = 16) -> np.ndarray:
-        size = min(batch_size, self.max_inputs) if self.max_inputs else batch_size
-        wire = [self._wire(x) for x in inputs]
-        return np.concatenate([self._post(wire[i : i + size]) for i in range(0, len(wire), size)])
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class ServerError(RuntimeError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 # --- output ------------------------------------------------------------------------
