@@ -178,7 +178,7 @@ FIELDS: dict[str, Rule] = {
         "",
         "the pooled position comes from the attention mask, so either side gives the same vector",
     ),
-    "image_token_index": Rule("ignore", "", "the tokenizer's <image> id is used"),
+    "image_token_index": Rule("ignore", "", "the tokenizer's `<image>` id is used"),
     "alpha": Rule("ignore", "", "LLaVE's loss weighting (training only)"),
     "logit_scale": Rule("ignore", "", "LLaVE's loss temperature (training only)"),
     "mm_tunable_parts": Rule("ignore", "", "training only"),

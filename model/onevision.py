@@ -11,6 +11,9 @@ the places handled here (docs/architecture.md, "Fidelity notes"):
    cut lives in ``model/embedder.py``.
 3. Image backend. ``LlavaOnevisionImageProcessorPil`` is used explicitly, so a machine
    with torchvision installed does not silently switch to the unverified fast backend.
+4. Several images in one input. The authors tile each like a lone image; transformers
+   gives each a single crop. ``count_image_tokens`` has no multi-image case, and the
+   embedder hands each image to the processor as its own sample (``model/embedder.py``).
 """
 
 from __future__ import annotations
