@@ -1,7 +1,17 @@
-"""Ablation: hardness-weighted loss (alpha 9) against InfoNCE (alpha 0) on the demo model.
+"""Ablations on the demo model: the hardness-weighted loss (alpha 9) against InfoNCE
+(alpha 0), and (``--mining``) a second round with mined hard negatives.
 
     python bench/ablation.py --quick          # 1 seed, 60 steps
     python bench/ablation.py                  # 3 seeds x 2 alphas x 600 steps
+    python bench/ablation.py --mining         # 3 seeds: round 1, then round 2 with / without mined negatives
+
+Mining (``--mining``; alpha 9 throughout): round 1 trains ``--steps`` steps with in-batch
+negatives only; ``python -m training.mine`` with the round-1 model fills each training
+row's ``neg_*`` with its ``--mine-top-k`` nearest targets (positive and candidates above
+``--mine-margin`` x the positive's score dropped); round 2 continues from the round-1
+model for ``--steps`` more steps with ``--hard-negatives K``, and a control round 2 runs
+the same steps with in-batch negatives only (so the comparison is at equal steps). All
+three are evaluated on the held-out split.
 
 Run times on the benchmark machine: the script table of bench/README.md.
 
@@ -55,17 +65,18 @@ def prepare_data(args: argparse.Namespace) -> Path:
 
 
 def train_and_eval(
-    base: Path, data: Path, out: Path, alpha: float, seed: int, args: argparse.Namespace
-) -> dict[str, Any]:
+    base: Path, data: Path, out: Path, alpha: float, seed: int, args: argparse.Namespace,
+    train_file: Path | None = None, extra: tuple[str, ...] = (),
+) -> dict[str, Any]:  # fmt: skip
     cmd = [
         common.PYTHON, str(common.REPO / "training" / "run.py"),
-        "--model", str(base), "--train-data", str(data / "train.jsonl"), "--image-root", str(data),
+        "--model", str(base), "--train-data", str(train_file or data / "train.jsonl"), "--image-root", str(data),
         "--output-dir", str(out), "--max-steps", str(args.steps), "--per-device-batch-size", str(args.batch),
         "--learning-rate", str(args.lr), "--warmup-steps", "30", "--max-grad-norm", "1.0",
         "--alpha", str(alpha), "--logit-scale", "50", "--no-freeze-vision-tower",
         "--precision", "fp32", "--no-gradient-checkpointing", "--device", "cpu",
         "--seed", str(seed), "--logging-steps", "50", "--no-progress",
-        *(["--mask-duplicates"] if args.mask_duplicates else []),
+        *(["--mask-duplicates"] if args.mask_duplicates else []), *extra,
     ]  # fmt: skip
     started = time.perf_counter()
     sh(cmd, out.parent / f"{out.name}.train.log", threads=args.threads)
@@ -126,6 +137,93 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["summary"] = summarise(result["runs"])
     result["machine"] = common.machine_info()
     return result
+
+
+def run_mining(args: argparse.Namespace) -> dict[str, Any]:
+    data = prepare_data(args)
+    runs_dir = args.cache_dir / "ablation-mining-runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "ablation-mining",
+        "command": "python bench/ablation.py " + " ".join(sys.argv[1:]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": [],
+        "mining": {},
+    }
+    tag = f"steps{args.steps}-lr{args.lr:g}"
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        base = common.ensure_checkpoint("demo", args.cache_dir, seed=seed)
+        round1 = runs_dir / f"seed{seed}-round1-{tag}"
+        log(f"seed {seed}: round 1 ({args.steps} steps, in-batch negatives) ...")
+        row = train_and_eval(base, data, round1, 9.0, seed, args)
+        result["runs"].append({**row, "round": "1 in-batch"})
+        log(f"  P@1 {row['precision_at_1']:.3f}")
+        mined = runs_dir / f"seed{seed}-mined-{tag}-k{args.mine_top_k}-m{args.mine_margin:g}.jsonl"
+        started = time.perf_counter()
+        sh([common.PYTHON, "-m", "training.mine", "--model", str(round1), "--train-data", str(data / "train.jsonl"),
+            "--image-root", str(data), "--out", str(mined), "--top-k", str(args.mine_top_k),
+            "--margin", str(args.mine_margin), "--device", "cpu", "--batch-size", "64"],
+           runs_dir / f"{mined.name}.log", threads=args.threads)  # fmt: skip
+        stats = json.loads(mined.with_suffix(".stats.json").read_text())
+        result["mining"][str(seed)] = {**{k: v for k, v in stats.items() if k != "skipped"},
+                                       "mine_s": time.perf_counter() - started}  # fmt: skip
+        log(f"  mined {stats['negatives_per_row']:.2f} negatives per row")
+        # Round 2 (and its control) continue from round 1's weights, with a fresh schedule.
+        for name, train_file, extra in (
+            ("2 in-batch (control)", None, ()),
+            ("2 mined", mined, ("--hard-negatives", str(args.mine_top_k))),
+        ):
+            out = runs_dir / f"seed{seed}-round{name.split()[0]}-{name.split()[1]}-{tag}"
+            log(f"seed {seed}: round {name} ...")
+            row = train_and_eval(round1, data, out, 9.0, seed, args, train_file=train_file, extra=extra)
+            result["runs"].append({**row, "round": name})
+            log(f"  P@1 {row['precision_at_1']:.3f}")
+            common.write_results(args.out_name, result)
+    by_round: dict[str, list[float]] = {}
+    for r in result["runs"]:
+        by_round.setdefault(r["round"], []).append(r["precision_at_1"])
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in result["runs"]:
+        by_seed.setdefault(r["seed"], {})[r["round"]] = r["precision_at_1"]
+    diff = lambda a, b: [v[a] - v[b] for v in by_seed.values() if a in v and b in v]  # noqa: E731
+    result["summary"] = {
+        "rounds": {
+            k: {
+                "mean": statistics.mean(v),
+                "std": statistics.stdev(v) if len(v) > 1 else float("nan"),
+                "n": len(v),
+            }
+            for k, v in by_round.items()
+        },
+        "mined_minus_round1": diff("2 mined", "1 in-batch"),
+        "mined_minus_control": diff("2 mined", "2 in-batch (control)"),
+    }
+    result["machine"] = common.machine_info()
+    return result
+
+
+def report_mining(result: dict[str, Any]) -> str:
+    rows = [
+        {"seed": r["seed"], "round": r["round"], "P@1": r["precision_at_1"], "final_loss": r["final_loss"],
+         "train_s": r["train_s"]}
+        for r in sorted(result["runs"], key=lambda r: (r["seed"], r["round"]))
+    ]  # fmt: skip
+    s = result["summary"]
+    summ = [
+        {"round": k, "mean_P@1": v["mean"], "std": v["std"], "seeds": v["n"]} for k, v in s["rounds"].items()
+    ]
+    fmt = lambda xs: ", ".join(f"{x:+.3f}" for x in xs)  # noqa: E731
+    return "\n".join(
+        [
+            common.table(rows, ["seed", "round", "P@1", "final_loss", "train_s"], title="Runs"),
+            common.table(
+                summ, ["round", "mean_P@1", "std", "seeds"], title="Precision@1, held-out synthetic eval"
+            ),
+            f"\nround 2 mined - round 1 per seed: {fmt(s['mined_minus_round1'])}",
+            f"round 2 mined - round 2 in-batch (equal steps) per seed: {fmt(s['mined_minus_control'])}",
+        ]
+    )
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,6 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
     p.add_argument("--quick", action="store_true", help="1 seed, 60 steps (a smoke run: P@1 is still low)")
     p.add_argument("--tag", default="")
+    p.add_argument("--mining", action="store_true", help="round 1 vs round 2 with mined hard negatives")
+    p.add_argument("--mine-top-k", type=int, default=2, help="mined negatives per row (--hard-negatives)")
+    p.add_argument("--mine-margin", type=float, default=0.95, help="training.mine --margin")
     args = p.parse_args(argv)
     if args.quick:
         explicit = set(sys.argv[1:] if argv is None else argv)
@@ -220,16 +321,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if "--steps" not in explicit:
             args.steps = 60
     args.out_name = (
-        "ablation" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick and not args.tag else "")
+        "ablation"
+        + ("-mining" if args.mining else "")
+        + (f"-{args.tag}" if args.tag else "")
+        + ("-quick" if args.quick and not args.tag else "")
     )
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = run(args)
+    result = run_mining(args) if args.mining else run(args)
     common.write_results(args.out_name, result)
-    print(report(result))
+    print(report_mining(result) if args.mining else report(result))
 
 
 if __name__ == "__main__":

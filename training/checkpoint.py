@@ -86,10 +86,13 @@ def _is_hf_layout(path: Path) -> bool:
 
 
 def save_training_state(out: Path, *, optimizer, scheduler, state: dict[str, Any], rank: int) -> None:
-    """Optimizer, scheduler and counters (rank 0) and this rank's RNG states (every rank)."""
+    """Optimizer, scheduler and counters (rank 0) and this rank's RNG states (every rank).
+
+    ``optimizer`` None: its state is saved elsewhere (sharded, ``training.fsdp``)."""
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        torch.save(optimizer.state_dict(), out / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), out / "optimizer.pt")
         torch.save(scheduler.state_dict(), out / "scheduler.pt")
         (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     rng = {
@@ -105,7 +108,8 @@ def load_training_state(
     folder: Path, *, optimizer, scheduler, rank: int, device: torch.device
 ) -> dict[str, Any]:
     """Restore what ``save_training_state`` wrote; returns the counters."""
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng_file = folder / f"rng_state_{rank}.pt"
     if rng_file.is_file():

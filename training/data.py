@@ -10,8 +10,11 @@ paths are relative to ``--image-root``. Each side becomes the same interleaved i
 server takes (``{"content": [text, image, text]}``), and is preprocessed by the model
 core's ``Embedder.preprocess``, so training prompts are exactly the serving prompts
 (``<|image_1|>`` becomes ``<image>``, then LLaVE's single-image rule). The loss uses
-(query, positive) pairs; ``neg_*`` fields are read but not used (the in-batch and
-cross-device negatives are the negatives, as in the paper).
+(query, positive) pairs; by default ``neg_*`` fields are not used (the in-batch and
+cross-device negatives are the negatives, as in the paper). With ``hard_negatives=N``
+(``--hard-negatives N``) up to N of them per row become extra candidates of the loss:
+``neg_text``/``neg_image_path`` may be strings (one negative, MMEB's layout) or lists of
+equal length (several, as ``training.mine`` writes them); empty ones are ignored.
 
 Bad rows (invalid JSON, missing fields, a marker without an image or the reverse,
 missing image files) are skipped with a report naming the file and line
@@ -60,6 +63,7 @@ class TrainPair:
     query: Side
     target: Side
     source: str  # "file:line", for error messages
+    negatives: tuple[Side, ...] = ()  # hard negative targets (only with hard_negatives > 0)
 
     @property
     def query_modality(self) -> str:
@@ -128,7 +132,31 @@ def resolve_image(path: str, image_root: Path | None) -> Path:
     return p if p.is_absolute() or image_root is None else image_root / p
 
 
-def parse_train_row(row: Any, image_root: Path | None, *, check_files: bool = True) -> TrainPair:
+def parse_negatives(row: dict, image_root: Path | None, check_files: bool, limit: int) -> tuple[Side, ...]:
+    """Up to ``limit`` hard negatives of a row (``neg_text``/``neg_image_path``: strings or
+    lists of equal length); empty entries are skipped."""
+    texts, images = row.get("neg_text"), row.get("neg_image_path")
+    if not isinstance(texts, list) and not isinstance(images, list):
+        texts, images = [texts], [images]
+    if texts is None:
+        texts = [""] * len(images)
+    if images is None:
+        images = [None] * len(texts)
+    if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+        raise BadRowError("'neg_text' and 'neg_image_path' must be lists of equal length")
+    sides = []
+    for text, image in zip(texts, images, strict=True):
+        if len(sides) == limit:
+            break
+        if not text and not image:
+            continue
+        sides.append(parse_side({"t": text, "i": image}, "t", "i", image_root, check_files))
+    return tuple(sides)
+
+
+def parse_train_row(
+    row: Any, image_root: Path | None, *, check_files: bool = True, hard_negatives: int = 0
+) -> TrainPair:
     """One MMEB-train row -> TrainPair (``source`` left empty); raises BadRowError."""
     if isinstance(row, Exception):
         raise BadRowError(f"invalid JSON ({row})")
@@ -136,7 +164,13 @@ def parse_train_row(row: Any, image_root: Path | None, *, check_files: bool = Tr
         raise BadRowError(f"a row must be an object, got {type(row).__name__}")
     query = parse_side(row, "qry", "qry_image_path", image_root, check_files)
     target = parse_side(row, "pos_text", "pos_image_path", image_root, check_files)
-    return TrainPair(query=query, target=target, source="")
+    negatives = ()
+    if hard_negatives > 0:
+        try:
+            negatives = parse_negatives(row, image_root, check_files, hard_negatives)
+        except BadRowError as exc:
+            raise BadRowError(f"negative: {exc}") from None
+    return TrainPair(query=query, target=target, source="", negatives=negatives)
 
 
 def load_train_pairs(
@@ -145,8 +179,10 @@ def load_train_pairs(
     *,
     on_bad: str = "skip",
     check_files: bool = True,
+    hard_negatives: int = 0,
 ) -> tuple[list[TrainPair], LoadReport]:
-    """Read MMEB-train JSONL/Parquet files into pairs, applying the bad-row policy."""
+    """Read MMEB-train JSONL/Parquet files into pairs, applying the bad-row policy; with
+    ``hard_negatives > 0`` each pair keeps up to that many ``neg_*`` targets."""
     if on_bad not in ("skip", "error"):
         raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
     root = Path(image_root) if image_root is not None else None
@@ -159,13 +195,15 @@ def load_train_pairs(
             report.rows += 1
             source = f"{path}:{number}"
             try:
-                pair = parse_train_row(row, root, check_files=check_files)
+                pair = parse_train_row(row, root, check_files=check_files, hard_negatives=hard_negatives)
             except BadRowError as exc:
                 if on_bad == "error":
                     raise BadRowError(f"{source}: {exc}") from None
                 report.skipped.append(f"{source}: {exc}")
                 continue
-            pairs.append(TrainPair(query=pair.query, target=pair.target, source=source))
+            pairs.append(
+                TrainPair(query=pair.query, target=pair.target, source=source, negatives=pair.negatives)
+            )
     return pairs, report
 
 
@@ -183,7 +221,11 @@ def model_input(side: Side, image_root: Path | None) -> dict[str, Any]:
 
 
 class PairDataset(Dataset):
-    """Preprocessed (query, target, keys) items through ``embedder.preprocess``.
+    """Preprocessed (query, target, keys, negatives) items through ``embedder.preprocess``.
+
+    With ``hard_negatives = k > 0`` every item carries exactly k negative slots (so every
+    rank encodes the same number of inputs, which sharded training needs): the row's
+    negatives, then copies of its target marked invalid (``valid`` False, never scored).
 
     A row that fails preprocessing (corrupt image, image beyond the length cut) is
     logged with its file and line and replaced by the next row whose query has the same
@@ -191,9 +233,16 @@ class PairDataset(Dataset):
     """
 
     def __init__(
-        self, pairs: Sequence[TrainPair], embedder, image_root: str | Path | None, *, on_bad: str = "skip"
+        self,
+        pairs: Sequence[TrainPair],
+        embedder,
+        image_root: str | Path | None,
+        *,
+        on_bad: str = "skip",
+        hard_negatives: int = 0,
     ):
         self.pairs = list(pairs)
+        self.hard_negatives = hard_negatives
         self.embedder = embedder
         self.image_root = Path(image_root) if image_root is not None else None
         self.on_bad = on_bad
@@ -212,7 +261,15 @@ class PairDataset(Dataset):
         pair = self.pairs[index]
         query = self.embedder.preprocess(model_input(pair.query, self.image_root))
         target = self.embedder.preprocess(model_input(pair.target, self.image_root))
-        return query, target, (pair.query.key, pair.target.key)
+        negatives = [self.embedder.preprocess(model_input(s, self.image_root)) for s in pair.negatives]
+        real = negatives[: self.hard_negatives]
+        pad = self.hard_negatives - len(real)
+        slots = (
+            real + [target] * pad,
+            [True] * len(real) + [False] * pad,
+            [s.key for s in pair.negatives[: len(real)]] + [0] * pad,
+        )
+        return query, target, (pair.query.key, pair.target.key), slots
 
     def __getitem__(self, index: int):
         group = self._by_modality[self.pairs[index].query_modality]
@@ -236,14 +293,22 @@ class PairBatch:
     queries: list
     targets: list
     keys: torch.Tensor  # (n, 2) int64: query and target content keys
+    negatives: list = field(default_factory=list)  # n * k hard negative slots, row-major
+    negative_valid: torch.Tensor | None = None  # (n * k,) bool: False for padding slots
+    negative_keys: torch.Tensor | None = None  # (n * k,) int64 content keys
 
     def __len__(self) -> int:
         return len(self.queries)
 
 
 def collate_pairs(items: Sequence[tuple]) -> PairBatch:
-    queries, targets, keys = zip(*items, strict=True)
-    return PairBatch(list(queries), list(targets), torch.tensor(keys, dtype=torch.long))
+    queries, targets, keys, slots = zip(*items, strict=True)
+    batch = PairBatch(list(queries), list(targets), torch.tensor(keys, dtype=torch.long))
+    if slots and slots[0][0]:
+        batch.negatives = [x for inputs, _, _ in slots for x in inputs]
+        batch.negative_valid = torch.tensor([v for _, valid, _ in slots for v in valid], dtype=torch.bool)
+        batch.negative_keys = torch.tensor([k for _, _, ks in slots for k in ks], dtype=torch.long)
+    return batch
 
 
 class GroupedBatchSampler(Sampler[list[int]]):

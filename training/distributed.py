@@ -169,6 +169,9 @@ def gathered_hardness_weighted_loss(
     alpha: float = DEFAULT_ALPHA,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
     pair_keys: Tensor | None = None,
+    negatives: Tensor | None = None,
+    negative_valid: Tensor | None = None,
+    negative_keys: Tensor | None = None,
 ) -> Tensor:
     """The training loss: gather pairs from all ranks, score local rows against them.
 
@@ -179,6 +182,12 @@ def gathered_hardness_weighted_loss(
         pair_keys: optional (n,) or (n, k) int64 content keys of the local pairs; pairs
             sharing a key are not used as each other's negatives (duplicate masking,
             off when None).
+        negatives: optional (m, d) this rank's hard negative embeddings (with grad),
+            ``m`` the same on every rank (padded: see ``negative_valid``); gathered, they
+            are extra candidates for every query.
+        negative_valid: (m,) bool, False for padding slots (never candidates).
+        negative_keys: (m,) int64 content keys of the negatives; with ``pair_keys``, a
+            negative whose key equals one of a row's keys is not a negative of that row.
 
     Returns:
         scalar: this rank's loss (the mean over its n rows, both directions). In a
@@ -195,6 +204,19 @@ def gathered_hardness_weighted_loss(
         if pair_keys is not None:
             keys_all = gather_no_grad(pair_keys)  # (N,) or (N, k)
     mask = None if pair_keys is None else duplicate_pair_mask(pair_keys, keys_all, labels)  # (n, N)
+    negative_mask = None
+    if negatives is not None:
+        valid = negative_valid if negative_valid is not None else torch.ones(len(negatives), dtype=torch.bool)
+        valid, neg_keys = valid.to(q.device), negative_keys
+        if is_distributed() and dist.get_world_size() > 1:
+            negatives = gather_with_grad(negatives)  # (M, d), M = world_size * m
+            valid = gather_no_grad(valid.to(torch.uint8)).bool()  # gloo has no bool all_gather
+            neg_keys = gather_no_grad(neg_keys) if neg_keys is not None else None
+        negative_mask = (~valid)[None, :].expand(n, -1)  # (n, M)
+        if pair_keys is not None and neg_keys is not None:
+            own = pair_keys if pair_keys.dim() == 2 else pair_keys[:, None]  # (n, k)
+            negative_mask = negative_mask | (own[:, :, None] == neg_keys[None, None, :]).any(dim=1)
     return hardness_weighted_loss(
-        q, t, alpha=alpha, logit_scale=logit_scale, labels=labels, target_mask=mask, q_all=q_all, t_all=t_all
-    )
+        q, t, alpha=alpha, logit_scale=logit_scale, labels=labels, target_mask=mask, q_all=q_all, t_all=t_all,
+        negatives=negatives, negative_mask=negative_mask,
+    )  # fmt: skip

@@ -11,8 +11,12 @@ whole batch do not fit in memory. Gradient caching splits the step in three pass
    grad)`` (in fp32), whose parameter gradient is exactly that of the loss.
 
 Peak activation memory is one chunk's. Under DDP the gradient all-reduce runs only in
-the last chunk's backward (``model.no_sync()`` for the others): gradients accumulate
-locally and are averaged once.
+the last chunk's backward (``model.no_sync()`` for the others), and under FSDP2 likewise
+the reduce-scatter (``set_requires_gradient_sync(False)`` for the others): gradients
+accumulate locally and are averaged once.
+
+Hard negatives (extra targets per row) are a third group of chunks: ``loss_fn`` then
+takes ``(q, t, negatives)``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def grad_cache_step(
     loss_fn: LossFn,
     *,
     model: nn.Module | None = None,
+    negative_chunks: Sequence[Any] = (),
 ) -> Tensor:
     """One cached forward/backward over a micro-batch; accumulates parameter ``.grad``.
 
@@ -69,8 +74,11 @@ def grad_cache_step(
         loss_fn: ``loss_fn(q (n, d), t (n, d)) -> scalar`` on this rank's embeddings; it
             does any cross-rank gathering (e.g.
             ``training.distributed.gathered_hardness_weighted_loss``).
-        model: the module ``encode`` runs; when it has ``no_sync`` (DDP), gradient sync
-            is skipped for all chunks but the last one.
+        model: the module ``encode`` runs; when it has ``no_sync`` (DDP) or
+            ``set_requires_gradient_sync`` (FSDP2), gradient sync is skipped for all
+            chunks but the last one.
+        negative_chunks: optional chunks of extra (hard negative) targets; when given,
+            ``loss_fn(q, t, negatives (m, d))`` is called with their embeddings.
 
     Returns:
         the loss (detached scalar), as ``loss_fn`` returned it.
@@ -78,7 +86,7 @@ def grad_cache_step(
     Gradients equal those of ``loss_fn(cat(encode(c) for c in query_chunks),
     cat(encode(c) for c in target_chunks)).backward()`` run in that chunk order.
     """
-    chunks = [*query_chunks, *target_chunks]
+    chunks = [*query_chunks, *target_chunks, *negative_chunks]
     states: list[RandState] = []
     reps: list[Tensor] = []
     with torch.no_grad():
@@ -86,20 +94,25 @@ def grad_cache_step(
             states.append(RandState.capture())
             reps.append(encode(chunk))
     sizes = [r.shape[0] for r in reps]
-    n_query_chunks = len(query_chunks)
+    bounds = [0, len(query_chunks), len(query_chunks) + len(target_chunks), len(chunks)]
 
     # Loss on detached leaves in (at least) fp32: their .grad is the cache.
-    q = _at_least_fp32(torch.cat(reps[:n_query_chunks])).requires_grad_()  # (n, d)
-    t = _at_least_fp32(torch.cat(reps[n_query_chunks:])).requires_grad_()  # (n, d)
+    leaves = [
+        _at_least_fp32(torch.cat(reps[a:b])).requires_grad_()  # (n, d), (n, d), (m, d)
+        for a, b in zip(bounds, bounds[1:], strict=False)
+        if b > a
+    ]
     del reps
-    loss = loss_fn(q, t)
+    loss = loss_fn(*leaves)
     loss.backward()
-    cached = [*q.grad.split(sizes[:n_query_chunks]), *t.grad.split(sizes[n_query_chunks:])]
+    cached = []
+    for leaf, a, b in zip(leaves, bounds, bounds[1:], strict=False):
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        cached += grad.split(sizes[a:b])
 
-    no_sync = getattr(model, "no_sync", None)
     for index, (chunk, state, grad) in enumerate(zip(chunks, states, cached, strict=True)):
         last = index == len(chunks) - 1
-        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+        with contextlib.nullcontext() if last else _no_sync(model):
             with state.replay():
                 rep = encode(chunk)  # (m, d)
             if rep.shape != grad.shape:
@@ -111,6 +124,22 @@ def grad_cache_step(
             surrogate = (rep.to(grad.dtype) * grad).sum()
             surrogate.backward()
     return loss.detach()
+
+
+@contextlib.contextmanager
+def _no_sync(model: nn.Module | None) -> Iterator[None]:
+    """No gradient communication inside (DDP ``no_sync``, FSDP2 gradient sync off)."""
+    if model is not None and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif model is not None and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:

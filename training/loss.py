@@ -13,6 +13,12 @@ i.e. cross-entropy over ``logits_ij = s_ij / tau + alpha * sg(s_ij)`` for j != i
 the same with the roles of q and t swapped, and the loss is the mean of both directions.
 ``alpha = 0`` is exactly InfoNCE (``alpha = 9`` in the paper).
 
+Hard negatives from the data (``neg_*`` targets, ``--hard-negatives``): M extra target
+embeddings are appended to the candidate columns of the query->target direction, scored
+with the same hardness weights (``logits = s / tau + alpha * sg(s)``); every query sees
+all gathered targets plus all gathered hard negatives (its own row's among them). The
+target->query direction is unchanged (hard negatives are not queries).
+
 Distributed convention: every rank scores its n local rows against all N gathered
 columns, in both directions, with labels ``offset + arange(n)`` (``offset = rank * n``
 when every rank holds n pairs) and takes the mean over its local rows. The gather used
@@ -79,6 +85,8 @@ def hardness_weighted_loss(
     target_mask: Tensor | None = None,
     q_all: Tensor | None = None,
     t_all: Tensor | None = None,
+    negatives: Tensor | None = None,
+    negative_mask: Tensor | None = None,
 ) -> Tensor:
     """Symmetric hardness-weighted contrastive loss (LLaVE), mean of q->t and t->q.
 
@@ -102,6 +110,10 @@ def hardness_weighted_loss(
             directions. Entries at the labels are ignored. Off (None) by default.
         q_all: (N, d) queries of all ranks; default ``q``.
         t_all: (N, d) targets of all ranks; default ``t``.
+        negatives: optional (M, d) extra (hard negative) target embeddings, of all
+            ranks; extra columns of the query->target direction for every local query.
+        negative_mask: optional (n, M) bool, True where negative m must not count for
+            local query i (padding, or a copy of that query's positive).
 
     Returns:
         scalar tensor.
@@ -117,7 +129,24 @@ def hardness_weighted_loss(
         labels = torch.arange(q.shape[0], device=q.device)  # (n,)
     q, t, q_all, t_all = (F.normalize(_at_least_fp32(x), dim=-1) for x in (q, t, q_all, t_all))
     kwargs = {"alpha": alpha, "logit_scale": logit_scale, "exclude": target_mask}
-    loss_q2t = hardness_weighted_ce(q, t_all, labels, **kwargs)  # local queries vs all targets
+    columns, q2t_exclude = t_all, target_mask
+    if negatives is not None and negatives.shape[0] > 0:
+        columns = torch.cat([t_all, F.normalize(_at_least_fp32(negatives), dim=-1)])  # (N + M, d)
+        n, big_n, m = q.shape[0], t_all.shape[0], negatives.shape[0]
+        if target_mask is not None or negative_mask is not None:
+            no = torch.zeros(n, big_n, dtype=torch.bool, device=q.device)
+            q2t_exclude = torch.cat(
+                [
+                    no if target_mask is None else target_mask,
+                    torch.zeros(n, m, dtype=torch.bool, device=q.device)
+                    if negative_mask is None
+                    else negative_mask,
+                ],
+                dim=1,
+            )  # (n, N + M)
+    loss_q2t = hardness_weighted_ce(
+        q, columns, labels, **{**kwargs, "exclude": q2t_exclude}
+    )  # vs all targets
     loss_t2q = hardness_weighted_ce(t, q_all, labels, **kwargs)  # local targets vs all queries
     return (loss_q2t + loss_t2q) / 2
 

@@ -10,6 +10,11 @@ Several GPUs (one process each; negatives are gathered across all of them):
     torchrun --nproc_per_node 8 training/run.py --model ... --per-device-batch-size 32 \\
         --grad-cache-chunk-size 8 ...
 
+A 7B model (parameters, gradients and AdamW state sharded over the ranks with FSDP2):
+
+    torchrun --nproc_per_node 8 training/run.py --model zhibinlan/LLaVE-7B --fsdp \\
+        --learning-rate 5e-6 --per-device-batch-size 32 --grad-cache-chunk-size 4 ...
+
 CPU smoke test (a tiny random model and synthetic shapes):
 
     python -m model.tiny /tmp/tiny
@@ -25,7 +30,9 @@ bf16 autocast on GPU, gradient checkpointing, alpha 9, logit scale 50; global ba
 256 = processes x --per-device-batch-size. The final checkpoint is --output-dir itself
 (HF layout, servable with ``python -m service --model OUT``); metrics go to
 OUT/metrics.jsonl (one JSON object per logged step), evaluations to OUT/eval.jsonl and
-the loss curve to OUT/loss.png. Only rank 0 writes files (and each rank its RNG state).
+the loss curve to OUT/loss.png, and in a multi-process run what each rank holds of the
+training state to OUT/memory.json (after step 1). Only rank 0 writes files (and each rank
+its RNG state, and under --fsdp its shards of a resumable checkpoint).
 """
 
 from __future__ import annotations
@@ -56,15 +63,33 @@ from training.checkpoint import (  # noqa: E402
     save_training_state,
 )
 from training.data import GroupedBatchSampler, PairDataset, collate_pairs, load_train_pairs  # noqa: E402
-from training.distributed import all_reduce_mean, barrier, destroy_distributed, init_distributed  # noqa: E402
+from training.distributed import (  # noqa: E402
+    all_reduce_mean,
+    barrier,
+    destroy_distributed,
+    gather_no_grad,
+    init_distributed,
+)
+from training.fsdp import (  # noqa: E402
+    SHARDED_DIR,
+    full_state_dict,
+    load_sharded,
+    local_bytes,
+    plain_copy,
+    save_sharded,
+    shard_model,
+)
 from training.reporting import append_jsonl, plot_loss, truncate_jsonl, write_model_card  # noqa: E402
 from training.step import (  # noqa: E402
+    ADAPTERS_FILE,
     StepConfig,
     configure_trainable,
     enable_gradient_checkpointing,
+    load_adapters,
     lora_merged,
     lr_multiplier,
     make_encode,
+    save_adapters,
     train_step,
 )
 
@@ -96,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-root", default=None, help="folder the image paths are relative to")
     g.add_argument("--bad-rows", choices=["skip", "error"], default="skip", help="skip (and report) or stop")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader processes for preprocessing")
+    g.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=0,
+        metavar="N",
+        help="up to N neg_* targets per row as extra candidates (training.mine writes them)",
+    )
 
     g = p.add_argument_group("loss")
     g.add_argument("--alpha", type=float, default=9.0, help="hardness weight (0 = InfoNCE)")
@@ -124,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA"
     )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
+        "(FSDP2, one unit per decoder layer / vision block) instead of DDP",
+    )
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--output-dir", required=True, type=Path, help="final checkpoint, metrics and plots")
@@ -168,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--lora needs the peft package (pip install peft)")
+    if args.lora and args.fsdp:
+        parser.error("--lora with --fsdp is not supported (adapters are small: use DDP)")
 
     # -- processes, logging, where to start from
     ctx = init_distributed(args.device)
@@ -183,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             logger.info("no checkpoint in %s to resume from; starting fresh", out)
         elif not (resume_dir / "trainer_state.json").is_file():
             parser.error(f"--resume {resume_dir}: not a training checkpoint (no trainer_state.json)")
+    sharded_resume = resume_dir is not None and (resume_dir / SHARDED_DIR).is_dir()
+    fsdp = args.fsdp and ctx.world_size > 1
+    if args.fsdp and not fsdp:
+        logger.info("--fsdp in a single process: nothing to shard, training unsharded")
+    if sharded_resume and not fsdp:
+        parser.error(f"--resume {resume_dir}: a sharded (--fsdp) checkpoint needs --fsdp under torchrun")
     resolved = {**vars(args), "precision": precision, "world_size": ctx.world_size, "device": str(device)}
     logger.info("config: %s", json.dumps(resolved, default=str))
     seed_everything(args.seed + ctx.rank)  # distinct dropout draws per rank; data order uses args.seed
@@ -190,9 +236,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- model: fp32 master weights, bf16 only inside autocast
     from model import load_embedder
 
-    source = Path(str(resume_dir or args.model))
+    # A sharded checkpoint holds no HF files: build the model from --model, then load the shards.
+    start_from = args.model if sharded_resume or resume_dir is None else resume_dir
+    source = Path(str(start_from))
     embedder = load_embedder(
-        resume_dir or args.model, device=str(device), dtype="float32",
+        start_from, device=str(device), dtype="float32",
         max_length=args.max_length, attn_implementation=args.attn_implementation,
     )  # fmt: skip
     model = embedder.model
@@ -200,19 +248,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_trainable(
         model, freeze_vision_tower=args.freeze_vision_tower, lora_rank=lora_rank, lora_alpha=args.lora_alpha
     )
+    if args.lora and resume_dir is not None:  # the adapters (and their moments) continue
+        if not (resume_dir / ADAPTERS_FILE).is_file():
+            parser.error(f"--resume {resume_dir} with --lora: no {ADAPTERS_FILE} (saved without --lora?)")
+        load_adapters(model, resume_dir)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
     logger.info("parameters: %.1fM trainable of %.1fM", n_trainable / 1e6, n_all / 1e6)
     ddp = None
-    if ctx.world_size > 1:
+    if fsdp:  # fp32 master weights; bf16 compute through the mixed-precision policy
+        compute_dtype = torch.bfloat16 if precision == "bf16" else None
+        shard_model(model, device, compute_dtype=compute_dtype)
+    elif ctx.world_size > 1:
         # A text-only micro-batch leaves the projector unused: find_unused_parameters.
         device_ids = [device.index] if device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # sharded ones under FSDP
     autocast = contextlib.nullcontext
-    if precision == "bf16":
+    if precision == "bf16" and not fsdp:
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     encode = make_encode(ddp or model, next(model.parameters()).dtype, autocast)
     step_config = StepConfig(
@@ -221,9 +277,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     # -- data: micro-batches whose queries share a modality, split over ranks
-    pairs, report = load_train_pairs(args.train_data, args.image_root, on_bad=args.bad_rows)
+    pairs, report = load_train_pairs(
+        args.train_data, args.image_root, on_bad=args.bad_rows, hard_negatives=args.hard_negatives
+    )
     logger.info("training data: %s", report.summary())
-    dataset = PairDataset(pairs, embedder, args.image_root, on_bad=args.bad_rows)
+    dataset = PairDataset(
+        pairs, embedder, args.image_root, on_bad=args.bad_rows, hard_negatives=args.hard_negatives
+    )
+    if args.hard_negatives:
+        found = sum(len(p.negatives) for p in pairs)
+        logger.info(
+            "hard negatives: %d in %d rows (up to %d per row)", found, len(pairs), args.hard_negatives
+        )
     sampler = GroupedBatchSampler(
         dataset.modalities(),
         args.per_device_batch_size,
@@ -238,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dataset, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=args.num_workers
     )
     eval_rows = None
-    if args.eval_data and ctx.is_main:
+    if args.eval_data and (ctx.is_main or fsdp):  # a sharded model needs every rank to run
         from training.evaluate import load_eval_rows
 
         eval_root = args.eval_image_root or args.image_root
@@ -259,8 +324,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "base_model": str(args.model)}
     if resume_dir is not None:
         state = load_training_state(
-            resume_dir, optimizer=optimizer, scheduler=schedule, rank=ctx.rank, device=device
+            resume_dir,
+            optimizer=None if fsdp else optimizer,
+            scheduler=schedule,
+            rank=ctx.rank,
+            device=device,
         )
+        if fsdp:
+            load_sharded(resume_dir, model, optimizer)
         logger.info("resumed from %s at step %d", resume_dir, state["step"])
     logger.info(
         "%d steps (%d per epoch), global batch %d, warmup %d", total_steps, len(sampler), global_batch, warmup
@@ -275,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run_eval() -> None:
         nonlocal evaluation
-        if ctx.is_main:
+        if ctx.is_main or fsdp:
             from training.evaluate import evaluate
 
             model.eval()
@@ -283,14 +354,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                 embedder, eval_rows, args.eval_image_root or args.image_root, batch_size=args.eval_batch_size
             )
             model.train()
-            append_jsonl(out / "eval.jsonl", {"step": state["step"], **evaluation})
-            logger.info("step %d: eval P@1 %.4f", state["step"], evaluation["precision_at_1"])
+            if ctx.is_main:
+                append_jsonl(out / "eval.jsonl", {"step": state["step"], **evaluation})
+                logger.info("step %d: eval P@1 %.4f", state["step"], evaluation["precision_at_1"])
         barrier()
 
     def save(folder: Path, *, resumable: bool) -> None:
-        if ctx.is_main:
+        if fsdp and resumable:  # every rank writes its shards; no HF files until the end
+            save_sharded(folder, model, optimizer)
+        elif fsdp:  # the final checkpoint: gather the full state on rank 0, write it once
+            full = full_state_dict(model)
+            if ctx.is_main:
+                plain = plain_copy(model, full)
+                save_hf_checkpoint(plain, embedder.tokenizer, embedder.image_processor, folder, source=source)
+                del plain, full
+        elif ctx.is_main:
             with lora_merged(model):
                 save_hf_checkpoint(model, embedder.tokenizer, embedder.image_processor, folder, source=source)
+        if ctx.is_main:
             card = {
                 "base_model": state["base_model"], "train_data": args.train_data, "pairs": len(pairs),
                 "step": state["step"], "total_steps": total_steps, "global_batch_size": global_batch,
@@ -302,8 +383,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             }  # fmt: skip
             write_model_card(folder, card)
             plot_loss(metrics_path, out / "loss.png")
+        if resumable and args.lora and ctx.is_main:
+            save_adapters(model, folder)
         if resumable:
-            save_training_state(folder, optimizer=optimizer, scheduler=schedule, state=state, rank=ctx.rank)
+            save_training_state(
+                folder, optimizer=None if fsdp else optimizer, scheduler=schedule, state=state, rank=ctx.rank
+            )
         barrier()
 
     # -- the loop
@@ -319,11 +404,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         sampler.set_epoch(state["epoch"], skip=state["batch_in_epoch"])
         for batch in loader:
             loss = train_step(
-                batch, embedder=embedder, encode=encode, ddp=ddp, device=device, config=step_config
+                batch,
+                embedder=embedder,
+                encode=encode,
+                ddp=ddp or (model if fsdp else None),
+                device=device,
+                config=step_config,
             )
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             lr = schedule.get_last_lr()[0]
             optimizer.step()
+            if state["step"] == 0 and ctx.world_size > 1:  # what each rank holds (bench/README)
+                held = gather_no_grad(torch.tensor(list(local_bytes(model, optimizer).values())))
+                if ctx.is_main:
+                    fields = list(local_bytes(model, optimizer))
+                    per_rank = [
+                        dict(zip(fields, row.tolist(), strict=True)) for row in held.view(ctx.world_size, -1)
+                    ]
+                    memory = {"world_size": ctx.world_size, "fsdp": fsdp, "per_rank": per_rank}
+                    (out / "memory.json").write_text(json.dumps(memory, indent=2) + "\n")
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1

@@ -60,20 +60,26 @@ def train_step(
     """Forward and backward of one micro-batch (accumulates ``.grad``); returns this
     rank's loss, detached."""
     keys = batch.keys.to(device) if config.mask_duplicates else None
+    with_negatives = bool(batch.negatives)
+    valid = batch.negative_valid.to(device) if with_negatives else None
+    negative_keys = batch.negative_keys.to(device) if with_negatives and config.mask_duplicates else None
 
-    def loss_fn(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss_fn(q: torch.Tensor, t: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
         return gathered_hardness_weighted_loss(
-            q, t, alpha=config.alpha, logit_scale=config.logit_scale, pair_keys=keys
-        )
+            q, t, alpha=config.alpha, logit_scale=config.logit_scale, pair_keys=keys,
+            negatives=negatives, negative_valid=valid, negative_keys=negative_keys,
+        )  # fmt: skip
 
     size = config.chunk_size
-    if 0 < size < len(batch):
+    if 0 < size < len(batch) or (size > 0 and with_negatives):
         q_chunks = [embedder.collate(c, device) for c in _chunks(batch.queries, size)]
         t_chunks = [embedder.collate(c, device) for c in _chunks(batch.targets, size)]
-        return grad_cache_step(encode, q_chunks, t_chunks, loss_fn, model=ddp)
+        n_chunks = [embedder.collate(c, device) for c in _chunks(batch.negatives, size)]
+        return grad_cache_step(encode, q_chunks, t_chunks, loss_fn, model=ddp, negative_chunks=n_chunks)
     q = encode(embedder.collate(batch.queries, device))  # (n, d)
     t = encode(embedder.collate(batch.targets, device))  # (n, d)
-    loss = loss_fn(q, t)
+    negatives = encode(embedder.collate(batch.negatives, device)) if with_negatives else None  # (n * k, d)
+    loss = loss_fn(q, t, negatives)
     loss.backward()
     return loss.detach()
 
@@ -137,3 +143,43 @@ def lora_merged(model: nn.Module) -> Iterator[None]:
             for parent, name, child, base, original in swapped:
                 base.weight.copy_(original)
                 setattr(parent, name, child)
+
+
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+def save_adapters(model: nn.Module, folder) -> None:
+    """The LoRA adapters' weights (``lora_*`` parameters, unmerged) into ``folder``, so a
+    resumed run continues with the same adapters its optimizer moments belong to."""
+    from safetensors.torch import save_file
+
+    adapters = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+    save_file(adapters, str(folder / ADAPTERS_FILE))
+
+
+def load_adapters(model: nn.Module, folder) -> None:
+    """Undo a checkpoint's merge: load the saved adapters into ``model`` (which was loaded
+    from that checkpoint's merged weights and given fresh adapters) and subtract their
+    delta from each base weight, so base and adapters are again those of the run that
+    saved it (up to fp32 rounding of the merge)."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / ADAPTERS_FILE))
+    own = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    if set(saved) != set(own):
+        raise ValueError(
+            f"{folder / ADAPTERS_FILE}: adapters do not match this model's "
+            f"({len(saved)} saved, {len(own)} here; same --lora-rank and targets?)"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            if saved[name].shape != p.shape:
+                raise ValueError(
+                    f"{name}: saved {tuple(saved[name].shape)}, here {tuple(p.shape)} (--lora-rank?)"
+                )
+            p.copy_(saved[name])
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                base.weight -= module.get_delta_weight("default").to(base.weight.dtype)

@@ -6,7 +6,9 @@ Every rank takes its half of one global batch, encodes it with a DDP-wrapped tin
 computes the gathered hardness-weighted loss and backpropagates; rank 0 saves the mean
 loss over ranks and the (DDP-averaged) parameter gradients for four variants: plain,
 gradient-cached (DDP sync on the last chunk only), gradient-cached where a branch used
-by the query chunks is unused in the last chunk, and plain with duplicate masking.
+by the query chunks is unused in the last chunk, plain with duplicate masking, and
+hard negatives (two slots per row, some padding, some copies of a positive masked by
+key), plain and gradient-cached.
 The test compares them with one process computing the loss on the whole batch.
 """
 
@@ -31,7 +33,8 @@ from training.distributed import (  # noqa: E402
 from training.grad_cache import grad_cache_step, split_rows  # noqa: E402
 
 N_GLOBAL, D_IN, ALPHA = 8, 12, 9.0
-VARIANTS = ("plain", "cached", "cached_branch", "masked")
+VARIANTS = ("plain", "cached", "cached_branch", "masked", "negatives", "cached_negatives")
+K_NEG = 2  # hard negative slots per row
 
 
 class Encoder(nn.Module):
@@ -73,6 +76,34 @@ def make_batch():
     return queries, targets, keys
 
 
+def make_negatives():
+    """(N_GLOBAL * K_NEG, D_IN) inputs, validity (padding slots False) and content keys
+    (slot 3 copies pair 6's content key 4, slot 12 copies pair 1's key 1)."""
+    g = torch.Generator().manual_seed(2)
+    negatives = torch.randn(N_GLOBAL * K_NEG, D_IN, generator=g)
+    valid = torch.ones(N_GLOBAL * K_NEG, dtype=torch.bool)
+    valid[[1, 6, 7, 15]] = False
+    keys = torch.arange(100, 100 + N_GLOBAL * K_NEG)
+    keys[3], keys[12] = 4, 1
+    return negatives, valid, keys
+
+
+def negatives_loss(model, queries, targets, keys, negs, valid, neg_keys, *, cached=False, ddp=None):
+    def loss_fn(q, t, n):
+        return gathered_hardness_weighted_loss(
+            q, t, alpha=ALPHA, pair_keys=keys, negatives=n, negative_valid=valid, negative_keys=neg_keys
+        )
+
+    if cached:
+        return grad_cache_step(
+            lambda chunk: model(chunk), split_rows(queries, 3), split_rows(targets, 3), loss_fn,
+            model=ddp, negative_chunks=split_rows(negs, 3),
+        )  # fmt: skip
+    loss = loss_fn(model(queries), model(targets), model(negs))
+    loss.backward()
+    return loss.detach()
+
+
 def run_variant(ctx, variant: str) -> dict:
     # find_unused_parameters: the branch is unused in some forwards (as in run.py).
     model = DistributedDataParallel(make_model(), find_unused_parameters=True)
@@ -80,7 +111,14 @@ def run_variant(ctx, variant: str) -> dict:
     n = N_GLOBAL // ctx.world_size
     rows = slice(ctx.rank * n, (ctx.rank + 1) * n)
     q_in, t_in, local_keys = queries[rows], targets[rows], keys[rows]
-    if variant.startswith("cached"):
+    if variant.endswith("negatives"):
+        negs, valid, neg_keys = make_negatives()
+        slots = slice(rows.start * K_NEG, rows.stop * K_NEG)
+        loss = negatives_loss(
+            model, q_in, t_in, local_keys, negs[slots], valid[slots], neg_keys[slots],
+            cached=variant.startswith("cached"), ddp=model,
+        )  # fmt: skip
+    elif variant.startswith("cached"):
         loss = run_cached(model, q_in, t_in, branch_for_queries=variant == "cached_branch", ddp=model)
     else:
         pair_keys = local_keys if variant == "masked" else None

@@ -123,7 +123,7 @@ def test_dataset_replaces_a_corrupt_image_with_a_row_of_the_same_modality(
     pairs, _ = load_train_pairs([data], image_root)
     dataset = PairDataset(pairs, tiny_embedder, image_root)
     with caplog.at_level(logging.WARNING, logger="training.data"):
-        query, target, keys = dataset[0]
+        query, target, keys, _ = dataset[0]
     assert f"{data}:1: cannot preprocess" in caplog.text
     assert query.num_images == 1  # row 3 (also an image query) stood in
     assert keys == (pairs[2].query.key, pairs[2].target.key)
@@ -187,3 +187,37 @@ def test_one_process_sees_the_global_batches_of_two():
     single = list(GroupedBatchSampler(modalities, 8, seed=1))
     ranks = [list(GroupedBatchSampler(modalities, 4, world_size=2, rank=r, seed=1)) for r in range(2)]
     assert single == [a + b for a, b in zip(*ranks, strict=True)]
+
+
+def test_hard_negatives_are_read_padded_and_collated(tmp_path, image_root, tiny_embedder):
+    rows = [
+        {
+            **GOOD_TEXT_QUERY,
+            "neg_text": ["<|image_1|>", "", "a red thing"],
+            "neg_image_path": ["red.png", "", ""],
+        },
+        {**GOOD_IMAGE_QUERY, "neg_text": "blue"},  # MMEB's single string
+        GOOD_TEXT_QUERY,  # none
+        {**GOOD_TEXT_QUERY, "neg_text": ["x", "y"], "neg_image_path": ["red.png"]},  # unequal lists
+    ]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    ignored, _ = load_train_pairs([data], image_root)
+    assert all(p.negatives == () for p in ignored)  # off by default
+    pairs, report = load_train_pairs([data], image_root, hard_negatives=2)
+    assert len(pairs) == 3 and "negative" in report.skipped[0] and ":4:" in report.skipped[0]
+    assert pairs[0].negatives == (Side("<|image_1|>", "red.png"), Side("a red thing"))
+    assert pairs[1].negatives == (Side("blue"),) and pairs[2].negatives == ()
+    one, _ = load_train_pairs([data], image_root, hard_negatives=1)
+    assert one[0].negatives == (Side("<|image_1|>", "red.png"),)
+
+    dataset = PairDataset(pairs, tiny_embedder, image_root, hard_negatives=2)
+    batch = collate_pairs([dataset[i] for i in range(3)])
+    assert len(batch.negatives) == 6  # every row has k = 2 slots
+    assert batch.negative_valid.tolist() == [True, True, True, False, False, False]
+    assert batch.negative_keys[:3].tolist() == [s.key for s in pairs[0].negatives + pairs[1].negatives]
+    assert batch.negatives[0].num_images == 1
+    assert (
+        batch.negatives[3] is batch.targets[1] or batch.negatives[3].input_ids == batch.targets[1].input_ids
+    )
+    plain = collate_pairs([PairDataset(pairs, tiny_embedder, image_root)[i] for i in range(3)])
+    assert plain.negatives == [] and plain.negative_valid is None

@@ -36,7 +36,12 @@ def _free_port() -> int:
 def _single_process(variant: str) -> dict:
     model = dist_check.make_model()
     queries, targets, keys = dist_check.make_batch()
-    if variant.startswith("cached"):
+    if variant.endswith("negatives"):
+        negs, valid, neg_keys = dist_check.make_negatives()
+        loss = dist_check.negatives_loss(
+            model, queries, targets, keys, negs, valid, neg_keys, cached=variant.startswith("cached")
+        )
+    elif variant.startswith("cached"):
         loss = dist_check.run_cached(model, queries, targets, branch_for_queries=variant == "cached_branch")
     else:
         pair_keys = keys if variant == "masked" else None
@@ -100,6 +105,11 @@ def test_masking_changes_the_distributed_loss(torchrun_results):
     assert not torch.allclose(torchrun_results["masked"]["loss"], torchrun_results["plain"]["loss"])
 
 
+def test_hard_negatives_change_the_distributed_loss(torchrun_results):
+    """The gathered negatives count: more candidates than masking alone gives."""
+    assert torchrun_results["negatives"]["loss"] > torchrun_results["masked"]["loss"] + 0.01
+
+
 def test_single_process_helpers_without_a_group(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -108,3 +118,33 @@ def test_single_process_helpers_without_a_group(monkeypatch):
     assert not is_distributed() and get_rank() == 0 and get_world_size() == 1 and is_main_process()
     with pytest.raises(RuntimeError, match="process group"):
         gather_with_grad(torch.zeros(2, 3))
+
+
+def test_negative_keys_mask_copies_of_a_rows_own_content(monkeypatch):
+    """Single process: a negative whose key equals one of a row's keys is dropped for that
+    row only, exactly as an explicit mask would."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    g = torch.Generator().manual_seed(0)
+    q, t, negs = (
+        torch.randn(3, 6, generator=g),
+        torch.randn(3, 6, generator=g),
+        torch.randn(4, 6, generator=g),
+    )
+    pair_keys = torch.tensor([[10, 20], [11, 21], [12, 22]])
+    negative_keys = torch.tensor([21, 99, 10, 98])
+    valid = torch.tensor([True, True, True, False])
+    got = gathered_hardness_weighted_loss(
+        q, t, pair_keys=pair_keys, negatives=negs, negative_valid=valid, negative_keys=negative_keys
+    )
+    mask = torch.tensor([[False, False, True, True], [True, False, False, True], [False, False, False, True]])
+    from training.loss import duplicate_pair_mask, hardness_weighted_loss
+
+    expected = hardness_weighted_loss(
+        q, t, target_mask=duplicate_pair_mask(pair_keys, pair_keys), negatives=negs, negative_mask=mask
+    )
+    assert_close_scaled(got, expected, rtol=1e-6, what="loss")
+    unmasked = hardness_weighted_loss(
+        q, t, target_mask=duplicate_pair_mask(pair_keys, pair_keys), negatives=negs
+    )
+    assert not torch.allclose(got, unmasked)

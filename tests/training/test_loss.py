@@ -194,3 +194,52 @@ def test_duplicate_mask_with_several_key_columns_and_offset_labels():
 def test_mismatched_pairs_are_refused():
     with pytest.raises(ValueError, match="pair up"):
         hardness_weighted_loss(torch.randn(3, 4), torch.randn(4, 4))
+
+
+# ----------------------------------------------------------------------------- hard negatives
+
+
+@pytest.mark.parametrize("alpha", [0.0, 9.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hard_negatives_match_reference(alpha, seed):
+    """Extra target columns for every query (q->t only), some masked per row, against the
+    pair-by-pair formula with the negatives appended to the candidates; gradients reach
+    the negatives."""
+    n, m, d, logit_scale = 4, 6, 7, [50.0, 10.0][seed]
+    q, t, neg = _leaves(((n, d), seed), ((n, d), seed + 10), ((m, d), seed + 20))
+    q_ref, t_ref, neg_ref = (x.detach().clone().requires_grad_() for x in (q, t, neg))
+    g = torch.Generator().manual_seed(seed)
+    negative_mask = torch.rand(n, m, generator=g) < 0.3  # (n, m)
+    target_mask = torch.zeros(n, n, dtype=torch.bool)
+    target_mask[0, 2] = target_mask[2, 0] = True
+
+    loss = hardness_weighted_loss(
+        q, t, alpha=alpha, logit_scale=logit_scale, target_mask=target_mask,
+        negatives=neg, negative_mask=negative_mask,
+    )  # fmt: skip
+    labels = list(range(n))
+    exclude_q2t = torch.cat([target_mask, negative_mask], dim=1)  # (n, n + m)
+    q2t = reference_direction(q_ref, torch.cat([t_ref, neg_ref]), labels, alpha, logit_scale, exclude_q2t)
+    t2q = reference_direction(t_ref, q_ref, labels, alpha, logit_scale, target_mask)
+    expected = (q2t + t2q) / 2
+    loss.backward()
+    expected.backward()
+
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    for got, want, name in ((q, q_ref, "q"), (t, t_ref, "t"), (neg, neg_ref, "negatives")):
+        assert_close_scaled(got.grad, want.grad, rtol=1e-8, what=f"{name}.grad")
+    assert neg.grad.abs().sum() > 0
+    # A fully masked negative gets no gradient; without negatives the loss is lower.
+    fully_masked = negative_mask.all(dim=0)
+    assert not neg.grad[fully_masked].any()
+    plain = hardness_weighted_loss(q, t, alpha=alpha, logit_scale=logit_scale, target_mask=target_mask)
+    assert plain < loss
+
+
+def test_hard_negatives_that_copy_the_positive_raise_the_loss_unless_masked():
+    q, t = _leaves(((3, 5), 0), ((3, 5), 1))
+    copies = t.detach().clone()  # negatives identical to each row's positive
+    unmasked = hardness_weighted_loss(q, t, negatives=copies)
+    masked = hardness_weighted_loss(q, t, negatives=copies, negative_mask=torch.ones(3, 3, dtype=torch.bool))
+    assert unmasked > masked
+    torch.testing.assert_close(masked, hardness_weighted_loss(q, t), rtol=1e-12, atol=0)

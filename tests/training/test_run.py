@@ -164,6 +164,11 @@ def test_torchrun_two_processes_match_one(tiny_checkpoint, shapes, tmp_path):
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-3)
     assert (double / "model.safetensors").is_file() and not list(double.glob("rng_state_*"))
+    # DDP: every rank holds the whole training state (compare test_fsdp's halves).
+    memory = json.loads((double / "memory.json").read_text())
+    assert not memory["fsdp"] and len(memory["per_rank"]) == 2
+    for rank in memory["per_rank"]:
+        assert rank["params"] == 4 * rank["n_params"] and rank["optimizer"] == 8 * rank["n_trainable"]
 
 
 def test_lora_adapters_merge_into_a_plain_checkpoint(tiny_checkpoint, tmp_path):
@@ -225,3 +230,44 @@ def test_lora_run(tiny_checkpoint, shapes, tmp_path):
     assert set(original) == set(trained)
     changed = [k for k in original if "q_proj.weight" in k and not torch.equal(original[k], trained[k])]
     assert changed  # the adapters' deltas were merged in
+
+
+def test_hard_negatives_are_trained_on_and_cached_like_plain(tiny_checkpoint, shapes, tmp_path):
+    """--hard-negatives 1 adds each row's neg_* target (the synthetic rows have one):
+    the loss rises (more, and harder, candidates), and gradient caching gives the same
+    losses as the plain step, so the extra targets flow through the cache too."""
+    losses = {}
+    for name, extra in {
+        "none": [],
+        "plain": ["--hard-negatives", "1"],
+        "cached": ["--hard-negatives", "1", "--grad-cache-chunk-size", "3"],
+    }.items():
+        out = tmp_path / name
+        main(_args(tiny_checkpoint, shapes, out, "--max-steps", "2", "--mask-duplicates", *extra))
+        losses[name] = [m["loss"] for m in _metrics(out)]
+    assert_close_scaled(losses["cached"], losses["plain"], rtol=1e-4, what="cached vs plain")
+    assert losses["plain"][0] > losses["none"][0] + 0.05
+
+
+def test_lora_resume_continues_with_the_same_adapters(tiny_checkpoint, shapes, tmp_path):
+    """An interrupted LoRA run resumes to the uninterrupted one: the checkpoint holds the
+    merged weights plus the adapters, which are loaded and un-merged, and the optimizer
+    moments belong to them (fresh adapters with the old moments would diverge)."""
+    lora = ["--lora", "--lora-rank", "4", "--max-steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(_args(tiny_checkpoint, shapes, straight, *lora, "--save-steps", "2"))
+    assert (straight / "checkpoint-2" / "adapters.safetensors").is_file()
+    main(_args(tiny_checkpoint, shapes, resumed, *lora, "--resume", str(straight / "checkpoint-2")))
+    assert [m["step"] for m in _metrics(resumed)] == [3, 4]
+    assert_close_scaled(
+        [m["loss"] for m in _metrics(resumed)],
+        [m["loss"] for m in _metrics(straight)[2:]],
+        rtol=1e-5,
+        what="loss",
+    )
+    base = _weights(tiny_checkpoint)
+    for key, value in _weights(straight).items():
+        got = _weights(resumed)[key]
+        assert_close_scaled(got, value, rtol=1e-5, what=key)
+        if "q_proj.weight" in key:  # and the change made by training is reproduced on its own scale
+            assert_close_scaled(got - base[key], value - base[key], rtol=1e-3, what=f"update of {key}")
