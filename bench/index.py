@@ -342,6 +342,16 @@ async def http_upsert(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from service.store import CollectionStore
 
+    pg_server = None
+    if args.store == "postgres":
+        from service.store_postgres import PostgresCollectionStore
+
+        if args.store_url is None:  # a throwaway PostgreSQL + pgvector (tests/postgres.py)
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from tests.postgres import PostgresServer
+
+            pg_server = PostgresServer(args.work_dir)
+            pg_server.start()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     kinds = args.indexes.split(",")
     modes = set(args.modes.split(","))
@@ -364,9 +374,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 data_dir = root / f"{kind}-{n}"
                 row: dict[str, Any] = {"n": n, "index": kind}
                 foreign = common.ForeignLoad()
-                store = CollectionStore(data_dir)
+                if args.store == "postgres":
+                    url = pg_server.new_database(f"bench_{kind}_{n}") if pg_server else args.store_url
+                    store: Any = PostgresCollectionStore(url)
+                    row["store"] = "postgres"
+                else:
+                    store = CollectionStore(data_dir)
                 store.open()
                 try:
+                    if args.store == "postgres" and pg_server is None:
+                        try:
+                            store.delete_collection("bench")
+                        except Exception:
+                            pass
                     store.create_collection("bench", DIM, index=kind)
                     row["upsert"] = upsert_direct(store, "bench", n, args.batch, args.seed)
                     log(f"  upsert: {row['upsert']['vectors_per_s']:,.0f} vectors/s "
@@ -386,6 +406,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     store.close()
                 row["foreign_cpu_cores"] = foreign.cores()
+                if args.store == "postgres":  # no in-process index to reload; HTTP: the SQLite numbers apply
+                    result["rows"].append(row)
+                    common.write_results(args.out_name, {**result, "machine": common.machine_info()})
+                    continue
                 log("  reloading in a fresh process ...")
                 row["reload"] = run_reload_probe(data_dir, "bench", args)
                 log(f"  reload: open {row['reload']['open_s']:.1f} s, build {row['reload']['background_build_s']:.1f} s, "
@@ -398,6 +422,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 common.write_results(args.out_name, {**result, "machine": common.machine_info()})
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if pg_server is not None:
+            pg_server.cleanup()
     result["machine"] = common.machine_info()
     return result
 
@@ -445,13 +471,23 @@ def report(result: dict[str, Any]) -> str:
             "qps_1": r["search"]["qps_1_thread"],
             "qps_threads": r["search"][th] if th else float("nan"),
             "recall@10": r.get("recall_at_10", float("nan")),
-            "reload_open_s": r["reload"]["open_s"],
-            "reload_build_s": r["reload"]["background_build_s"],
-            "p50_ms_while_building": r["reload"]["search_p50_ms_while_building"],
-            "anon_GB_per_M": r["reload"]["rss_anon_gb_per_million"],
-            "peak_GB_per_M": r["reload"].get("peak_rss_gb_per_million", float("nan")),
-            "others_cores": r.get("foreign_cpu_cores", float("nan")),
+            "store": r.get("store", "sqlite"),
         }
+        if "reload" in r:
+            row.update(
+                {
+                    "reload_open_s": r["reload"]["open_s"],
+                    "reload_build_s": r["reload"]["background_build_s"],
+                    "p50_ms_while_building": r["reload"]["search_p50_ms_while_building"],
+                    "anon_GB_per_M": r["reload"]["rss_anon_gb_per_million"],
+                    "peak_GB_per_M": r["reload"].get("peak_rss_gb_per_million", float("nan")),
+                }
+            )
+        row.update(
+            {
+                "others_cores": r.get("foreign_cpu_cores", float("nan")),
+            }
+        )
         if "http" in r:
             h = r["http"]
             row.update(
@@ -476,6 +512,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--indexes", default="flat,hnsw,ivf", help="index types (flat first: it is the recall truth)"
     )
     p.add_argument("--modes", default="store,http", help="store (always) and http (a real server)")
+    p.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="backend: the embedded SQLite + FAISS store, or PostgreSQL + pgvector (store mode only)",
+    )
+    p.add_argument(
+        "--store-url",
+        default=None,
+        help="with --store postgres: a postgresql:// URL (default: a throwaway embedded PostgreSQL)",
+    )
     p.add_argument("--batch", type=int, default=1000, help="vectors per direct upsert call")
     p.add_argument("--queries", type=int, default=500, help="queries for latency/QPS")
     p.add_argument("--recall-queries", type=int, default=200, help="queries for recall@10")
@@ -507,8 +554,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.http_upsert_max = 5000
         if "--quiet-wait" not in explicit:
             args.quiet_wait = 0.0
+    if args.store == "postgres":
+        args.modes = "store"
     args.out_name = (
-        "index" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick and not args.tag else "")
+        "index"
+        + ("-postgres" if args.store == "postgres" else "")
+        + (f"-{args.tag}" if args.tag else "")
+        + ("-quick" if args.quick and not args.tag else "")
     )
     return args
 

@@ -98,14 +98,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     app = create_app(settings)
     logger.info(
-        "serving %s on http://%s:%d (device %s, dtype %s, data dir %s, auth %s); "
+        "serving %s on http://%s:%d (device %s, dtype %s, store %s, auth %s); "
         "the model loads in the background, /ready turns 200 when it is warmed up",
         settings.model,
         settings.host,
         settings.port,
         settings.device,
         settings.dtype,
-        settings.data_dir,
+        "PostgreSQL" if settings.store_url else settings.data_dir,
         "on" if settings.api_key else "off",
     )
     uvicorn.run(

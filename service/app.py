@@ -98,6 +98,13 @@ class RequestAccountingMiddleware:
 
 
 def _open_store(settings: Settings) -> Any:
+    if settings.store_url:
+        from service.store_postgres import PostgresCollectionStore, redacted
+
+        pg = PostgresCollectionStore(settings.store_url)
+        pg.open()
+        logger.info("collection store open in PostgreSQL at %s", redacted(settings.store_url))
+        return pg
     from service.store import CollectionStore  # imports faiss: not at module import
 
     store = CollectionStore(settings.data_dir, index_snapshots=settings.index_snapshots)

@@ -188,11 +188,10 @@ def _raise_for(r: Any) -> None:
 class StoreTarget:
     """Ingest straight into the store, embedding in-process (no server)."""
 
-    def __init__(self, data_dir: Path, collection: str, model: str | None, device: str, dtype: str):
-        from service.store import CollectionStore
+    def __init__(self, data_dir: Path | str, collection: str, model: str | None, device: str, dtype: str):
+        from service.stores import open_store
 
-        self.store = CollectionStore(data_dir)
-        self.store.open()
+        self.store = open_store(data_dir)  # a directory, or a postgresql:// URL
         self.collection = collection
         self._model_id, self._device, self._dtype = model, device, dtype
         self._embedder: Any = None
@@ -313,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="write to this store directly instead of a server (the server must be stopped)",
     )
-    parser.add_argument("--model", default=None, help="with --data-dir: checkpoint used to embed")
+    parser.add_argument(
+        "--store-url",
+        default=None,
+        help="write to this PostgreSQL store directly (postgresql://...; servers may keep running)",
+    )
+    parser.add_argument("--model", default=None, help="with --data-dir/--store-url: checkpoint used to embed")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=32, help="documents per upsert request")
@@ -330,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     try:
-        if args.data_dir is not None:
-            target: Any = StoreTarget(args.data_dir, args.collection, args.model, args.device, args.dtype)
+        if args.data_dir is not None or args.store_url is not None:
+            where = args.store_url if args.store_url is not None else args.data_dir
+            target: Any = StoreTarget(where, args.collection, args.model, args.device, args.dtype)
         else:
             target = ServerTarget(
                 args.server, args.collection, args.api_key or os.environ.get("LLAVE_API_KEY")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -282,6 +282,13 @@ class DocumentOut(BaseModel):
     vector: list[float] | None = None
 
 
+class DocumentPage(BaseModel):
+    documents: list[DocumentOut]
+    next_cursor: str | None = Field(
+        None, description="Pass as ?cursor= for the next page; null on the last page."
+    )
+
+
 class Deleted(BaseModel):
     deleted: str
 
@@ -302,10 +309,31 @@ class SearchRequest(Strict):
     collection: str = "default"
     query: VectorQuery | InputObject = Field(description="An input object, or {'vector': [...]}.")
     k: int = Field(10, ge=1, le=100_000)
-    filter: dict[str, MetadataValue | list[MetadataValue]] | None = Field(
-        None, description="{field: value} matches equality; {field: [v1, v2]} matches any of the values."
+    filter: (
+        dict[str, MetadataValue | list[MetadataValue] | dict[str, MetadataValue | list[MetadataValue]]] | None
+    ) = Field(
+        None,
+        description="{field: value} matches equality; {field: [v1, v2]} matches any of the values; "
+        '{field: {"gte": 10, "lt": 20}} a numeric range (gt, gte, lt, lte); {field: {"not": value or '
+        "[values]}} every document that equality would not match (a missing field included). "
+        "Fields combine with AND.",
     )
     truncate: bool = True
+
+    @field_validator("filter")
+    @classmethod
+    def _check_operators(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # An operator object is checked here, so a bad one is a 422 before the collection is looked up.
+        from service.store_errors import InvalidFilterError
+        from service.store_validation import filter_operators
+
+        for key, item in (value or {}).items():
+            if isinstance(item, dict):
+                try:
+                    filter_operators(key, item)
+                except InvalidFilterError as exc:
+                    raise ValueError(str(exc)) from None
+        return value
 
 
 class Hit(BaseModel):

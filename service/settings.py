@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         "clients' idle expiry, httpx: 5 s, so a client never reuses a closing connection).",
     )
     data_dir: Path = Field(Path("./data"), description="Directory of the collection store.")
+    store_url: str | None = Field(
+        None,
+        description="A postgresql:// URL: keep collections in PostgreSQL + pgvector instead of "
+        "the embedded SQLite + FAISS store at --data-dir; several servers may share it.",
+    )
     index_snapshots: bool = Field(
         True,
         description="Save built HNSW/IVF indexes at shutdown and reuse them at start-up when they "
@@ -203,6 +208,15 @@ class Settings(BaseSettings):
         # An empty LLAVE_API_KEY= means "no key", not "the empty key".
         if value is not None and not value.get_secret_value():
             return None
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store_url(cls, value: str | None) -> str | None:
+        if not value:  # an empty LLAVE_STORE_URL= means the embedded store
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store_url must be a postgresql:// URL")
         return value
 
     @field_validator("fault_injection")

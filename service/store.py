@@ -575,6 +575,35 @@ class CollectionStore(IndexMaintenance):
             )
         return found
 
+    def list_documents(
+        self, name: str, cursor: str | None = None, limit: int = 100, *, with_vector: bool = False
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Documents in id order (bytewise) after ``cursor``; the next cursor, or None at the end."""
+        coll = self._get(name)
+        if cursor is not None:
+            check_doc_id(cursor)
+        rows = self._read(
+            "SELECT id, metadata, created_at, updated_at, vector FROM documents "
+            "WHERE collection = ? AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
+            (name, cursor, cursor, limit + 1),
+        )
+        docs = []
+        for doc_id, meta, created_at, updated_at, blob in rows[:limit]:
+            doc = {
+                "id": doc_id,
+                "metadata": None if meta is None else json.loads(meta),
+                "created_at": created_at,
+                "updated_at": updated_at,
+            }
+            if with_vector:
+                doc["vector"] = np.frombuffer(blob, np.float32).reshape(coll.dim).copy()
+            docs.append(doc)
+        return docs, (docs[-1]["id"] if len(rows) > limit else None)
+
+    def collection_options(self, name: str) -> dict[str, Any]:
+        """The collection's index options as stored (for migration)."""
+        return dict(self._get(name).options)
+
     # --- search --------------------------------------------------------------------------------
 
     def search(

@@ -57,11 +57,46 @@ def metadata_json(metadata: Any, max_bytes: int) -> str | None:
     return text
 
 
+RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def filter_operators(key: str, value: dict[Any, Any]) -> tuple[dict[str, Any], Any]:
+    """Check ``{"gt"|"gte"|"lt"|"lte": number, "not": value | [values]}``: (ranges, not-value or
+    ``_ABSENT``). Numbers are finite and not booleans; ``not`` takes what equality takes."""
+    if not value or any(op not in RANGE_OPS and op != "not" for op in value):
+        raise InvalidFilterError(
+            f"filter field {key!r}: an object takes operators {', '.join([*RANGE_OPS, 'not'])}"
+        )
+    ranges = {op: v for op, v in value.items() if op in RANGE_OPS}
+    for op, v in ranges.items():
+        if not (
+            isinstance(v, int)
+            and not isinstance(v, bool)
+            and -(2**63) <= v < 2**63
+            or isinstance(v, float)
+            and math.isfinite(v)
+        ):
+            raise InvalidFilterError(f"filter field {key!r}: {op} takes a finite number, not {shown(v)}")
+    negated = value.get("not", _ABSENT)
+    if isinstance(negated, dict):
+        raise InvalidFilterError(f"filter field {key!r}: not takes a value or a list of values")
+    if isinstance(negated, list) and not negated:
+        raise InvalidFilterError(f"filter field {key!r}: not has an empty list of values")
+    return ranges, negated
+
+
+_ABSENT = object()
+
+
 def compile_filter(filter: Any) -> tuple[str, list[Any]]:
-    """SQL condition on ``documents AS d`` for ``{"field": value | [any-of values]}``; "" for none.
+    """SQL condition on ``documents AS d`` for ``{"field": value | [any-of values] | {operators}}``;
+    "" for none.
 
     Matching is type-aware: ``true`` never matches ``1``, ``null`` matches only an explicit
     null (not a missing field), and numbers compare by value (``1`` matches ``1.0``).
+    Operators: ``{"gte": 10, "lt": 20}`` (numbers only: a field holding a string or nothing
+    does not match) and ``{"not": value | [values]}`` (every document the equality would not
+    match, a missing field included); they combine with AND.
     """
     if filter is None:
         return "", []
@@ -79,6 +114,25 @@ def compile_filter(filter: Any) -> tuple[str, list[Any]]:
             or _FORBIDDEN_CHARS.search(key)
         ):
             raise InvalidFilterError(f"invalid filter field {shown(key)}")
+        if isinstance(value, dict):
+            ranges, negated = filter_operators(key, value)
+            total += len(ranges) + (
+                0 if negated is _ABSENT else len(negated) if isinstance(negated, list) else 1
+            )
+            if total > MAX_FILTER_VALUES:
+                raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
+            if ranges:
+                conds = " AND ".join(f"j.atom {RANGE_OPS[op]} ?" for op in ranges)
+                clauses.append(
+                    "EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? "
+                    f"AND j.type IN ('integer', 'real') AND {conds})"
+                )
+                params += [key, *ranges.values()]
+            if negated is not _ABSENT:
+                sql, sub = compile_filter({key: negated})
+                clauses.append(f"NOT ({sql})")
+                params += sub
+            continue
         if isinstance(value, list) and not value:
             raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
         values = value if isinstance(value, list) else [value]

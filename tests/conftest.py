@@ -54,3 +54,33 @@ def b64(data: bytes) -> str:
 def png_b64():
     """Factory: ``png_b64(w, h, color)`` -> base64 PNG text."""
     return lambda w, h, color=(200, 30, 30): b64(make_png(w, h, color))
+
+
+# --- a real PostgreSQL with pgvector (tests/postgres.py) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """One PostgreSQL 18 + pgvector for the session, started on first use, stopped at the end.
+
+    Never skipped silently: only ``LLAVE_TEST_POSTGRES=0`` turns the PostgreSQL tests off.
+    """
+    if os.environ.get("LLAVE_TEST_POSTGRES", "1") == "0":
+        pytest.skip("PostgreSQL tests disabled by LLAVE_TEST_POSTGRES=0")
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+_db_counter = iter(range(10**9))
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's PostgreSQL."""
+    return postgres_server.new_database(f"t{next(_db_counter)}")

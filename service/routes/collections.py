@@ -27,6 +27,7 @@ from service.schemas import (
     CreateCollectionRequest,
     Deleted,
     DocumentOut,
+    DocumentPage,
     IdsRequest,
     IdsResponse,
     UpsertRequest,
@@ -148,6 +149,28 @@ async def describe_collection(request: Request, name: str) -> dict[str, Any]:
 async def delete_collection(request: Request, name: str) -> dict[str, str]:
     await _call(get_store(request), "delete_collection", name)
     return {"deleted": name}
+
+
+@router.get(
+    "/collections/{name}/documents",
+    response_model=DocumentPage,
+    responses=RESPONSES,
+    summary="Page through a collection's documents in id order",
+)
+async def list_documents(
+    request: Request,
+    name: str,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    with_vector: Annotated[bool, Query()] = False,
+) -> dict[str, Any]:
+    docs, next_cursor = await _call(
+        get_store(request), "list_documents", name, cursor or None, limit, with_vector=with_vector
+    )
+    for doc in docs:
+        if with_vector:
+            doc["vector"] = np.asarray(doc["vector"], dtype=np.float32).tolist()
+    return {"documents": docs, "next_cursor": next_cursor}
 
 
 @router.get(

@@ -310,6 +310,20 @@ def test_load_balancer_routes_the_store_to_the_single_writer(compose):
     assert mounted and mounted[0].startswith("./docker/nginx.conf:")
 
 
+def test_pg_profile_runs_api_replicas_on_one_postgres(compose):
+    services = compose["services"]
+    postgres, replica, lb = services["postgres"], services["llave-pg"], services["lb-pg"]
+    assert postgres["profiles"] == replica["profiles"] == lb["profiles"] == ["pg"]
+    assert postgres["image"].startswith("pgvector/pgvector:")
+    url = environment(replica)["LLAVE_STORE_URL"]
+    assert url.startswith("postgresql://") and "@postgres:5432/" in url
+    assert replica["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "replicas" in replica["deploy"] and volume_targets(replica)["/data"]["type"] == "tmpfs"
+    conf = (ROOT / "docker" / "nginx-pg.conf").read_text()
+    assert re.search(r"server llave-pg:8000", conf) and "proxy_pass http://llave_pg;" in conf
+    assert any("nginx-pg.conf" in v for v in lb["volumes"])
+
+
 def test_model_fetch_uses_an_existing_loader_function(compose):
     command = " ".join(compose["services"]["model-fetch"]["entrypoint"])
     module, name = re.search(r"from ([\w.]+) import (\w+)", command).groups()

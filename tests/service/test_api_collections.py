@@ -13,8 +13,12 @@ from tests.conftest import b64, make_png
 from tests.service.conftest import start_server
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_checkpoint, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def srv(request, tiny_checkpoint, tmp_path_factory):
+    """The same routes on both store backends: embedded SQLite + FAISS, and PostgreSQL + pgvector."""
+    env = {}
+    if request.param == "postgres":
+        env["LLAVE_STORE_URL"] = request.getfixturevalue("postgres_server").new_database("api_collections")
     server = start_server(
         tiny_checkpoint,
         tmp_path_factory.mktemp("server-collections"),
@@ -24,6 +28,7 @@ def srv(tiny_checkpoint, tmp_path_factory):
         "64",
         "--preprocess-workers",
         "2",
+        env=env,
     )
     yield server
     server.stop()
@@ -288,10 +293,14 @@ def test_concurrent_upserts_and_searches(srv):
         assert c.get("/collections/conc").json()["count"] == 401
 
 
-def test_persistence_across_restart(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_persistence_across_restart(tiny_checkpoint, tmp_path, backend, request):
+    env = {}
+    if backend == "postgres":
+        env["LLAVE_STORE_URL"] = request.getfixturevalue("postgres_url")
     rng = np.random.default_rng(4)
     v = _unit(rng, 30, 8)
-    server = start_server(tiny_checkpoint, tmp_path)
+    server = start_server(tiny_checkpoint, tmp_path, env=env)
     try:
         with server.client() as c:
             docs = [{"id": f"p{i}", "vector": v[i].tolist(), "metadata": {"i": i}} for i in range(30)]
@@ -301,7 +310,7 @@ def test_persistence_across_restart(tiny_checkpoint, tmp_path):
             ).json()
     finally:
         server.stop()
-    server = start_server(tiny_checkpoint, tmp_path)
+    server = start_server(tiny_checkpoint, tmp_path, env=env)
     try:
         with server.client() as c:
             assert c.get("/collections/keep").json()["count"] == 30
@@ -311,3 +320,44 @@ def test_persistence_across_restart(tiny_checkpoint, tmp_path):
             assert after == before
     finally:
         server.stop()
+
+
+def test_paging_through_documents(srv):
+    rng = np.random.default_rng(5)
+    v = _unit(rng, 25, 4)
+    ids = [f"pg-{i:02d}" for i in range(25)] + ["Zebra", "ä-umlaut"]
+    with srv.client() as c:
+        docs = [{"id": d, "vector": v[i % 25].tolist(), "metadata": {"i": i}} for i, d in enumerate(ids)]
+        assert c.post("/collections/paged/documents", json={"documents": docs}).status_code == 200
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 10, "with_vector": "true", **({"cursor": cursor} if cursor else {})}
+            r = c.get("/collections/paged/documents", params=params)
+            assert r.status_code == 200, r.text
+            page = r.json()
+            assert len(page["documents"]) <= 10 and all(len(d["vector"]) == 4 for d in page["documents"])
+            seen += [d["id"] for d in page["documents"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == sorted(ids, key=lambda s: s.encode())  # bytewise id order, on both backends
+        assert c.get("/collections/paged/documents", params={"limit": 0}).status_code == 422
+        assert c.get("/collections/nope/documents").status_code == 404
+
+
+def test_range_and_not_filters_over_http(srv):
+    rng = np.random.default_rng(6)
+    v = _unit(rng, 30, 4)
+    with srv.client() as c:
+        docs = [
+            {"id": f"r{i}", "vector": v[i].tolist(), "metadata": {"price": i, "tag": ["a", "b"][i % 2]}}
+            for i in range(30)
+        ]
+        assert c.post("/collections/ranged/documents", json={"documents": docs}).status_code == 200
+        query = {"collection": "ranged", "query": {"vector": v[0].tolist()}, "k": 30}
+        f = {"price": {"gte": 10, "lt": 20}, "tag": {"not": "a"}}
+        r = c.post("/search", json={**query, "filter": f})
+        assert r.status_code == 200, r.text
+        assert sorted(int(h["id"][1:]) for h in r.json()["hits"]) == [11, 13, 15, 17, 19]
+        for bad in ({"price": {"between": [1, 2]}}, {"price": {"gte": "1"}}, {"price": {}}):
+            assert c.post("/search", json={**query, "filter": bad}).status_code == 422

@@ -125,6 +125,21 @@ def test_direct_store_mode(tiny_checkpoint, tmp_path):
         store.close()
 
 
+def test_direct_postgres_store_mode(tiny_checkpoint, tmp_path, postgres_url):
+    """``--store-url``: straight into PostgreSQL (servers on it may keep running)."""
+    from service.ingest import main as ingest_main
+    from service.store_postgres import PostgresCollectionStore
+
+    folder = _image_folder(tmp_path / "imgs")
+    args = ["--collection", "pgdirect", "--store-url", postgres_url, "--model", str(tiny_checkpoint)]
+    args += ["--device", "cpu", "--dtype", "float32", "--no-progress"]
+    assert ingest_main([str(folder), *args]) == 0
+    assert ingest_main([str(folder), *args]) == 0  # resumed: everything already there
+    with PostgresCollectionStore(postgres_url) as store:
+        assert store.describe("pgdirect")["count"] == 3
+        assert store.integrity_check() == []
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
     r = subprocess.run(
         [

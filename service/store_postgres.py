@@ -1,0 +1,788 @@
+"""The collection store on PostgreSQL + pgvector: the same contract as ``service/store.py``.
+
+Chosen with ``--store-url postgresql://...``. Several server processes may share one
+database: nothing is cached between calls (each call reads the collection row), so an
+upsert committed by one server is searchable from every other at once.
+
+Layout: ``llave_collections`` (name, dim, index type, options, a document count kept in
+step by every write) and one table per collection, ``llave_docs_<serial>`` (the serial,
+never the name, appears in SQL: names cannot escape anything):
+``id text primary key, metadata jsonb, created_at, updated_at, embedding vector(dim)``,
+a GIN index (``jsonb_path_ops``) on metadata that the filters (``@>``) use, and for
+approximate collections an HNSW (``vector_ip_ops``) or IVFFlat index on the unit vectors
+(inner product = cosine). Over pgvector's 2,000-dimension index limit (or with option
+``halfvec``) the index is an expression index on ``embedding::halfvec(dim)`` (4,000 at
+most); the full-precision vector is stored either way and gives the returned scores.
+
+Writes: one transaction per call (all or nothing); the collection row is locked
+``FOR UPDATE`` first, so writers of one collection - in any process - are serialised and
+cannot deadlock on document rows. Searches never take that lock.
+
+Filtered approximate search: pgvector 0.8 iterative index scans (``hnsw.iterative_scan =
+relaxed_order``, ``ivfflat.iterative_scan``), results re-sorted by exact score; when the
+index still yields fewer than ``k`` hits (a very selective filter, ``hnsw.max_scan_tuples``
+reached) the query is answered by an exact scan of the rows the filter selects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from service.store_errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    DimensionMismatchError,
+    DocumentNotFoundError,
+    DuplicateIdError,
+    InvalidFilterError,
+    InvalidMetadataError,
+    InvalidNameError,
+    InvalidParameterError,
+    InvalidVectorError,
+    StoreUnavailableError,
+)
+from service.store_validation import (
+    _ABSENT,
+    _FORBIDDEN_CHARS,
+    _SURROGATES,
+    MAX_DIM,
+    MAX_FILTER_KEY_CHARS,
+    MAX_FILTER_KEYS,
+    MAX_FILTER_VALUES,
+    RANGE_OPS,
+    check_collection_name,
+    check_doc_id,
+    filter_operators,
+    metadata_json,
+    shown,
+)
+
+logger = logging.getLogger("llave.store.postgres")
+
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+PG_MAX_DIM = 16000  # pgvector's vector type
+INDEX_MAX_DIM = 2000  # vector indexes; halfvec indexes go to 4000
+HALFVEC_MAX_DIM = 4000
+# Vectors up to this size stay in the table row (8 KB pages; the id and metadata can still
+# be TOASTed); larger ones (LLaVE-7B: 3,584) are stored out of line by TOAST.
+PLAIN_MAX_DIM = 1500
+OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "flat": {},
+    "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 160, "halfvec": False},
+    # nlist None: chosen from the collection size (sqrt(rows)) when the IVFFlat index is
+    # built, which happens once the collection holds min_train documents.
+    "ivf": {"nlist": None, "nprobe": None, "min_train": 1000, "halfvec": False},
+}
+# pgvector's bounds, checked here so a bad option is a 422, not a database error.
+_BOUNDS = {"m": (2, 100), "ef_construction": (4, 1000), "ef_search": (1, 1000), "nlist": (1, 32768)}
+_SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS llave_collections (
+    serial bigserial UNIQUE, name text PRIMARY KEY, dim integer NOT NULL, index_type text NOT NULL,
+    options jsonb NOT NULL, created_at double precision NOT NULL, count bigint NOT NULL DEFAULT 0,
+    ann_built boolean NOT NULL DEFAULT false);
+"""
+_RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock
+
+
+def _unavailable(exc: BaseException, action: str) -> StoreUnavailableError:
+    return StoreUnavailableError(f"the collection store could not {action}: {exc}")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class _Vec:
+    """A float32 vector sent in pgvector's binary format (``%b``): no text formatting/parsing."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+
+def _use_binary_vectors(conn: Any) -> None:
+    """Register ``_Vec``'s binary dumper on ``conn`` (the vector type's oid is per database)."""
+    import struct
+
+    from psycopg import pq
+    from psycopg.adapt import Dumper
+
+    oid = conn.execute("SELECT 'vector'::regtype::oid").fetchone()[0]
+
+    class VectorDumper(Dumper):
+        format = pq.Format.BINARY
+
+        def dump(self, obj: _Vec) -> bytes:
+            a = obj.array
+            return struct.pack(">HH", len(a), 0) + a.astype(">f4").tobytes()
+
+    VectorDumper.oid = oid
+    conn.adapters.register_dumper(_Vec, VectorDumper)
+
+
+def _parse_vec(text: str) -> np.ndarray:
+    return np.array(json.loads(text), np.float32)
+
+
+def compile_jsonb_filter(filter: Any) -> tuple[str, list[Any]]:
+    """SQL condition on the documents table's ``metadata`` for the store's filter language.
+
+    The same semantics (and refusals) as ``store_validation.compile_filter``: type-aware
+    equality, ``null`` only matches an explicit null, numbers by value. Each value is a
+    jsonb containment ``metadata @> {"field": value}`` (served by the GIN index) plus a
+    check that the field is not an array (``@>`` would find a value inside one).
+    """
+    if filter is None:
+        return "", []
+    if not isinstance(filter, dict):
+        raise InvalidFilterError("filter must be an object of field -> value or list of values")
+    if len(filter) > MAX_FILTER_KEYS:
+        raise InvalidFilterError(f"filter has more than {MAX_FILTER_KEYS} fields")
+    clauses: list[str] = []
+    params: list[Any] = []
+    total = 0
+    for key, value in filter.items():
+        if (
+            not isinstance(key, str)
+            or not 0 < len(key) <= MAX_FILTER_KEY_CHARS
+            or _FORBIDDEN_CHARS.search(key)
+        ):
+            raise InvalidFilterError(f"invalid filter field {shown(key)}")
+        if isinstance(value, dict):
+            ranges, negated = filter_operators(key, value)
+            total += len(ranges) + (
+                0 if negated is _ABSENT else len(negated) if isinstance(negated, list) else 1
+            )
+            if total > MAX_FILTER_VALUES:
+                raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
+            if ranges:
+                conds = " AND ".join(f"(metadata ->> %s)::numeric {RANGE_OPS[op]} %s" for op in ranges)
+                clauses.append(f"(jsonb_typeof(metadata -> %s) = 'number' AND {conds})")
+                params.append(key)
+                for v in ranges.values():
+                    params += [key, v]
+            if negated is not _ABSENT:
+                sql, sub = compile_jsonb_filter({key: negated})
+                clauses.append(f"NOT coalesce(({sql}), false)")
+                params += sub
+            continue
+        if isinstance(value, list) and not value:
+            raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
+        values = value if isinstance(value, list) else [value]
+        total += len(values)
+        if total > MAX_FILTER_VALUES:
+            raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
+        ors = []
+        for v in values:
+            if v is None or isinstance(v, bool):
+                pass
+            elif isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
+                pass
+            elif isinstance(v, str):
+                if _SURROGATES.search(v):
+                    raise InvalidFilterError(f"filter value for {key!r} holds a lone UTF-16 surrogate")
+                if "\x00" in v:  # jsonb cannot hold it, so no stored value has it
+                    ors.append("false")
+                    continue
+            else:
+                raise InvalidFilterError(
+                    f"filter value {shown(v)} for {key!r} is not a string, finite number, boolean or null"
+                )
+            ors.append("metadata @> %s::jsonb")
+            params.append(json.dumps({key: v}, ensure_ascii=False))
+        clauses.append(f"(({' OR '.join(ors)}) AND jsonb_typeof(metadata -> %s) <> 'array')")
+        params.append(key)
+    return " AND ".join(clauses), params
+
+
+class PostgresCollectionStore:
+    """``CollectionStore``'s contract on PostgreSQL (see the module docstring).
+
+    Thread-safe; a small pool of connections (``pool_size`` kept idle at most).
+    """
+
+    backend = "postgres"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_k: int = 1000,
+        hnsw_m: int = 32,
+        hnsw_ef_search: int = 128,
+        ivf_nlist: int | None = None,
+        max_metadata_bytes: int = 65536,
+        pool_size: int = 8,
+        connect_timeout: float = 10.0,
+        **_ignored: Any,  # CollectionStore's SQLite/FAISS-only knobs
+    ) -> None:
+        self.url = url
+        self.max_k, self.max_metadata_bytes = max_k, max_metadata_bytes
+        self.pool_size, self.connect_timeout = pool_size, connect_timeout
+        self._defaults = {
+            "flat": {},
+            "hnsw": {**OPTION_DEFAULTS["hnsw"], "m": hnsw_m, "ef_search": min(hnsw_ef_search, 1000)},
+            "ivf": {**OPTION_DEFAULTS["ivf"], "nlist": ivf_nlist},
+        }
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._open = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._open:
+            return
+        self._open = True
+        try:
+            with self._conn("open the database") as conn:
+                (read_only,) = conn.execute(
+                    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
+                ).fetchone()
+                if read_only:  # a streaming-replication standby: searches only; writes get 503
+                    if conn.execute("SELECT to_regclass('llave_collections')").fetchone()[0] is None:
+                        raise StoreUnavailableError(
+                            "the database is read-only and has no collections yet (llave_collections)"
+                        )
+                    return
+                with conn.transaction():
+                    # one process at a time creates the schema (CREATE ... IF NOT EXISTS races)
+                    conn.execute("SELECT pg_advisory_xact_lock(7305410242)")
+                    conn.execute(_SCHEMA)
+                _use_binary_vectors(conn)
+        except BaseException:
+            self._open = False
+            raise
+
+    def close(self) -> None:
+        self._open = False
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            try:
+                conn.close()
+            except Exception:
+                logger.exception("closing a PostgreSQL connection failed")
+
+    def __enter__(self) -> PostgresCollectionStore:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_for_maintenance(self, timeout: float | None = None) -> bool:
+        return True  # PostgreSQL maintains its indexes inside each transaction
+
+    @contextmanager
+    def _conn(self, action: str) -> Iterator[Any]:
+        """A pooled connection (autocommit; use ``conn.transaction()``). A connection that
+        failed is discarded; database errors that are not bugs become StoreUnavailableError."""
+        import psycopg
+        from psycopg import pq
+
+        if not self._open:
+            raise StoreUnavailableError("the collection store is not open")
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                conn = psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))
+                )
+                if conn.execute("SELECT to_regtype('vector')").fetchone()[0] is not None:
+                    _use_binary_vectors(conn)  # else open() creates the extension, then registers
+            yield conn
+        except psycopg.Error as exc:
+            broken = conn is None or conn.broken or conn.closed
+            if conn is not None and broken:
+                conn = None
+            if isinstance(exc, psycopg.OperationalError | psycopg.errors.InsufficientResources) or broken:
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                raise _unavailable(exc, action) from exc
+            if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+                raise _unavailable(exc, action) from exc
+            raise
+        finally:
+            if (
+                conn is not None
+                and not conn.closed
+                and not conn.broken
+                and conn.info.transaction_status == pq.TransactionStatus.IDLE  # not cut off mid-query
+            ):
+                with self._lock:
+                    if self._open and len(self._idle) < self.pool_size:
+                        self._idle.append(conn)
+                        conn = None
+                if conn is not None:
+                    conn.close()
+
+    def _write(self, action: str, body: Any) -> Any:
+        """Run ``body(conn)`` in one transaction; retried on deadlock/serialization failure."""
+        import psycopg
+
+        for attempt in range(5):
+            try:
+                with self._conn(action) as conn, conn.transaction():
+                    return body(conn)
+            except psycopg.Error as exc:
+                if exc.sqlstate in _RETRYABLE and attempt < 4:
+                    time.sleep(0.01 * 2**attempt)
+                    continue
+                raise
+
+    # --- collections ------------------------------------------------------------------------
+
+    def _resolve_options(self, kind: str, options: dict[str, Any] | None) -> dict[str, Any]:
+        if kind not in INDEX_TYPES:
+            raise InvalidParameterError(
+                f"unknown index type {shown(kind)}; use one of {', '.join(INDEX_TYPES)}"
+            )
+        if options is not None and not isinstance(options, dict):
+            raise InvalidParameterError("index options must be an object")
+        resolved = dict(self._defaults[kind])
+        for key, value in (options or {}).items():
+            if key not in resolved:
+                raise InvalidParameterError(f"unknown option {shown(key)} for a {kind} index")
+            if key == "halfvec":
+                if not isinstance(value, bool):
+                    raise InvalidParameterError("option 'halfvec' must be true or false")
+            elif not (value is None and key in ("nlist", "nprobe")) and (
+                not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000
+            ):
+                raise InvalidParameterError(f"option {key!r} must be a positive integer")
+            elif key in _BOUNDS and value is not None and not _BOUNDS[key][0] <= value <= _BOUNDS[key][1]:
+                low, high = _BOUNDS[key]
+                raise InvalidParameterError(f"option {key!r} must be from {low} to {high} with pgvector")
+            resolved[key] = value
+        if kind == "hnsw" and resolved["ef_construction"] < 2 * resolved["m"]:
+            raise InvalidParameterError("option 'ef_construction' must be at least 2 * m with pgvector")
+        return resolved
+
+    @staticmethod
+    def _check_dim(dim: int, kind: str, options: dict[str, Any]) -> None:
+        if dim > PG_MAX_DIM:
+            raise InvalidParameterError(f"{dim} dimensions: over pgvector's limit of {PG_MAX_DIM}")
+        if kind != "flat" and dim > HALFVEC_MAX_DIM:
+            raise InvalidParameterError(
+                f"{dim} dimensions: pgvector indexes at most {HALFVEC_MAX_DIM} (halfvec); use a flat collection"
+            )
+
+    @staticmethod
+    def _halfvec(dim: int, options: dict[str, Any]) -> bool:
+        return bool(options.get("halfvec")) or dim > INDEX_MAX_DIM
+
+    def _row(self, conn: Any, name: str, lock: str = "") -> dict[str, Any] | None:
+        row = conn.execute(
+            "SELECT serial, dim, index_type, options, created_at, count, ann_built "
+            f"FROM llave_collections WHERE name = %s {lock}",
+            (name,),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("serial", "dim", "kind", "options", "created_at", "count", "ann_built")
+        return {"name": name, **dict(zip(keys, row, strict=True))}
+
+    @staticmethod
+    def _describe(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": row["name"],
+            "count": row["count"],
+            "dim": row["dim"],
+            "index": row["kind"],
+            "created_at": row["created_at"],
+        }
+
+    def _require(self, conn: Any, name: str, lock: str = "") -> dict[str, Any]:
+        row = self._row(conn, check_collection_name(name), lock)
+        if row is None:
+            raise CollectionNotFoundError(f"collection {name!r} does not exist")
+        return row
+
+    @staticmethod
+    def _table(row: dict[str, Any]) -> str:
+        return f"llave_docs_{int(row['serial'])}"
+
+    def _create(self, conn: Any, name: str, dim: int, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Insert the collection row and create its table (inside the caller's transaction);
+        None's counterpart: the existing row when another process created it first."""
+        created = conn.execute(
+            "INSERT INTO llave_collections (name, dim, index_type, options, created_at) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s) ON CONFLICT (name) DO NOTHING RETURNING serial",
+            (name, dim, kind, json.dumps(options), time.time()),
+        ).fetchone()
+        row = self._require(conn, name, "FOR UPDATE")
+        if created is None:
+            return row
+        row["created"] = True
+        table = self._table(row)
+        conn.execute(
+            f"CREATE TABLE {table} (id text PRIMARY KEY, metadata jsonb, created_at double precision "
+            f"NOT NULL, updated_at double precision NOT NULL, embedding vector({dim}) NOT NULL)"
+        )
+        if dim <= PLAIN_MAX_DIM:
+            # in the row itself, not TOASTed: an exact scan reads ~2x faster (bench/README.md)
+            conn.execute(f"ALTER TABLE {table} ALTER COLUMN embedding SET STORAGE PLAIN")
+        conn.execute(f"CREATE INDEX {table}_meta ON {table} USING gin (metadata jsonb_path_ops)")
+        if kind == "hnsw":
+            expr, ops = self._index_expr(dim, options)
+            conn.execute(
+                f"CREATE INDEX {table}_ann ON {table} USING hnsw (({expr}) {ops}) "
+                f"WITH (m = {int(options['m'])}, ef_construction = {int(options['ef_construction'])})"
+            )
+        return row
+
+    def _index_expr(self, dim: int, options: dict[str, Any]) -> tuple[str, str]:
+        if self._halfvec(dim, options):
+            return f"embedding::halfvec({dim})", "halfvec_ip_ops"
+        return "embedding", "vector_ip_ops"
+
+    def create_collection(
+        self,
+        name: str,
+        dim: int,
+        index: str = "flat",
+        options: dict[str, Any] | None = None,
+        exist_ok: bool = True,
+    ) -> dict[str, Any]:
+        check_collection_name(name)
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
+            raise InvalidParameterError(f"dim must be an integer from 1 to {MAX_DIM}")
+        resolved = self._resolve_options(index, options)
+        self._check_dim(dim, index, resolved)
+
+        def body(conn: Any) -> dict[str, Any]:
+            row = self._row(conn, name)
+            fresh = row is None
+            if row is None:
+                row = self._create(conn, name, dim, index, resolved)
+                fresh = row["options"] == resolved and row["count"] == 0 and row.get("created")
+            if not fresh:
+                if (
+                    not exist_ok
+                    or row["dim"] != dim
+                    or row["kind"] != index
+                    or any(row["options"].get(key) != resolved[key] for key in options or {})
+                ):
+                    raise CollectionExistsError(
+                        f"collection {name!r} exists (dim {row['dim']}, index {row['kind']}, "
+                        f"options {row['options']})"
+                    )
+            return self._describe(row)
+
+        return self._write("create the collection", body)
+
+    def list_collections(self) -> list[dict[str, Any]]:
+        with self._conn("read the database") as conn:
+            rows = conn.execute(
+                'SELECT name, count, dim, index_type, created_at FROM llave_collections ORDER BY name COLLATE "C"'
+            ).fetchall()
+        return [{"name": n, "count": c, "dim": d, "index": k, "created_at": t} for n, c, d, k, t in rows]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        check_collection_name(name)
+        with self._conn("read the database") as conn:
+            return self._describe(self._require(conn, name))
+
+    def collection_options(self, name: str) -> dict[str, Any]:
+        """The collection's index options as stored (for migration)."""
+        with self._conn("read the database") as conn:
+            return dict(self._require(conn, name)["options"])
+
+    def delete_collection(self, name: str) -> None:
+        def body(conn: Any) -> None:
+            row = self._require(conn, name, "FOR UPDATE")
+            conn.execute(f"DROP TABLE IF EXISTS {self._table(row)}")
+            conn.execute("DELETE FROM llave_collections WHERE name = %s", (name,))
+
+        self._write("delete the collection", body)
+
+    # --- documents ---------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        name: str,
+        ids: Sequence[str],
+        vectors: Any,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
+        *,
+        index: str | None = None,
+    ) -> list[str]:
+        from service.vector_index import normalised_rows
+
+        check_collection_name(name)
+        if isinstance(ids, str):
+            raise InvalidNameError("ids must be a list of strings, not one string")
+        ids = [check_doc_id(doc_id) for doc_id in ids]
+        seen: set[str] = set()
+        for doc_id in ids:
+            if doc_id in seen:
+                raise DuplicateIdError(f"document id {shown(doc_id)} appears more than once in the request")
+            seen.add(doc_id)
+        if not ids:
+            return []
+        vectors = normalised_rows(vectors)
+        if len(vectors) != len(ids):
+            raise InvalidVectorError(f"got {len(ids)} ids but {len(vectors)} vectors")
+        if metadata is not None and len(metadata) != len(ids):
+            raise InvalidMetadataError(f"got {len(ids)} ids but {len(metadata)} metadata entries")
+        texts = [metadata_json(m, self.max_metadata_bytes) for m in metadata or [None] * len(ids)]
+        for text in texts:
+            if text is not None and "\\u0000" in text:
+                raise InvalidMetadataError("metadata strings cannot hold NUL (\\u0000) with PostgreSQL")
+        if index is not None:
+            self._resolve_options(index, None)
+        dim = vectors.shape[1]
+        order = sorted(range(len(ids)), key=lambda i: ids[i])  # one lock order for every writer
+
+        def body(conn: Any) -> list[str]:
+            row = self._row(conn, name, "FOR UPDATE")
+            if row is not None and row["dim"] != dim:
+                raise DimensionMismatchError(f"collection {name!r} holds {row['dim']}-d vectors, got {dim}-d")
+            if row is not None and index is not None and index != row["kind"]:
+                raise CollectionExistsError(f"collection {name!r} exists with index type {row['kind']!r}")
+            if row is None:
+                if dim > MAX_DIM:
+                    raise InvalidParameterError(f"vectors have {dim} dimensions, over the limit of {MAX_DIM}")
+                kind = index or "flat"
+                options = self._resolve_options(kind, None)
+                self._check_dim(dim, kind, options)
+                row = self._create(conn, name, dim, kind, options)
+                if row["dim"] != dim:  # another process created it meanwhile
+                    raise DimensionMismatchError(
+                        f"collection {name!r} holds {row['dim']}-d vectors, got {dim}-d"
+                    )
+            table = self._table(row)
+            now = time.time()
+            with conn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO {table} (id, metadata, created_at, updated_at, embedding) "
+                    f"VALUES (%s, %s::jsonb, %s, %s, %b) ON CONFLICT (id) DO UPDATE SET "
+                    "metadata = excluded.metadata, updated_at = excluded.updated_at, "
+                    "embedding = excluded.embedding RETURNING (xmax = 0)",
+                    [(ids[i], texts[i], now, now, _Vec(vectors[i])) for i in order],
+                    returning=True,
+                )
+                inserted = 0
+                while True:
+                    inserted += sum(1 for (new,) in cur.fetchall() if new)
+                    if not cur.nextset():
+                        break
+            count = conn.execute(
+                "UPDATE llave_collections SET count = count + %s WHERE name = %s RETURNING count",
+                (inserted, name),
+            ).fetchone()[0]
+            return [count, row]
+
+        count, row = self._write("store the documents", body)
+        self._maybe_build_ivf(row, count)
+        return ids
+
+    def _maybe_build_ivf(self, row: dict[str, Any], count: int) -> None:
+        """IVFFlat needs data to train its lists: built once the collection holds min_train rows."""
+        if row["kind"] != "ivf" or row["ann_built"] or count < row["options"]["min_train"]:
+            return
+        options, dim, table = row["options"], row["dim"], self._table(row)
+        # pgvector's advice is rows / 1000 (sqrt(rows) past 1M); the index is built at min_train rows
+        # and keeps its lists as the collection grows, so sqrt leaves room for that growth
+        lists = options.get("nlist") or max(1, min(32768, int(math.sqrt(count))))
+        expr, ops = self._index_expr(dim, options)
+
+        def body(conn: Any) -> None:
+            current = self._row(conn, row["name"], "FOR UPDATE")
+            if current is None or current["serial"] != row["serial"] or current["ann_built"]:
+                return
+            conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {table}_ann ON {table} USING ivfflat (({expr}) {ops}) "
+                f"WITH (lists = {int(lists)})"
+            )
+            conn.execute(
+                "UPDATE llave_collections SET ann_built = true, options = options || %s::jsonb "
+                "WHERE name = %s",
+                (json.dumps({"lists_built": int(lists)}), row["name"]),
+            )
+
+        self._write("build the IVF index", body)
+
+    def get(self, name: str, doc_id: str, *, with_vector: bool = False) -> dict[str, Any]:
+        check_collection_name(name)
+        check_doc_id(doc_id)
+        with self._conn("read the database") as conn:
+            row = self._require(conn, name)
+            found = conn.execute(
+                f"SELECT metadata, created_at, updated_at, embedding::text FROM {self._table(row)} "
+                "WHERE id = %s",
+                (doc_id,),
+            ).fetchone()
+        if found is None:
+            raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
+        meta, created_at, updated_at, vector = found
+        doc = {"id": doc_id, "metadata": meta, "created_at": created_at, "updated_at": updated_at}
+        if with_vector:
+            doc["vector"] = _parse_vec(vector)
+        return doc
+
+    def delete(self, name: str, doc_id: str) -> None:
+        check_doc_id(doc_id)
+
+        def body(conn: Any) -> None:
+            row = self._require(conn, name, "FOR UPDATE")
+            gone = conn.execute(
+                f"DELETE FROM {self._table(row)} WHERE id = %s RETURNING 1", (doc_id,)
+            ).fetchone()
+            if gone is None:
+                raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
+            conn.execute("UPDATE llave_collections SET count = count - 1 WHERE name = %s", (name,))
+
+        self._write("delete the document", body)
+
+    def existing_ids(self, name: str, ids: Sequence[str]) -> set[str]:
+        if isinstance(ids, str):
+            raise InvalidNameError("ids must be a list of strings, not one string")
+        ids = [check_doc_id(doc_id) for doc_id in ids]
+        check_collection_name(name)
+        with self._conn("read the database") as conn:
+            row = self._row(conn, name)
+            if row is None or not ids:
+                return set()
+            return {
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM {self._table(row)} WHERE id = ANY(%s)", (list(ids),)
+                ).fetchall()
+            }
+
+    def list_documents(
+        self, name: str, cursor: str | None = None, limit: int = 100, *, with_vector: bool = False
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Documents in id order (bytewise) after ``cursor``; the next cursor, or None at the end."""
+        if cursor is not None:
+            check_doc_id(cursor)
+        with self._conn("read the database") as conn:
+            row = self._require(conn, name)
+            rows = conn.execute(
+                f"SELECT id, metadata, created_at, updated_at, embedding::text FROM {self._table(row)} "
+                'WHERE %s::text IS NULL OR id COLLATE "C" > %s ORDER BY id COLLATE "C" LIMIT %s',
+                (cursor, cursor, limit + 1),
+            ).fetchall()
+        docs = []
+        for doc_id, meta, created_at, updated_at, vector in rows[:limit]:
+            doc = {"id": doc_id, "metadata": meta, "created_at": created_at, "updated_at": updated_at}
+            if with_vector:
+                doc["vector"] = _parse_vec(vector)
+            docs.append(doc)
+        return docs, (docs[-1]["id"] if len(rows) > limit else None)
+
+    # --- search --------------------------------------------------------------------------------
+
+    def search(
+        self, name: str, query: Any, k: int = 10, filter: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        if isinstance(query, np.ndarray) and query.ndim == 2:
+            if query.shape[0] != 1:
+                raise InvalidVectorError("search takes one query vector; use search_many for several")
+            return self.search_many(name, query, k, filter)[0]
+        return self.search_many(name, [query], k, filter)[0]
+
+    def search_many(
+        self, name: str, queries: Any, k: int = 10, filter: dict[str, Any] | None = None
+    ) -> list[list[dict[str, Any]]]:
+        from service.vector_index import normalised_rows
+
+        check_collection_name(name)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_k:
+            raise InvalidParameterError(f"k must be an integer from 1 to {self.max_k}")
+        q = normalised_rows(queries, what="query vector")
+        where, params = compile_jsonb_filter(filter)
+        with self._conn("search") as conn, conn.transaction():
+            row = self._require(conn, name)
+            if q.shape[1] != row["dim"]:
+                raise DimensionMismatchError(
+                    f"collection {name!r} holds {row['dim']}-d vectors, the query is {q.shape[1]}-d"
+                )
+            return [self._search_one(conn, row, vec, k, where, params) for vec in q]
+
+    def _search_one(
+        self, conn: Any, row: dict[str, Any], q: np.ndarray, k: int, where: str, params: list[Any]
+    ) -> list[dict[str, Any]]:
+        table, dim, options = self._table(row), row["dim"], row["options"]
+        cond = f"WHERE {where}" if where else ""
+        qv = _Vec(q)
+        approximate = row["kind"] == "hnsw" or (row["kind"] == "ivf" and row["ann_built"])
+        if approximate:
+            if row["kind"] == "hnsw":
+                conn.execute(f"SET LOCAL hnsw.ef_search = {int(min(1000, max(k, options['ef_search'])))}")
+                conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            else:
+                lists = int(options.get("lists_built") or 1)
+                probes = options.get("nprobe") or max(1, int(math.sqrt(lists)))
+                conn.execute(f"SET LOCAL ivfflat.probes = {int(min(probes, lists))}")
+                conn.execute("SET LOCAL ivfflat.iterative_scan = relaxed_order")
+            if self._halfvec(dim, options):
+                order = f"embedding::halfvec({dim}) <#> %b::halfvec({dim})"
+            else:
+                order = "embedding <#> %b::vector"
+            rows = conn.execute(
+                f"SELECT id, metadata, -(embedding <#> %b::vector) FROM {table} {cond} "
+                f"ORDER BY {order} LIMIT %s",
+                [qv, *params, qv, k],
+            ).fetchall()
+            if len(rows) >= k:
+                return self._hits(rows)
+            # too few: a selective filter starved the index scan -> exact scan of the matches
+        # exact: "+ 0" keeps the planner off the vector index (a sequential or GIN bitmap scan)
+        rows = conn.execute(
+            f"SELECT id, metadata, -(embedding <#> %b::vector) AS score FROM {table} {cond} "
+            "ORDER BY (embedding <#> %b::vector) + 0, id LIMIT %s",
+            [qv, *params, qv, k],
+        ).fetchall()
+        return self._hits(rows)
+
+    @staticmethod
+    def _hits(rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        hits = [{"id": doc_id, "score": float(score), "metadata": meta} for doc_id, meta, score in rows]
+        hits.sort(key=lambda h: -h["score"])  # relaxed order / halfvec ranking -> exact order
+        return hits
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def integrity_check(self) -> list[str]:
+        """Problems found (empty when fine): each collection's table exists and its count matches."""
+        problems: list[str] = []
+        with self._conn("read the database") as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            for name, serial, dim, count in conn.execute(
+                "SELECT name, serial, dim, count FROM llave_collections ORDER BY name"
+            ).fetchall():
+                table = f"llave_docs_{int(serial)}"
+                exists = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]
+                if exists is None:
+                    problems.append(f"collection {name!r}: table {table} is missing")
+                    continue
+                actual = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                if actual != count:
+                    problems.append(f"collection {name!r}: {actual} documents stored, count says {count}")
+                bad = conn.execute(f"SELECT count(*) FROM {table} WHERE vector_dims(embedding) != %s", (dim,))
+                if bad.fetchone()[0]:
+                    problems.append(f"collection {name!r}: vectors of the wrong size")
+        return problems
