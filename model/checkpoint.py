@@ -167,7 +167,7 @@ def _load_llava(path: Path, config: dict[str, Any], dtype: torch.dtype, attn: st
     tokenizer = build_tokenizer(path, settings.max_length, fallback=settings.text["max_position_embeddings"])
     weights = read_llava_weights(path)
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    hf_config, _ = llava_to_hf_config(config, path, shapes, **token_ids(tokenizer))
+    hf_config, _ = llava_to_hf_config(config, path, shapes, settings=settings, **token_ids(tokenizer))
     hf_config._attn_implementation = attn
     model = LlavaOnevisionModel(hf_config)
     load_weights_into(model, weights, path)

@@ -184,6 +184,7 @@ def llava_to_hf_config(
     *,
     image_token_id: int,
     video_token_id: int | None = None,
+    settings: AuthorsConfig | None = None,
 ):
     """The ``LlavaOnevisionConfig`` equivalent to an authors'-layout config.
 
@@ -191,7 +192,8 @@ def llava_to_hf_config(
     :func:`read_weight_shapes`); every field of ``config`` goes through
     :func:`model.authors_config.read_authors_config` (mapped, required or ignored).
     """
-    settings = read_authors_config(config, where=str(src / "config.json"))
+    if settings is None:  # (callers that already read it pass it, so warnings come once)
+        settings = read_authors_config(config, where=str(src / "config.json"))
     vision = _vision_config(settings, src, shapes)
     text_kwargs = dict(settings.text)
     if "model.embed_tokens.weight" not in shapes:
@@ -343,7 +345,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = Non
     settings = read_authors_config(config, where=str(src / "config.json"))
     tokenizer = build_tokenizer(src, settings.max_length, fallback=settings.text["max_position_embeddings"])
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    hf_config, _ = llava_to_hf_config(config, src, shapes, **token_ids(tokenizer))
+    hf_config, _ = llava_to_hf_config(config, src, shapes, settings=settings, **token_ids(tokenizer))
     if dtype is None:
         dtype = next(iter(weights.values())).dtype
     hf_config.text_config.dtype = dtype
