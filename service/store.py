@@ -37,8 +37,6 @@ from service.store_errors import (
     CollectionNotFoundError,
     DimensionMismatchError,
     DocumentNotFoundError,
-    DuplicateIdError,
-    InvalidMetadataError,
     InvalidNameError,
     InvalidParameterError,
     InvalidVectorError,
@@ -49,8 +47,8 @@ from service.store_validation import (
     MAX_DIM,
     check_collection_name,
     check_doc_id,
+    check_upsert_batch,
     compile_filter,
-    metadata_json,
     shown,
 )
 from service.vector_index import (
@@ -421,23 +419,9 @@ class CollectionStore(IndexMaintenance):
         it does not exist. Returns the stored ids once they are durable.
         """
         self._check_open()
-        check_collection_name(name)
-        if isinstance(ids, str):
-            raise InvalidNameError("ids must be a list of strings, not one string")
-        ids = [check_doc_id(doc_id) for doc_id in ids]
-        seen: set[str] = set()
-        for doc_id in ids:
-            if doc_id in seen:
-                raise DuplicateIdError(f"document id {shown(doc_id)} appears more than once in the request")
-            seen.add(doc_id)
+        ids, vectors, texts = check_upsert_batch(name, ids, vectors, metadata, self.max_metadata_bytes)
         if not ids:
             return []
-        vectors = normalised_rows(vectors)
-        if len(vectors) != len(ids):
-            raise InvalidVectorError(f"got {len(ids)} ids but {len(vectors)} vectors")
-        if metadata is not None and len(metadata) != len(ids):
-            raise InvalidMetadataError(f"got {len(ids)} ids but {len(metadata)} metadata entries")
-        texts = [metadata_json(m, self.max_metadata_bytes) for m in metadata or [None] * len(ids)]
         if index is not None:
             self._resolve_options(index, None)
         dim = vectors.shape[1]

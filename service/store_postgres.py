@@ -42,7 +42,6 @@ from service.store_errors import (
     CollectionNotFoundError,
     DimensionMismatchError,
     DocumentNotFoundError,
-    DuplicateIdError,
     InvalidFilterError,
     InvalidMetadataError,
     InvalidNameError,
@@ -61,8 +60,8 @@ from service.store_validation import (
     RANGE_OPS,
     check_collection_name,
     check_doc_id,
+    check_upsert_batch,
     filter_operators,
-    metadata_json,
     shown,
 )
 
@@ -528,25 +527,10 @@ class PostgresCollectionStore:
         *,
         index: str | None = None,
     ) -> list[str]:
-        from service.vector_index import normalised_rows
 
-        check_collection_name(name)
-        if isinstance(ids, str):
-            raise InvalidNameError("ids must be a list of strings, not one string")
-        ids = [check_doc_id(doc_id) for doc_id in ids]
-        seen: set[str] = set()
-        for doc_id in ids:
-            if doc_id in seen:
-                raise DuplicateIdError(f"document id {shown(doc_id)} appears more than once in the request")
-            seen.add(doc_id)
+        ids, vectors, texts = check_upsert_batch(name, ids, vectors, metadata, self.max_metadata_bytes)
         if not ids:
             return []
-        vectors = normalised_rows(vectors)
-        if len(vectors) != len(ids):
-            raise InvalidVectorError(f"got {len(ids)} ids but {len(vectors)} vectors")
-        if metadata is not None and len(metadata) != len(ids):
-            raise InvalidMetadataError(f"got {len(ids)} ids but {len(metadata)} metadata entries")
-        texts = [metadata_json(m, self.max_metadata_bytes) for m in metadata or [None] * len(ids)]
         for text in texts:
             if text is not None and "\\u0000" in text:
                 raise InvalidMetadataError("metadata strings cannot hold NUL (\\u0000) with PostgreSQL")

@@ -9,7 +9,13 @@ import math
 import re
 from typing import Any
 
-from service.store_errors import InvalidFilterError, InvalidMetadataError, InvalidNameError
+from service.store_errors import (
+    DuplicateIdError,
+    InvalidFilterError,
+    InvalidMetadataError,
+    InvalidNameError,
+    InvalidVectorError,
+)
 
 MAX_DIM = 65536
 MAX_ID_CHARS = 512
@@ -58,6 +64,35 @@ def metadata_json(metadata: Any, max_bytes: int) -> str | None:
 
 
 RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def check_upsert_batch(
+    name: Any, ids: Any, vectors: Any, metadata: Any, max_metadata_bytes: int
+) -> tuple[list[str], Any, list[str | None]]:
+    """The checks every backend runs on an upsert before it touches storage: the collection
+    name, each id, no id twice, one finite non-zero vector (L2-normalised here) and one
+    metadata entry per id. Returns (ids, vectors, metadata as JSON text); ids is empty (and
+    vectors None) for an empty batch."""
+    from service.vector_index import normalised_rows
+
+    check_collection_name(name)
+    if isinstance(ids, str):
+        raise InvalidNameError("ids must be a list of strings, not one string")
+    ids = [check_doc_id(doc_id) for doc_id in ids]
+    seen: set[str] = set()
+    for doc_id in ids:
+        if doc_id in seen:
+            raise DuplicateIdError(f"document id {shown(doc_id)} appears more than once in the request")
+        seen.add(doc_id)
+    if not ids:
+        return [], None, []
+    rows = normalised_rows(vectors)
+    if len(rows) != len(ids):
+        raise InvalidVectorError(f"got {len(ids)} ids but {len(rows)} vectors")
+    if metadata is not None and len(metadata) != len(ids):
+        raise InvalidMetadataError(f"got {len(ids)} ids but {len(metadata)} metadata entries")
+    texts = [metadata_json(m, max_metadata_bytes) for m in metadata or [None] * len(ids)]
+    return ids, rows, texts
 
 
 def filter_operators(key: str, value: dict[Any, Any]) -> tuple[dict[str, Any], Any]:
