@@ -225,8 +225,12 @@ def select_rows(rows: list[EvalRow], datasets: Sequence[str] | None, max_rows: i
 # --- embedding and scoring -------------------------------------------------------------
 
 
-def _embed_sides(
-    embedder, sides: list[Side], root: Path | None, batch_size: int, advance: Callable[[int], Any]
+def embed_sides(
+    embedder,
+    sides: list[Side],
+    root: Path | None,
+    batch_size: int,
+    advance: Callable[[int], Any] = lambda n: None,
 ) -> np.ndarray:
     """Vectors of ``sides`` in their order, embedded in chunks of similar inputs."""
     order = sorted(range(len(sides)), key=lambda i: (sides[i].image is not None, len(sides[i].text)))
@@ -282,7 +286,7 @@ def evaluate(
         for name, drows, index in plans:
             bar.set_description(name)
             try:
-                vectors = _embed_sides(embedder, list(index), root, batch_size, bar.update)  # (n_unique, dim)
+                vectors = embed_sides(embedder, list(index), root, batch_size, bar.update)  # (n_unique, dim)
             except Exception as exc:
                 raise RuntimeError(f"{name}: embedding failed: {type(exc).__name__}: {exc}") from exc
             hits = []

@@ -36,7 +36,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.data import BadRowError, Side, iter_rows, model_input, parse_train_row  # noqa: E402
+from training.data import BadRowError, Side, iter_rows, parse_train_row  # noqa: E402
+from training.evaluate import embed_sides  # noqa: E402
 
 logger = logging.getLogger("training.mine")
 
@@ -79,20 +80,8 @@ def select_negatives(
 
 
 def _embed(embedder, sides: list[Side], root: Path | None, batch_size: int) -> np.ndarray:
-    """Unit vectors of ``sides`` in order (similar inputs batched together)."""
-    order = sorted(range(len(sides)), key=lambda i: (sides[i].image is not None, len(sides[i].text)))
-    out = None
-    chunk = max(1, batch_size) * 8
-    for start in range(0, len(order), chunk):
-        idx = order[start : start + chunk]
-        vectors = np.asarray(
-            embedder.embed([model_input(sides[i], root) for i in idx], batch_size=batch_size),
-            dtype=np.float32,
-        )
-        if out is None:
-            out = np.zeros((len(sides), vectors.shape[1]), dtype=np.float32)
-        out[idx] = vectors
-    assert out is not None
+    """Unit vectors of ``sides`` in order (the evaluator's chunked embedding, normalised)."""
+    out = embed_sides(embedder, sides, root, batch_size)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.maximum(norms, 1e-12)
 

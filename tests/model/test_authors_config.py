@@ -215,7 +215,7 @@ def test_changing_a_mapped_field_changes_the_converted_model(field):
     folder = PUBLISHED / "llave-7b"  # sharded: converts from its index, no weights needed
     base = json.loads((folder / "config.json").read_text())
     value, probe = MAPPED_PROBES[field]
-    context = {k: v for k, v in CONTEXT.get(field, {}).items()}
+    context = dict(CONTEXT.get(field, {}))
     before_cfg = {**base, **context}
     before_cfg = {k: v for k, v in before_cfg.items() if v is not None}
     after_cfg = dict(before_cfg)
