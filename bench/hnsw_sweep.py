@@ -6,7 +6,7 @@
 Builds FAISS ``IndexHNSWFlat`` (inner product, as the collection store does) over n
 clustered unit vectors of dim 896 for each ``--ef-construction`` (``--m`` links), then
 for each ``--ef-search`` measures recall@10 against exact search and single-query latency.
-This is how the store's HNSW defaults (``service/vector_index.py``) were chosen.
+This is how the store's HNSW defaults (``service/storage/vector_index.py``) were chosen.
 Results: a table on stdout and ``bench/results/hnsw-sweep[-TAG].json``.
 """
 

@@ -165,7 +165,7 @@ def recall(found: list[list[str]], truth: list[list[str]], k: int) -> float:
 
 def reload_probe(data_dir: str, name: str, n_queries: int, k: int, seed: int) -> dict[str, Any]:
     """Run in a fresh process: open the store, time it, measure memory and search before/after the build."""
-    from service.store import CollectionStore
+    from service.storage.store import CollectionStore
 
     def anon() -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -340,11 +340,11 @@ async def http_upsert(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from service.store import CollectionStore
+    from service.storage.store import CollectionStore
 
     pg_server = None
     if args.store == "postgres":
-        from service.store_postgres import PostgresCollectionStore
+        from service.storage.postgres import PostgresCollectionStore
 
         if args.store_url is None:  # a throwaway PostgreSQL + pgvector (tests/postgres.py)
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -4,9 +4,9 @@
     python bench/json_encode.py --quick      # 300 encodes, 2 repeats
 
 Builds the body ``POST /embed`` returns for ``--vectors`` unit vectors of ``--dim`` floats
-(``embeddings`` from a float32 array's ``tolist()``, as ``service/routes/embed.py`` does),
+(``embeddings`` from a float32 array's ``tolist()``, as ``service/http/routes/embed.py`` does),
 then times, alternately, Starlette's ``JSONResponse.render`` (the stdlib encoder with the
-options Starlette passes) and ``service.routes.common.VectorJSONResponse.render`` (orjson),
+options Starlette passes) and ``service.http.routes.common.VectorJSONResponse.render`` (orjson),
 checking first that both decode to the same floats. Reports ms per response (best and
 median of the repeats) and the ratio. Results: a table on stdout and
 ``bench/results/json-encode[-quick].json``.
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from starlette.responses import JSONResponse
 
-    from service.routes.common import VectorJSONResponse
+    from service.http.routes.common import VectorJSONResponse
 
     encoders = {"stdlib": JSONResponse(None).render, "orjson": VectorJSONResponse(None).render}
     content = response_body(args.vectors, args.dim)

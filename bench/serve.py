@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import log  # noqa: E402
 
-from service.hardware import dtype_warning  # noqa: E402
+from service.inference.hardware import dtype_warning  # noqa: E402
 
 KINDS = ("text", "image", "mixed")
 _ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*=")

@@ -1,6 +1,6 @@
 """Typed errors raised by the model core.
 
-The service maps these to HTTP statuses in one place (``service/errors.py``); the model
+The service maps these to HTTP statuses in one place (``service/http/errors.py``); the model
 core itself knows nothing about HTTP. Every message is written for the caller: it names
 the problem and, where it helps, the limit that was exceeded.
 """

@@ -93,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
-    from service.app import create_app
-    from service.connections import uvicorn_options
+    from service.http.app import create_app
+    from service.http.connections import uvicorn_options
 
     app = create_app(settings)
     logger.info(
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=settings.log_level,
         log_config=None,  # use the logging configured above
         timeout_graceful_shutdown=10,
-        # Keep-alive, header and body deadlines, connection cap: service/connections.py.
+        # Keep-alive, header and body deadlines, connection cap: service/http/connections.py.
         **uvicorn_options(settings, app.state.metrics),
     )
 

@@ -158,7 +158,7 @@ def index_demo_collection(model_dir: Path, data_dir: Path, store_dir: Path) -> l
     """Upsert the eval images missing from the ``demo`` collection; return the hits for
     "a red circle" as a check."""
     from model import load_embedder
-    from service.store import CollectionStore
+    from service.storage.store import CollectionStore
 
     docs = _eval_images(data_dir)
     embedder = load_embedder(model_dir, device="cpu", dtype="float32")

@@ -189,7 +189,7 @@ class StoreTarget:
     """Ingest straight into the store, embedding in-process (no server)."""
 
     def __init__(self, data_dir: Path | str, collection: str, model: str | None, device: str, dtype: str):
-        from service.stores import open_store
+        from service.storage import open_store
 
         self.store = open_store(data_dir)  # a directory, or a postgresql:// URL
         self.collection = collection
@@ -212,7 +212,7 @@ class StoreTarget:
         import numpy as np
 
         from model.errors import LlaveError
-        from service.store_errors import StoreError
+        from service.storage.errors import StoreError
 
         try:
             to_embed = [i for i, r in enumerate(rows) if r.doc.get("vector") is None]

@@ -10,7 +10,7 @@
 - ``llave_ready``, ``llave_worker_alive``: 0/1 gauges for alerting.
 - ``llave_connections_open``: client connections open in this process (``--max-connections``).
 - ``llave_connections_closed_total{reason}``: connections the server's guards closed
-  (``service/connections.py``): ``header_timeout``, ``body_timeout`` (408),
+  (``service/http/connections.py``): ``header_timeout``, ``body_timeout`` (408),
   ``over_capacity`` (503 at ``--max-connections``), ``idle_evicted`` (an idle keep-alive
   connection closed to make room for a new one).
 """

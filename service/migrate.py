@@ -97,7 +97,7 @@ def migrate(source: Any, target: Any, *, page: int = 500, sample: int = 200) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.stores import open_store
+    from service.storage import open_store
 
     parser = argparse.ArgumentParser(description="Copy every collection between two stores (resumable).")
     parser.add_argument(

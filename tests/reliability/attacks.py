@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from service.app import create_app
-from service.security import PUBLIC_PATHS
+from service.http.app import create_app
+from service.http.security import PUBLIC_PATHS
 from service.settings import Settings
 from tests.conftest import b64, make_png
 from tests.reliability.helpers import assert_clean_error, files_under, raw_http, raw_request

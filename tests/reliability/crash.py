@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from service.store import CollectionStore
+from service.storage.store import CollectionStore
 from tests.service.conftest import start_server
 
 COLLECTION, BATCH, DIM = "crash", 8, 64  # 64: the tiny model's dimension (text documents share it)

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.store import CollectionStore
+from service.storage.store import CollectionStore
 from tests.reliability.helpers import assert_clean_error, assert_healthy, files_under
 from tests.service.conftest import FAIL_BATCH, KILL_WORKER, REPO, Server, free_port, start_server
 

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 from tests.reliability.fuzzing import REJECTION_STATUSES
 from tests.reliability.helpers import assert_no_leak

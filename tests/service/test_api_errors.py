@@ -9,9 +9,9 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.errors import ClientClosedRequestError
-from service.routes.common import cancel_on_disconnect
+from service.http.app import create_app
+from service.http.errors import ClientClosedRequestError
+from service.http.routes.common import cancel_on_disconnect
 from service.settings import Settings
 from tests.conftest import b64, make_png
 from tests.service.conftest import FAIL_BATCH

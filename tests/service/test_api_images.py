@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.errors import InvalidInputApiError, PayloadTooLargeError
-from service.images import ImageFetcher, _public, host_allowed
+from service.http.app import create_app
+from service.http.errors import InvalidInputApiError, PayloadTooLargeError
+from service.inference.images import ImageFetcher, _public, host_allowed
 from service.settings import Settings
 from tests.conftest import make_png
 

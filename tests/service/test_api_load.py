@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 from tests.conftest import b64, make_png
 from tests.service.conftest import API_KEY, KILL_WORKER, start_server

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
+from service.inference.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
 
 
 def run(coro):
@@ -302,7 +302,7 @@ def test_stop_fails_queued_work_and_refuses_new_work():
 
 
 def test_batcher_does_not_import_torch():
-    code = "import sys, service.batching; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, service.inference.batching; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

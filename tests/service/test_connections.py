@@ -1,4 +1,4 @@
-"""Connection guards (service/connections.py) on a real uvicorn, for both of its HTTP parsers.
+"""Connection guards (service/http/connections.py) on a real uvicorn, for both of its HTTP parsers.
 
 A tiny ASGI app stands in for the service (no model): it reads the whole body and answers
 with its length. Deadlines are short (0.5 s) so that the tests are quick; every timing
@@ -18,7 +18,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.connections import ConnectionLimits, guarded_protocol, uvicorn_options
+from service.http.connections import ConnectionLimits, guarded_protocol, uvicorn_options
 from service.metrics import Metrics
 from service.settings import Settings
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.__main__ import load_settings, main
-from service.app import create_app
-from service.hardware import dtype_warning, native_bf16
+from service.http.app import create_app
+from service.inference.hardware import dtype_warning, native_bf16
 from service.settings import Settings, default_served_name
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
@@ -190,7 +190,7 @@ def test_bf16_on_a_cpu_without_it_warns_and_nothing_else_does():
 def test_the_server_warns_before_its_warm_up(tiny_checkpoint, tmp_path, monkeypatch, caplog):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(AVX2_ONLY)
-    monkeypatch.setattr("service.hardware.CPUINFO", cpuinfo)
+    monkeypatch.setattr("service.inference.hardware.CPUINFO", cpuinfo)
     settings = Settings(
         model=str(tiny_checkpoint), data_dir=tmp_path / "data", device="cpu", dtype="bfloat16"
     )

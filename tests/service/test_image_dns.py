@@ -1,5 +1,5 @@
 """DNS rebinding: an image URL's host is resolved once per connection, and that connection
-goes to the address that was checked (service/images.py, CheckedNetworkBackend).
+goes to the address that was checked (service/inference/images.py, CheckedNetworkBackend).
 
 The resolver is a stand-in that answers a public address first and 127.0.0.1 second (what a
 rebinding DNS server does). The image host runs on 127.0.0.1; the connector maps the public
@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpcore
 import pytest
 
-from service.errors import InvalidInputApiError
-from service.images import ImageFetcher
+from service.http.errors import InvalidInputApiError
+from service.inference.images import ImageFetcher
 from tests.conftest import make_png
 
 PNG = make_png(16, 16, (200, 10, 10))

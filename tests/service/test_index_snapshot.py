@@ -7,8 +7,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from service import index_snapshot
-from service.store import DB_FILE, CollectionStore
+from service.storage import snapshots as index_snapshot
+from service.storage.store import DB_FILE, CollectionStore
 from tests.service.test_store import ids_for, random_data
 
 KINDS = [("hnsw", {"ef_search": 64}), ("ivf", {"min_train": 300, "nprobe": 8})]

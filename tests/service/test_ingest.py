@@ -11,7 +11,7 @@ import pytest
 
 from model import load_embedder
 from service.ingest import Row, ServerTarget, StoreTarget, ingest
-from service.store import CollectionStore
+from service.storage.store import CollectionStore
 from tests.conftest import make_png
 from tests.service.conftest import REPO, start_server
 
@@ -128,7 +128,7 @@ def test_direct_store_mode(tiny_checkpoint, tmp_path):
 def test_direct_postgres_store_mode(tiny_checkpoint, tmp_path, postgres_url):
     """``--store-url``: straight into PostgreSQL (servers on it may keep running)."""
     from service.ingest import main as ingest_main
-    from service.store_postgres import PostgresCollectionStore
+    from service.storage.postgres import PostgresCollectionStore
 
     folder = _image_folder(tmp_path / "imgs")
     args = ["--collection", "pgdirect", "--store-url", postgres_url, "--model", str(tiny_checkpoint)]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from service import migrate as migrate_mod
-from service.store import CollectionStore
-from service.store_postgres import PostgresCollectionStore
+from service.storage.postgres import PostgresCollectionStore
+from service.storage.store import CollectionStore
 
 
 def _fill(store) -> dict[str, np.ndarray]:

@@ -10,9 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from service import vector_index
-from service.store import CollectionStore
-from service.store_errors import (
+from service.storage import vector_index
+from service.storage.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
     DimensionMismatchError,
@@ -25,7 +24,8 @@ from service.store_errors import (
     InvalidVectorError,
     StoreUnavailableError,
 )
-from service.vector_index import ApproximateIndex, LiveIndex
+from service.storage.store import CollectionStore
+from service.storage.vector_index import ApproximateIndex, LiveIndex
 
 TOL = 1e-5
 
@@ -46,7 +46,7 @@ def make_store(backend, data_dir, request):
     """``make_store(**options)``: an unopened store of this test's backend; the same place each call."""
     if backend == "sqlite":
         return lambda **kw: CollectionStore(data_dir, **kw)
-    from service.store_postgres import PostgresCollectionStore
+    from service.storage.postgres import PostgresCollectionStore
 
     url = request.getfixturevalue("postgres_url")
     return lambda **kw: PostgresCollectionStore(url, **kw)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.store import CollectionStore
+from service.storage.store import CollectionStore
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH, DIM = 12, 16
@@ -26,7 +26,7 @@ BATCH, DIM = 12, 16
 CHILD = r"""
 import sys
 import numpy as np
-from service.store import CollectionStore
+from service.storage.store import CollectionStore
 
 data_dir, rnd, batch_size, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(rnd)

@@ -20,13 +20,13 @@ import numpy as np
 import psycopg
 import pytest
 
-from service.store_errors import (
+from service.storage.errors import (
     CollectionNotFoundError,
     InvalidMetadataError,
     InvalidParameterError,
     StoreUnavailableError,
 )
-from service.store_postgres import PostgresCollectionStore
+from service.storage.postgres import PostgresCollectionStore
 from tests.service.test_store import assert_exact, ids_for, random_data, unit
 from tests.service.test_store_crash import parse
 
@@ -171,8 +171,8 @@ def test_two_stores_one_database(postgres_url):
 CHILD = r"""
 import sys
 import numpy as np
-from service.store_postgres import PostgresCollectionStore
-from service.store_errors import StoreUnavailableError
+from service.storage.postgres import PostgresCollectionStore
+from service.storage.errors import StoreUnavailableError
 
 url, rnd, writer, batch_size, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rng = np.random.default_rng(rnd * 10 + writer)
@@ -344,7 +344,7 @@ def test_read_only_database_serves_searches_and_refuses_writes(postgres_server):
 
 
 def test_largest_in_row_vectors_with_the_longest_ids(pg):
-    from service.store_postgres import PLAIN_MAX_DIM
+    from service.storage.postgres import PLAIN_MAX_DIM
 
     x = random_data(3, PLAIN_MAX_DIM, 0)
     ids = ["é" * 512, "x" * 512, "y"]  # 1 KB of UTF-8 and more beside the vector in one row

@@ -10,9 +10,9 @@ import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from service.engine import EmbeddingEngine, EmbedResult
-from service.errors import ClientClosedRequestError, PayloadTooLargeError
-from service.schemas import ErrorResponse
+from service.http.errors import ClientClosedRequestError, PayloadTooLargeError
+from service.http.schemas import ErrorResponse
+from service.inference.engine import EmbeddingEngine, EmbedResult
 from service.settings import Settings
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""The collection store on PostgreSQL + pgvector: the same contract as ``service/store.py``.
+"""The collection store on PostgreSQL + pgvector: the same contract as ``service/storage/store.py``.
 
 Chosen with ``--store-url postgresql://...``. Several server processes may share one
 database: nothing is cached between calls (each call reads the collection row), so an
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from service.store_errors import (
+from service.storage.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
     DimensionMismatchError,
@@ -49,7 +49,7 @@ from service.store_errors import (
     InvalidVectorError,
     StoreUnavailableError,
 )
-from service.store_validation import (
+from service.storage.validation import (
     _ABSENT,
     _FORBIDDEN_CHARS,
     _SURROGATES,
@@ -691,7 +691,7 @@ class PostgresCollectionStore:
     def search_many(
         self, name: str, queries: Any, k: int = 10, filter: dict[str, Any] | None = None
     ) -> list[list[dict[str, Any]]]:
-        from service.vector_index import normalised_rows
+        from service.storage.vector_index import normalised_rows
 
         check_collection_name(name)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_k:

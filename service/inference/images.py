@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from service.errors import InvalidInputApiError, PayloadTooLargeError
+from service.http.errors import InvalidInputApiError, PayloadTooLargeError
 
 MAX_REDIRECTS = 3
 

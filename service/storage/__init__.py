@@ -1,6 +1,6 @@
 """Open a collection store from a location: a ``postgresql://`` URL (PostgreSQL + pgvector,
-``service/store_postgres.py``) or a directory (the embedded SQLite + FAISS store,
-``service/store.py``). Both have the same contract."""
+``service/storage/postgres.py``) or a directory (the embedded SQLite + FAISS store,
+``service/storage/store.py``). Both have the same contract."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ def is_postgres_url(location: str | Path) -> bool:
 def open_store(location: str | Path, **options: Any) -> Any:
     """An opened store at ``location``; close it with ``close()``."""
     if is_postgres_url(location):
-        from service.store_postgres import PostgresCollectionStore
+        from service.storage.postgres import PostgresCollectionStore
 
         store: Any = PostgresCollectionStore(str(location), **options)
     else:
-        from service.store import CollectionStore
+        from service.storage.store import CollectionStore
 
         store = CollectionStore(Path(location), **options)
     store.open()

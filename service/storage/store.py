@@ -2,10 +2,10 @@
 
 One SQLite file (``data_dir/store.sqlite3``, WAL, ``synchronous=FULL``) holds every
 collection and document; an upsert is acknowledged only after its transaction commits,
-so it survives ``kill -9``. The in-memory indexes (``service/vector_index.py``) are
+so it survives ``kill -9``. The in-memory indexes (``service/storage/vector_index.py``) are
 rebuilt from SQLite at ``open`` (or loaded from the snapshot a clean close saved, when it
-still matches: ``service/index_snapshot.py``) and updated only after a commit succeeded.
-Index loading, rebuilds and the integrity check live in ``service/store_maintenance.py``.
+still matches: ``service/storage/snapshots.py``) and updated only after a commit succeeded.
+Index loading, rebuilds and the integrity check live in ``service/storage/maintenance.py``.
 
 Concurrency: all writes are serialised by one lock and one writer connection; each
 collection has a readers-writer lock, held exclusively only for COMMIT plus the index
@@ -26,13 +26,12 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.store_errors import (
+from service.storage.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
     DimensionMismatchError,
@@ -42,8 +41,8 @@ from service.store_errors import (
     InvalidVectorError,
     StoreUnavailableError,
 )
-from service.store_maintenance import IndexMaintenance, _is_bug
-from service.store_validation import (
+from service.storage.maintenance import IndexMaintenance, _Collection, _is_bug
+from service.storage.validation import (
     MAX_DIM,
     check_collection_name,
     check_doc_id,
@@ -51,7 +50,7 @@ from service.store_validation import (
     compile_filter,
     shown,
 )
-from service.vector_index import (
+from service.storage.vector_index import (
     INDEX_TYPES,
     OPTION_DEFAULTS,
     LiveIndex,
@@ -75,25 +74,6 @@ CREATE TABLE IF NOT EXISTS documents (
 -- covering index for metadata filters: they never read the (page-sized) vector rows
 CREATE INDEX IF NOT EXISTS documents_metadata ON documents (collection, metadata);
 """
-
-
-@dataclass(eq=False)
-class _Collection:
-    name: str
-    dim: int
-    kind: str
-    options: dict[str, Any]
-    created_at: float
-    live: LiveIndex
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "count": len(self.live.index),
-            "dim": self.dim,
-            "index": self.kind,
-            "created_at": self.created_at,
-        }
 
 
 def _unavailable(exc: BaseException, action: str) -> StoreUnavailableError:

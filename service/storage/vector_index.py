@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.store_errors import InvalidVectorError
+from service.storage.errors import InvalidVectorError
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {

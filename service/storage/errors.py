@@ -1,6 +1,6 @@
-"""Errors raised by the collection store (``service/store.py``).
+"""Errors raised by the collection store (``service/storage/store.py``).
 
-They carry no HTTP knowledge; ``service/errors.py`` maps each class to a status code.
+They carry no HTTP knowledge; ``service/http/errors.py`` maps each class to a status code.
 """
 
 from __future__ import annotations

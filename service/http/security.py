@@ -9,7 +9,7 @@
   refused (413) after at most ``max_body_bytes`` have been read and before any JSON
   parsing. The body is then replayed to the app.
 
-Their error responses come from ``service/errors.py`` (the one place statuses are mapped).
+Their error responses come from ``service/http/errors.py`` (the one place statuses are mapped).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import (
+from service.http.errors import (
     ApiError,
     BadRequestError,
     PayloadTooLargeError,

@@ -1,7 +1,7 @@
 """Index maintenance of ``CollectionStore``: loading indexes from SQLite or a saved
 snapshot, saving snapshots, background rebuilds, and the integrity check.
 
-A mixin: ``CollectionStore`` (service/store.py) owns the state used here (the SQLite
+A mixin: ``CollectionStore`` (service/storage/store.py) owns the state used here (the SQLite
 connections, the write lock, the collections and the rebuild threads).
 """
 
@@ -12,18 +12,35 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from service import index_snapshot
-from service.vector_index import ApproximateIndex, VectorIndex, new_index
-
-if TYPE_CHECKING:
-    from service.store import _Collection
+from service.storage import snapshots as index_snapshot
+from service.storage.vector_index import ApproximateIndex, LiveIndex, VectorIndex, new_index
 
 logger = logging.getLogger("llave.store")
+
+
+@dataclass(eq=False)
+class _Collection:
+    name: str
+    dim: int
+    kind: str
+    options: dict[str, Any]
+    created_at: float
+    live: LiveIndex
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "count": len(self.live.index),
+            "dim": self.dim,
+            "index": self.kind,
+            "created_at": self.created_at,
+        }
 
 
 def _is_bug(exc: BaseException) -> bool:

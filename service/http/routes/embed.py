@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
-from service.routes.common import (
+from service.http.routes.common import (
     ERROR_RESPONSES,
     VectorJSONResponse,
     cancel_on_disconnect,
@@ -16,7 +16,7 @@ from service.routes.common import (
     get_settings,
     timing_headers,
 )
-from service.schemas import EMBED_EXAMPLES, EmbedRequest, EmbedResponse
+from service.http.schemas import EMBED_EXAMPLES, EmbedRequest, EmbedResponse
 
 router = APIRouter(tags=["embeddings"])
 

@@ -12,7 +12,7 @@ the app holds, so every caller shares the same batches and limits::
 ``inputs`` is a list of input objects as plain dicts in the HTTP shapes (shorthand
 ``{"text"?, "image"?, "instruction"?}`` or ``{"content": [...], "instruction"?}``; an
 image is base64, a ``data:`` URI, raw bytes, or an allow-listed ``http(s)://`` URL).
-``embed`` raises the typed errors that ``service/errors.py`` maps to HTTP:
+``embed`` raises the typed errors that ``service/http/errors.py`` maps to HTTP:
 ``UnavailableError`` (503: not ready yet, timed out, worker dead, shutting down),
 ``OverloadedError`` (429: queue full), ``PayloadTooLargeError`` (413: more inputs than the
 queue holds), model-core ``LlaveError`` subclasses for bad inputs (422/413, with
@@ -43,8 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.batching import BatcherClosedError, BatchStats, Completed, DynamicBatcher, QueueFullError
-from service.errors import (
+from service.http.errors import (
     ApiError,
     InferenceError,
     InvalidRequestError,
@@ -53,11 +52,18 @@ from service.errors import (
     UnavailableError,
     from_model_error,
 )
-from service.hardware import dtype_warning
-from service.images import ImageFetcher
+from service.inference.batching import (
+    BatcherClosedError,
+    BatchStats,
+    Completed,
+    DynamicBatcher,
+    QueueFullError,
+)
+from service.inference.hardware import dtype_warning
+from service.inference.images import ImageFetcher
+from service.inference.worker import DeviceWorker, FatalDeviceError, WorkerDeadError, preprocess_pool
 from service.metrics import Metrics
 from service.settings import Settings
-from service.worker import DeviceWorker, FatalDeviceError, WorkerDeadError, preprocess_pool
 
 if TYPE_CHECKING:  # the model core (and torch) is imported lazily, on the device thread
     from model.embedder import Embedder, PreparedInput

@@ -9,9 +9,9 @@ import numpy as np
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
-from service.routes.collections import RESPONSES, get_store
-from service.routes.common import cancel_on_disconnect, get_engine, timing_headers
-from service.schemas import SEARCH_EXAMPLES, SearchRequest, SearchResponse, VectorQuery
+from service.http.routes.collections import RESPONSES, get_store
+from service.http.routes.common import cancel_on_disconnect, get_engine, timing_headers
+from service.http.schemas import SEARCH_EXAMPLES, SearchRequest, SearchResponse, VectorQuery
 
 router = APIRouter(tags=["search"])
 

@@ -9,7 +9,7 @@ What routes find on ``request.app.state``:
 - ``settings``: the ``Settings`` in force;
 - ``engine``: the ``EmbeddingEngine``; ``await engine.embed(inputs, truncate=..., normalize=...)``
   returns an ``EmbedResult`` (``.embeddings`` float32 (n, dim), ``.usage``, ``.timings``),
-  see ``service/engine.py``; ``engine.dim`` once ready;
+  see ``service/inference/engine.py``; ``engine.dim`` once ready;
 - ``store``: the opened ``CollectionStore`` (``None`` until the lifespan has opened it);
 - ``metrics``: the ``Metrics`` (Prometheus registry of this app).
 
@@ -32,11 +32,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.engine import EmbeddingEngine
-from service.errors import install_error_handlers, unexpected_error_response
+from service.http.errors import install_error_handlers, unexpected_error_response
+from service.http.routes import collections, embed, health, openai, search
+from service.http.security import ApiKeyMiddleware, BodyLimitMiddleware
+from service.inference.engine import EmbeddingEngine
 from service.metrics import Metrics
-from service.routes import collections, embed, health, openai, search
-from service.security import ApiKeyMiddleware, BodyLimitMiddleware
 from service.settings import Settings
 
 logger = logging.getLogger("llave.app")
@@ -99,13 +99,13 @@ class RequestAccountingMiddleware:
 
 def _open_store(settings: Settings) -> Any:
     if settings.store_url:
-        from service.store_postgres import PostgresCollectionStore, redacted
+        from service.storage.postgres import PostgresCollectionStore, redacted
 
         pg = PostgresCollectionStore(settings.store_url)
         pg.open()
         logger.info("collection store open in PostgreSQL at %s", redacted(settings.store_url))
         return pg
-    from service.store import CollectionStore  # imports faiss: not at module import
+    from service.storage.store import CollectionStore  # imports faiss: not at module import
 
     store = CollectionStore(settings.data_dir, index_snapshots=settings.index_snapshots)
     store.open()

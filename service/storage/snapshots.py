@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.vector_index import ApproximateIndex
+from service.storage.vector_index import ApproximateIndex
 
 logger = logging.getLogger("llave.store")
 

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.http.routes.common import get_engine
+from service.http.schemas import ErrorResponse, ProbeResponse
 from service.metrics import CONTENT_TYPE
-from service.routes.common import get_engine
-from service.schemas import ErrorResponse, ProbeResponse
 
 router = APIRouter(tags=["operations"])
 

@@ -10,8 +10,8 @@ import numpy as np
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
-from service.errors import InvalidRequestError, NotFoundError
-from service.routes.common import (
+from service.http.errors import InvalidRequestError, NotFoundError
+from service.http.routes.common import (
     ERROR_RESPONSES,
     VectorJSONResponse,
     cancel_on_disconnect,
@@ -20,7 +20,12 @@ from service.routes.common import (
     get_settings,
     timing_headers,
 )
-from service.schemas import OPENAI_EXAMPLES, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, OpenAIModelList
+from service.http.schemas import (
+    OPENAI_EXAMPLES,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    OpenAIModelList,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -324,8 +324,8 @@ class SearchRequest(Strict):
     @classmethod
     def _check_operators(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         # An operator object is checked here, so a bad one is a 422 before the collection is looked up.
-        from service.store_errors import InvalidFilterError
-        from service.store_validation import filter_operators
+        from service.storage.errors import InvalidFilterError
+        from service.storage.validation import filter_operators
 
         for key, item in (value or {}).items():
             if isinstance(item, dict):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-from service.errors import error_body
+from service.http.errors import error_body
 from service.metrics import Metrics
 from service.settings import Settings
 

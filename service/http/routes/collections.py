@@ -1,7 +1,7 @@
 """Collections of documents: upsert (embedding inputs through the shared batcher), get,
 delete, list, describe, drop. The store (SQLite + FAISS) does the validation that
 depends on stored state (dimensions, names, metadata); its errors map to 4xx in
-``service/errors.py``. Store calls are blocking, so they run in the thread pool."""
+``service/http/errors.py``. Store calls are blocking, so they run in the thread pool."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import numpy as np
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 
-from service.errors import InvalidRequestError, UnavailableError
-from service.routes.common import (
+from service.http.errors import InvalidRequestError, UnavailableError
+from service.http.routes.common import (
     ERROR_RESPONSES,
     cancel_on_disconnect,
     check_input_count,
     get_engine,
     get_settings,
 )
-from service.schemas import (
+from service.http.schemas import (
     UPSERT_EXAMPLES,
     CollectionInfo,
     CollectionList,
@@ -33,7 +33,7 @@ from service.schemas import (
     UpsertRequest,
     UpsertResponse,
 )
-from service.store_errors import DimensionMismatchError, DuplicateIdError
+from service.storage.errors import DimensionMismatchError, DuplicateIdError
 
 router = APIRouter(tags=["collections"])
 RESPONSES: dict[int | str, dict[str, Any]] = {

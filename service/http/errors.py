@@ -6,7 +6,7 @@ Domain code raises typed errors and knows nothing about HTTP:
   the engine turns them into ``ModelInputError`` with ``from_model_error`` (matched by
   class name, so that importing the service does not import the model core, and with it
   torch: that import is part of loading the model, which happens in the background),
-- the collection store raises ``service.store_errors.StoreError`` subclasses,
+- the collection store raises ``service.storage.errors.StoreError`` subclasses,
 - the service itself raises ``ApiError`` subclasses below (overload, limits, auth...).
 
 ``install_error_handlers(app)`` turns each into ``{"error": {"type": ..., "message": ...}}``
@@ -19,7 +19,7 @@ and the traceback in the log, never in the response.
 | missing/wrong API key                      | 401    | unauthorized              |
 | unknown route / model / collection / doc   | 404    | not_found                 |
 | wrong method (Allow: every method of the path) | 405 | method_not_allowed       |
-| headers or body not received in time (connection closed; service/connections.py) | 408 | request_timeout |
+| headers or body not received in time (connection closed; service/http/connections.py) | 408 | request_timeout |
 | CollectionExistsError                      | 409    | conflict                  |
 | body, inputs, images, pixels, tokens over a limit | 413 | payload_too_large     |
 | content type not JSON                      | 415    | unsupported_media_type    |
@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service import store_errors
+from service.storage import errors as store_errors
 
 logger = logging.getLogger("llave.errors")
 
@@ -314,7 +314,7 @@ def allowed_methods(request: Request) -> list[str]:
 def unexpected_error_response(method: str, path: str, exc: BaseException) -> JSONResponse:
     """A bug: log the trace, answer a generic 500 that leaks nothing.
 
-    Called by the outermost middleware (``service/app.py``) so that the response is counted
+    Called by the outermost middleware (``service/http/app.py``) so that the response is counted
     in the metrics and Starlette does not log the same trace a second time.
     """
     logger.error("unhandled error on %s %s", method, path, exc_info=exc)

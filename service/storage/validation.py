@@ -1,6 +1,6 @@
 """Validation of what callers hand the collection store: collection names, document
 ids, metadata and metadata filters (compiled to SQL). Pure functions; they raise the
-typed errors of ``service/store_errors.py``."""
+typed errors of ``service/storage/errors.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import re
 from typing import Any
 
-from service.store_errors import (
+from service.storage.errors import (
     DuplicateIdError,
     InvalidFilterError,
     InvalidMetadataError,
@@ -73,7 +73,7 @@ def check_upsert_batch(
     name, each id, no id twice, one finite non-zero vector (L2-normalised here) and one
     metadata entry per id. Returns (ids, vectors, metadata as JSON text); ids is empty (and
     vectors None) for an empty batch."""
-    from service.vector_index import normalised_rows
+    from service.storage.vector_index import normalised_rows
 
     check_collection_name(name)
     if isinstance(ids, str):
