@@ -94,7 +94,7 @@ def _pairs(emb: Any, kind: str, n: int, seed: int = 0) -> tuple[list[Any], list[
     texts = common.make_texts(Path(emb.name), 2 * n, tokens=24, seed=seed)
     queries = [emb.preprocess({"text": t}) for t in texts[:n]]
     if kind == "t2i":
-        crop = emb.crop
+        crop = emb.preprocessor.crop
         images = common.make_images(n, size=(crop, crop), seed=seed)
         targets = [emb.preprocess({"image": im}) for im in images]
     else:

@@ -59,42 +59,39 @@ class EmbedderConfig:
     vision_aspect_ratio: str = "anyres_max_9"
 
 
-class Embedder:
-    """Turns text, images and interleaved image+text into LLaVE embeddings.
+class Preprocessor:
+    """Stage 1 on its own: parse, decode and tile images, build the prompt and tokenise.
 
-    ``model`` is a ``LlavaOnevisionModel`` (no LM head) whose ``pack_image_features``
-    truncates like the authors' code; ``tokenizer`` knows ``<image>``;
-    ``image_processor`` is the PIL OneVision processor.
+    Holds only what preprocessing needs (the tokenizer, the image processor and a few
+    numbers from the model's config), never the weights, and pickles: a server builds it
+    where the model is loaded and ships it to the processes that preprocess requests, so
+    both sides use exactly the same tokenizer and tiling.
     """
 
-    def __init__(
-        self, model, tokenizer, image_processor: ImageProcessor, *, name: str, config: EmbedderConfig
-    ):
-        self.model = model
+    def __init__(self, tokenizer, image_processor: ImageProcessor, model_config, config: EmbedderConfig):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.name = name
         self.config = config
-        mcfg = model.config
-        self.dim: int = mcfg.text_config.hidden_size
         self.image_token_id: int = (
-            mcfg.image_token_id if hasattr(mcfg, "image_token_id") else mcfg.image_token_index
+            model_config.image_token_id
+            if hasattr(model_config, "image_token_id")
+            else model_config.image_token_index
         )
-        self.crop: int = mcfg.vision_config.image_size
-        self.patch: int = mcfg.vision_config.patch_size
-        self.grid_pinpoints = [list(p) for p in mcfg.image_grid_pinpoints]
+        self.crop: int = model_config.vision_config.image_size
+        self.patch: int = model_config.vision_config.patch_size
+        self.grid_pinpoints = [list(p) for p in model_config.image_grid_pinpoints]
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self._lock = threading.Lock()  # the tokenizer's truncation state is not thread-safe
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> str:
-        return str(next(self.model.parameters()).device)
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
 
-    @property
-    def dtype(self) -> str:
-        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def max_length(self) -> int:
@@ -193,6 +190,62 @@ class Embedder:
         ids = self._tokenize(build_prompt("hello " * max(0, tokens - base)))
         ids = ids[: max(base, min(tokens, self.max_length))]
         return [PreparedInput(input_ids=list(ids)) for _ in range(n)]
+
+
+class Embedder:
+    """Turns text, images and interleaved image+text into LLaVE embeddings.
+
+    ``model`` is a ``LlavaOnevisionModel`` (no LM head) whose ``pack_image_features``
+    truncates like the authors' code; ``tokenizer`` knows ``<image>``;
+    ``image_processor`` is the PIL OneVision processor.
+    """
+
+    def __init__(
+        self, model, tokenizer, image_processor: ImageProcessor, *, name: str, config: EmbedderConfig
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name = name
+        self.config = config
+        self.dim: int = model.config.text_config.hidden_size
+        self.preprocessor = Preprocessor(tokenizer, image_processor, model.config, config)
+        self.pad_token_id = self.preprocessor.pad_token_id
+        self.image_token_id = self.preprocessor.image_token_id
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> str:
+        return str(next(self.model.parameters()).device)
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    @property
+    def limits(self) -> ImageLimits:
+        return self.config.image_limits
+
+    # ------------------------------------------------------------------ stage 1: CPU
+    # (``Preprocessor``; kept here so that one object can do all three stages)
+    def preprocess(self, inp: Any, *, truncate: bool = True) -> PreparedInput:
+        return self.preprocessor.preprocess(inp, truncate=truncate)
+
+    def prompt(self, inp: Any) -> str:
+        return self.preprocessor.prompt(inp)
+
+    def image_tokens(self, height: int, width: int) -> int:
+        return self.preprocessor.image_tokens(height, width)
+
+    def estimate_cost(self, inp: Any) -> int:
+        return self.preprocessor.estimate_cost(inp)
+
+    def warmup_inputs(self, n: int, tokens: int) -> list[PreparedInput]:
+        return self.preprocessor.warmup_inputs(n, tokens)
 
     # ------------------------------------------------------------------ stage 2: device
     def collate(
