@@ -171,6 +171,77 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def process_tree(pid: int) -> dict[int, str]:
+    """``pid`` and all its descendants, each with its command line (Linux /proc)."""
+    out: dict[int, str] = {}
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        if p in out:
+            continue
+        try:
+            raw = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        out[p] = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        stack.extend(children.get(p, []))
+    return out
+
+
+def process_role(cmdline: str, root: bool) -> str:
+    """A process's role in a server, told from its command line."""
+    low = cmdline.lower()
+    if low.startswith("llave: "):  # the server's process titles (service/proctitle.py)
+        return cmdline[len("llave: ") :].strip()
+    if "resource_tracker" in low:
+        return "multiprocessing resource tracker"
+    if "uvicorn" in low and "bare_fastapi" in low:
+        return "bare FastAPI (uvicorn)"
+    for marker, role in (("engine", "engine"), ("api-worker", "API worker"), ("api_worker", "API worker")):
+        if marker in low:
+            return role
+    if root:
+        return "server (main process)"
+    if "multiprocessing" in low or "spawn_main" in low:
+        return "child (multiprocessing)"
+    return "child: " + cmdline[:60]
+
+
+def tree_cpu(pid: int) -> dict[int, dict[str, Any]]:
+    """CPU seconds, command line and role of every process of ``pid``'s tree, now."""
+    return {
+        p: {"cmdline": cmd, "role": process_role(cmd, p == pid), "cpu_s": cpu_seconds(p)}
+        for p, cmd in process_tree(pid).items()
+    }
+
+
+def tree_cpu_delta(
+    before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per process alive at the end: its role, command line and CPU seconds used in between."""
+    rows = []
+    for p, info in after.items():
+        start = before.get(p, {}).get("cpu_s", 0.0)
+        rows.append({"pid": p, "role": info["role"], "cmdline": info["cmdline"][:300],
+                     "cpu_s": info["cpu_s"] - start})  # fmt: skip
+    return sorted(rows, key=lambda r: r["pid"])
+
+
 def rss_bytes(pid: int | None = None) -> int:
     """Current resident set size of a process (default: this one)."""
     path = Path(f"/proc/{pid or os.getpid()}/status")

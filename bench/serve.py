@@ -6,6 +6,7 @@
     python bench/serve.py --checkpoint PATH --device cuda --dtype bfloat16 --kinds text,image
     python bench/serve.py --kinds text --inputs-per-request 8   # requests of 8 inputs each
     python bench/serve.py --plot-only bench/results/serve.json   # redraw the chart
+    python bench/serve.py --simulate --designs new,old   # SIMULATED GPU (bench/simdevice.py)
 
 What it does, per checkpoint:
 
@@ -31,6 +32,16 @@ Image inputs on CPU: a 0.5B-shaped forward of one 384px image (two crops, 1,485 
 tokens) is too slow on CPU for a sweep, so by default image and mixed runs on CPU use the small ``demo``
 preset (``--image-preset``); on CUDA they use the main checkpoint. With
 ``--image-preset same`` images run on the main checkpoint everywhere.
+
+``--simulate`` (a SIMULATION, labelled so in its output and JSON): the servers load the
+model through ``bench.simdevice:load``, whose forward pass is a stand-in calibrated on the
+project's H100 run (bench/simdevice.py); each server (the engine-process design with
+``--api-workers`` 1 and 2, the old in-process design of ``--old-repo``, variants, and a
+bare FastAPI endpoint of the same shape, bench/bare_fastapi.py) gets a c=1 and a c=64
+closed loop from one low-overhead client process (``--client raw``); it reports requests/s,
+served/offline (offline: the stand-in's nominal best rate), p50 at c=1 against one direct
+call, mean batch size and CPU ms per request of every server process by role
+(``bench/results/serve-sim[-TAG].json``).
 
 Results: a table on stdout, ``bench/results/serve[-TAG].json``, and a PNG chart of
 throughput and latency against concurrency (``--plot``, default on when matplotlib is
@@ -83,6 +94,12 @@ class Server:
     port: int = 0
     data_dir: Path | None = None
     ready_s: float = float("nan")
+    # What runs after the interpreter: ["-m", "service"] by default; the simulated-device
+    # launcher (["-m", "bench.simserver", ...]) or, with ``model_args=False``, any command
+    # (``{port}`` is replaced), e.g. uvicorn serving bench/bare_fastapi.py.
+    launcher: list[str] = field(default_factory=lambda: ["-m", "service"])
+    model_args: bool = True
+    pythonpath: str | None = None  # put first on PYTHONPATH (e.g. an old tree)
 
     @property
     def url(self) -> str:
@@ -92,20 +109,25 @@ class Server:
         self.port = common.free_port()
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"llave-bench-{self.name}-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            common.PYTHON, "-m", "service",
-            "--model", str(self.checkpoint),
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--device", self.device, "--dtype", self.dtype,
-            "--data-dir", str(self.data_dir),
-            "--log-level", "warning",
-            *self.args,
-        ]  # fmt: skip
+        launcher = [a.replace("{port}", str(self.port)) for a in self.launcher]
+        cmd = [common.PYTHON, *launcher]
+        if self.model_args:
+            cmd += [
+                "--model", str(self.checkpoint),
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--device", self.device, "--dtype", self.dtype,
+                "--data-dir", str(self.data_dir),
+                "--log-level", "warning",
+            ]  # fmt: skip
+        cmd += self.args
         self.command = " ".join(cmd[1:])
         logf = open(self.log_dir / f"server-{self.name}.log", "wb")  # noqa: SIM115 (closed with the process)
         self._started = time.perf_counter()
+        env = common.offline_env(**self.env)
+        if self.pythonpath:
+            env["PYTHONPATH"] = self.pythonpath + os.pathsep + env["PYTHONPATH"]
         self.proc = subprocess.Popen(
-            cmd, cwd=common.REPO, env=common.offline_env(**self.env), stdout=logf, stderr=logf
+            cmd, cwd=self.pythonpath or common.REPO, env=env, stdout=logf, stderr=logf
         )
         logf.close()
         atexit.register(self.stop)  # also on SIGTERM (see main) and on errors
@@ -167,6 +189,81 @@ def metric_delta(before: dict[str, float], after: dict[str, float], key: str) ->
 # --------------------------------------------------------------------------- closed loop
 
 
+class _RawResponse:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status_code = status
+        self.headers = headers
+        self.content = body
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.content)
+
+
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client (``--client raw``): ``post`` as httpx's, far less CPU.
+
+    httpx spends about 2 ms of CPU per request; on a 2-core machine, where the client shares
+    the cores with the server, that alone caps a closed loop below the server's rate. This
+    writes the request bytes by hand and reads the status line, the headers and a
+    Content-Length (or chunked) body; one connection per concurrent request, reused.
+    """
+
+    def __init__(self, url: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, content: bytes, headers: dict[str, str]) -> _RawResponse:
+        conn = self._free.pop() if self._free else await asyncio.open_connection(self.host, self.port)
+        reader, writer = conn
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(content)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        try:
+            writer.write(head.encode("latin-1") + content)
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("the server closed the connection")
+            status = int(line.split()[1])
+            hdrs: dict[str, str] = {}
+            while True:
+                h = await reader.readline()
+                if h in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                hdrs[k.strip().lower()] = v.strip()
+            if "content-length" in hdrs:
+                body = await reader.readexactly(int(hdrs["content-length"]))
+            elif hdrs.get("transfer-encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int((await reader.readline()).split(b";")[0], 16)
+                    chunk = await reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+                    chunks.append(chunk[:-2])
+                body = b"".join(chunks)
+            else:
+                body = await reader.read()
+                hdrs["connection"] = "close"
+        except BaseException:
+            writer.close()
+            raise
+        if hdrs.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self._free.append(conn)
+        return _RawResponse(status, hdrs, body)
+
+    async def aclose(self) -> None:
+        for _, writer in self._free:
+            writer.close()
+        self._free.clear()
+
+
 Record = tuple[float, float, int, float, float, float]  # sent, done, inputs, preprocess/queue/inference ms
 
 
@@ -225,6 +322,7 @@ async def closed_loop(
     max_window: float,
     procs: int = 1,
     per_body: int = 1,
+    client_kind: str = "httpx",
 ) -> dict[str, Any]:
     """N workers, each sending one request and waiting; measures one window in steady state.
 
@@ -236,14 +334,16 @@ async def closed_loop(
 
     if procs > 1 and concurrency >= procs:
         return await _closed_loop_procs(
-            server, bodies, concurrency, duration=duration, warmup=warmup, procs=procs, per_body=per_body
-        )
+            server, bodies, concurrency, duration=duration, warmup=warmup, procs=procs, per_body=per_body,
+            client_kind=client_kind,
+        )  # fmt: skip
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     records: list[Record] = []
     errors: dict[int, int] = {}
 
     async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=httpx.Timeout(900.0)) as client:
-        worker = _worker_factory(client, bodies, records, errors, time.perf_counter, per_body)
+        poster = RawClient(server.url) if client_kind == "raw" else client
+        worker = _worker_factory(poster, bodies, records, errors, time.perf_counter, per_body)
 
         async def metrics() -> dict[str, float]:
             return parse_metrics((await client.get("/metrics")).text)
@@ -266,6 +366,7 @@ async def closed_loop(
             m0 = await metrics()
             foreign = common.ForeignLoad([server.proc.pid])  # type: ignore[union-attr]
             cpu0 = common.cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
+            tree0 = common.tree_cpu(server.proc.pid)  # type: ignore[union-attr]
             client0 = time.process_time()
             w0 = time.perf_counter()
             slices: list[tuple[float, float]] = []  # (end time, foreign cores in the second before)
@@ -283,15 +384,19 @@ async def closed_loop(
             w1 = time.perf_counter()
             client_cpu = time.process_time() - client0
             cpu1 = common.cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
+            tree1 = common.tree_cpu(server.proc.pid)  # type: ignore[union-attr]
             foreign_cores = foreign.cores()
             m1 = await metrics()
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(poster, RawClient):
+                await poster.aclose()
         await _drain(client)
     point = _point(concurrency, records, errors, w0, w1, m0, m1, cpu1 - cpu0, client_cpu, foreign_cores)
     point.update(_quiet_slices(records, w0, slices))
+    point["processes"] = common.tree_cpu_delta(tree0, tree1)
     return point
 
 
@@ -327,7 +432,14 @@ async def _drain(client: Any) -> None:
 
 
 def _client_process(
-    url: str, bodies: list[bytes], workers: int, t_start: float, w0: float, w1: float, per_body: int = 1
+    url: str,
+    bodies: list[bytes],
+    workers: int,
+    t_start: float,
+    w0: float,
+    w1: float,
+    per_body: int = 1,
+    client_kind: str = "httpx",
 ) -> dict[str, Any]:
     """One client process of ``_closed_loop_procs`` (epoch clock, shared with the parent)."""
     import httpx
@@ -337,7 +449,8 @@ def _client_process(
         errors: dict[int, int] = {}
         limits = httpx.Limits(max_connections=workers + 4, max_keepalive_connections=workers + 4)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(900.0)) as client:
-            worker = _worker_factory(client, bodies, records, errors, time.time, per_body)
+            poster = RawClient(url) if client_kind == "raw" else client
+            worker = _worker_factory(poster, bodies, records, errors, time.time, per_body)
             await asyncio.sleep(max(0.0, t_start - time.time()))
             tasks = [asyncio.create_task(worker()) for _ in range(workers)]
             await asyncio.sleep(max(0.0, w0 - time.time()))
@@ -361,6 +474,7 @@ async def _closed_loop_procs(
     warmup: float,
     procs: int,
     per_body: int = 1,
+    client_kind: str = "httpx",
 ) -> dict[str, Any]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -373,7 +487,9 @@ async def _closed_loop_procs(
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            loop.run_in_executor(pool, _client_process, server.url, bodies, n, t_start, w0, w1, per_body)
+            loop.run_in_executor(
+                pool, _client_process, server.url, bodies, n, t_start, w0, w1, per_body, client_kind
+            )
             for n in shares
             if n
         ]
@@ -382,8 +498,10 @@ async def _closed_loop_procs(
             m0 = parse_metrics((await client.get("/metrics")).text)
             foreign = common.ForeignLoad([server.proc.pid])  # type: ignore[union-attr]
             cpu0 = common.cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
+            tree0 = common.tree_cpu(server.proc.pid)  # type: ignore[union-attr]
             await asyncio.sleep(max(0.0, w1 - time.time()))
             cpu1 = common.cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
+            tree1 = common.tree_cpu(server.proc.pid)  # type: ignore[union-attr]
             foreign_cores = foreign.cores()  # the client processes count as "foreign" here
             m1 = parse_metrics((await client.get("/metrics")).text)
             parts = await asyncio.gather(*futures)
@@ -396,6 +514,7 @@ async def _closed_loop_procs(
     client_cpu = sum(part["cpu"] for part in parts)
     point = _point(concurrency, records, errors, w0, w1, m0, m1, cpu1 - cpu0, client_cpu, foreign_cores)
     point["client_procs"] = procs
+    point["processes"] = common.tree_cpu_delta(tree0, tree1)
     return point
 
 
@@ -612,7 +731,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tag", default="", help="suffix of the results file (serve-TAG.json)")
     g.add_argument("--no-plot", action="store_true", help="do not draw the PNG chart")
     g.add_argument("--plot-only", type=Path, help="redraw the chart from a results JSON and exit")
+    g = p.add_argument_group("simulated device (--simulate; bench/simdevice.py)")
+    g.add_argument("--simulate", action="store_true",
+                   help="SIMULATION: serve with a stand-in forward that behaves like an H100's "
+                        "(GIL held for the launches, then a sleep); report served/offline, p50 at "
+                        "c=1, requests/s at c=64, batch sizes and CPU per process, against a bare "
+                        "FastAPI endpoint")  # fmt: skip
+    g.add_argument("--designs", default="new",
+                   help="comma-separated: new (engine process, python -m bench.simserver), old (the "
+                        "in-process engine of --old-repo), inproc (this tree's server with the "
+                        "in-process hook, for a tree where it still exists)")  # fmt: skip
+    g.add_argument("--old-repo", type=Path, default=Path("/tmp/old-design"),
+                   help="a checkout of the old design (git worktree add /tmp/old-design 3b9179b)")  # fmt: skip
+    g.add_argument("--api-workers", default="1,2", help="--api-workers values for the new design")
+    g.add_argument("--sim-profile", default="h100", help="h100 (flat in batch size) or linear (a CPU's)")
+    g.add_argument("--no-bare", action="store_true", help="skip the bare FastAPI reference")
+    g.add_argument("--c1-duration", type=float, default=5.0, help="seconds measured at c=1")
+    g.add_argument("--client", default="raw", choices=["raw", "httpx"],
+                   help="--simulate's client: raw (a minimal keep-alive HTTP/1.1 client, little CPU) "
+                        "or httpx (as the CPU/GPU runs)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.simulate:
+        explicit = set(sys.argv[1:] if argv is None else argv)
+        for flag, name, value in (
+            ("--concurrency", "concurrency", "1,64"),
+            ("--duration", "duration", 12.0),
+            ("--warmup", "warmup", 3.0),
+            ("--min-rounds", "min_rounds", 1.0),
+            ("--max-window", "max_window", 30.0),
+            ("--quiet-wait", "quiet_wait", 10.0),
+            ("--offline-duration", "offline_duration", 1.0),
+        ):
+            if not any(a == flag or a.startswith(flag + "=") for a in explicit):
+                setattr(args, name, value)
     if args.gpu_quick:
         args.quick = True
         args.device = "cuda" if args.device == "cpu" else args.device
@@ -787,6 +938,265 @@ def common_json(obj: Any) -> bytes:
     import json
 
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------- simulated device
+
+
+def _checkpoint_dim(checkpoint: Path) -> int:
+    import json
+
+    cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    return int(cfg.get("text_config", {}).get("hidden_size") or cfg["hidden_size"])
+
+
+def sim_offline(dim: int, sizes: list[int], duration: float) -> list[dict[str, Any]]:
+    """The stand-in forward called directly (plus the real postprocess), per batch size."""
+    import simdevice
+
+    from model.embedder import Embedder
+
+    forward = simdevice.SimulatedForward(dim)
+    rows = []
+    for b in sizes:
+        Embedder.postprocess(forward(b))  # warm
+        times = []
+        started = time.perf_counter()
+        while time.perf_counter() - started < duration or len(times) < 3:
+            t0 = time.perf_counter()
+            Embedder.postprocess(forward(b))
+            times.append(time.perf_counter() - t0)
+        rows.append(
+            {
+                "batch_size": b,
+                "calls": len(times),
+                "throughput": b * len(times) / sum(times),
+                "ms_per_call_p50": common.percentile([t * 1000 for t in times], 50),
+            }
+        )
+    return rows
+
+
+def _sim_servers(args: argparse.Namespace, ckpt: Path, env: dict[str, str], dim: int) -> list[Server]:
+    cmax = max(int(c) for c in args.concurrency.split(","))
+    base = ["--max-batch-size", str(cmax), "--warmup-tokens", "64", "--gil-switch-interval-ms", "0.1",
+            *args.server_arg]  # fmt: skip
+    sim = ["-m", "bench.simserver"]
+    servers: list[Server] = []
+    for design in [d for d in args.designs.split(",") if d]:
+        if design == "old":
+            if not (args.old_repo / "service").is_dir():
+                raise SystemExit(
+                    f"--old-repo {args.old_repo}: no service/ there (git worktree add ... 3b9179b)"
+                )
+            servers.append(Server("old", ckpt, "cpu", "float32", list(base), dict(env),
+                                  launcher=[*sim, "--old-design"], pythonpath=str(args.old_repo)))  # fmt: skip
+        elif design == "inproc":
+            servers.append(Server("inproc", ckpt, "cpu", "float32", list(base), dict(env),
+                                  launcher=[*sim, "--old-design"]))  # fmt: skip
+        elif design == "new":
+            for w in [int(x) for x in args.api_workers.split(",") if x]:
+                servers.append(Server(f"new-w{w}", ckpt, "cpu", "float32", [*base, "--api-workers", str(w)],
+                                      dict(env), launcher=list(sim)))  # fmt: skip
+        else:
+            raise SystemExit(f"unknown design {design!r}: old, inproc, new")
+    for spec in args.variant:  # NAME='ENV=VALUE --flag value': a variant of the first server
+        name, _, rest = spec.partition("=")
+        first = servers[0]
+        v_env = {k: v for k, _, v in (t.partition("=") for t in rest.split() if _ENV_RE.match(t))}
+        v_args = [t for t in rest.split() if not _ENV_RE.match(t)]
+        servers.append(Server(name, ckpt, "cpu", "float32", [*first.args, *v_args], {**first.env, **v_env},
+                              launcher=list(first.launcher), pythonpath=first.pythonpath))  # fmt: skip
+    if not args.no_bare:
+        uvicorn = ["-m", "uvicorn", "bench.bare_fastapi:app", "--host", "127.0.0.1", "--port", "{port}",
+                   "--log-level", "warning"]  # fmt: skip
+        servers.append(Server("bare-fastapi", ckpt, "cpu", "float32", [], {"LLAVE_BARE_DIM": str(dim)},
+                              launcher=uvicorn, model_args=False))  # fmt: skip
+    return servers
+
+
+async def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
+    """Each server in turn: c=1 and c=64 closed-loop points against the simulated device."""
+    import simdevice
+
+    os.environ["LLAVE_SIM_PROFILE"] = args.sim_profile  # the offline stand-in here, too
+    profile = simdevice.profile_from_env()
+    ckpt = args.checkpoint or common.ensure_checkpoint(args.preset, args.cache_dir)
+    dim = _checkpoint_dim(ckpt)
+    env = {"LLAVE_SIM_PROFILE": args.sim_profile, **dict(kv.split("=", 1) for kv in args.server_env)}
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    texts = common.make_texts(ckpt, max(2 * max(concurrencies), 64), args.text_tokens)
+    bodies = [common_json({"inputs": [{"text": t}]}) for t in texts]
+    result: dict[str, Any] = {
+        "benchmark": "serve-simulated",
+        "SIMULATION": "the device is simulated (bench/simdevice.py): no model forward runs",
+        "profile": profile.describe(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "checkpoint": str(ckpt),
+        "dim": dim,
+        "servers": [],
+    }
+    sizes = (
+        [int(b) for b in args.offline_batches.split(",")]
+        if args.offline_batches
+        else batch_sizes_for(max(concurrencies))
+    )
+    log("offline: the stand-in forward called directly")
+    result["offline"] = sim_offline(dim, sizes, args.offline_duration)
+    best_n = max(sizes, key=lambda n: n / profile.total_ms(n))
+    result["nominal"] = {  # what the stand-in is set to take (measured: slower when the CPU is shared)
+        "offline_limit": best_n / profile.total_ms(best_n) * 1000.0,
+        "offline_best_batch": best_n,
+        "direct_latency_ms": profile.total_ms(1),
+    }
+    for server in _sim_servers(args, ckpt, env, dim):
+        entry: dict[str, Any] = {"name": server.name, "env": server.env, "points": []}
+        try:
+            server.start()
+            entry["command"] = server.command
+            await server.wait_ready()
+            for c in concurrencies:
+                quiet(args, [server.proc.pid] if server.proc else [])
+                point = await closed_loop(
+                    server,
+                    bodies,
+                    c,
+                    duration=args.c1_duration if c == 1 else args.duration,
+                    warmup=args.warmup,
+                    min_rounds=args.min_rounds,
+                    max_window=args.max_window,
+                    procs=args.client_procs or 1,
+                    client_kind=args.client,
+                )
+                point["server"] = server.name
+                entry["points"].append(point)
+                per_req = ", ".join(
+                    f"{p['role']} {p['cpu_s'] * 1000 / max(point['requests'], 1):.2f}"
+                    for p in point["processes"]
+                    if p["cpu_s"] > 0
+                )
+                log(
+                    f"  SIMULATED {server.name:12s} c={c:3d}: {point['throughput']:8.1f} req/s, "
+                    f"p50 {point['p50_ms']:7.1f} ms, p99 {point['p99_ms']:7.1f} ms, "
+                    f"batch {point['mean_batch_size']:.1f}, CPU ms/request: {per_req}, "
+                    f"others {point['foreign_cpu_cores']:.2f} cores"
+                )
+        except Exception as exc:  # one server failing (e.g. a design not landed) skips it
+            log(f"server {server.name} failed: {exc}")
+            entry["error"] = str(exc)[-2000:]
+        finally:
+            server.stop()
+        result["servers"].append(entry)
+    result["machine"] = common.machine_info()
+    result["summary"] = sim_summary(result)
+    return result
+
+
+def sim_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Ratios against the stand-in's nominal timing (the simulated GPU's speed: a GPU is not
+    slowed by other processes' CPU use); the measured offline figures are reported beside."""
+    measured = max(result["offline"], key=lambda r: r["throughput"])
+    measured_direct = next(
+        (r["ms_per_call_p50"] for r in result["offline"] if r["batch_size"] == 1), float("nan")
+    )
+    offline = {
+        "throughput": result["nominal"]["offline_limit"],
+        "batch_size": result["nominal"]["offline_best_batch"],
+    }
+    direct = result["nominal"]["direct_latency_ms"]
+    rows = []
+    bare = next(
+        (p["throughput"] for e in result["servers"] if e["name"] == "bare-fastapi" for p in e["points"]
+         if p["concurrency"] == max(q["concurrency"] for q in e["points"])),
+        float("nan"),
+    )  # fmt: skip
+    for e in result["servers"]:
+        if not e["points"]:
+            rows.append({"server": e["name"], "error": e.get("error", "")[:200]})
+            continue
+        top = max(e["points"], key=lambda p: p["concurrency"])
+        one = next((p for p in e["points"] if p["concurrency"] == 1), None)
+        n = max(top["requests"], 1)
+        procs = [
+            {"role": p["role"], "pid": p["pid"], "cpu_ms_per_request": p["cpu_s"] * 1000 / n}
+            for p in top["processes"]
+        ]
+        rows.append(
+            {
+                "server": e["name"],
+                "concurrency": top["concurrency"],
+                "requests_per_s": top["throughput"],
+                "served_over_offline": top["throughput"] / offline["throughput"],
+                "served_over_bare": top["throughput"] / bare if bare == bare else float("nan"),
+                "p50_ms": top["p50_ms"],
+                "p99_ms": top["p99_ms"],
+                "mean_batch_size": top["mean_batch_size"],
+                "p50_c1_ms": one["p50_ms"] if one else float("nan"),
+                "p50_c1_over_direct": one["p50_ms"] / direct if one else float("nan"),
+                # Against the stand-in as measured here in the same run (both slowed alike
+                # when other processes take the CPU):
+                "served_over_offline_measured": top["throughput"] / measured["throughput"],
+                "p50_c1_over_direct_measured": one["p50_ms"] / measured_direct if one else float("nan"),
+                "server_cpu_ms_per_request": sum(p["cpu_ms_per_request"] for p in procs),
+                "cpu_ms_per_request_by_process": "; ".join(
+                    f"{p['role']} {p['cpu_ms_per_request']:.2f}" for p in procs if p["cpu_ms_per_request"] > 0
+                ),
+                "processes": procs,
+                "client_cpu_cores": top["client_cpu_cores"],
+                "foreign_cpu_cores": top["foreign_cpu_cores"],
+                "errors": sum(top["errors"].values()),
+            }
+        )
+    return {
+        "offline_limit": offline["throughput"],
+        "offline_best_batch": offline["batch_size"],
+        "direct_latency_ms": direct,
+        "offline_limit_measured": measured["throughput"],
+        "offline_best_batch_measured": measured["batch_size"],
+        "direct_latency_ms_measured": measured_direct,
+        "bare_fastapi_requests_per_s": bare,
+        "rows": rows,
+    }
+
+
+def sim_report(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    prof = result["profile"]
+    head = (
+        f"\nSIMULATED DEVICE (bench/simdevice.py, profile {prof['profile']}: {prof['launch_ms']} ms holding "
+        f"the GIL, then device ms {prof['device_ms']}); NOT a model forward.\n"
+        f"offline (nominal, ratios use it): {common.fmt(s['offline_limit'])} inputs/s at batch "
+        f"{s['offline_best_batch']}, batch-1 call {common.fmt(s['direct_latency_ms'])} ms; measured here "
+        f"(the stand-in called directly): {common.fmt(s['offline_limit_measured'])} inputs/s at batch "
+        f"{s['offline_best_batch_measured']}, batch-1 call {common.fmt(s['direct_latency_ms_measured'])} ms; "
+        f"bare FastAPI: {common.fmt(s['bare_fastapi_requests_per_s'])} requests/s"
+    )
+    table = common.table(
+        s["rows"],
+        [
+            "server",
+            "concurrency",
+            "requests_per_s",
+            "served_over_offline",
+            "served_over_bare",
+            "p50_ms",
+            "p99_ms",
+            "mean_batch_size",
+            "p50_c1_ms",
+            "p50_c1_over_direct",
+            "served_over_offline_measured",
+            "p50_c1_over_direct_measured",
+            "server_cpu_ms_per_request",
+            "cpu_ms_per_request_by_process",
+            "client_cpu_cores",
+            "foreign_cpu_cores",
+            "errors",
+        ],  # fmt: skip
+        title="Served with a SIMULATED device, closed loop (one text input per request)",
+    )
+    return head + "\n" + table
 
 
 # --------------------------------------------------------------------------- summary
@@ -1070,6 +1480,11 @@ def main(argv: list[str] | None = None) -> None:
         result["summary"] = summarise(result)  # recomputed: the summary's format may have changed
         plot(result, args.plot_only.with_suffix(".png"))
         print(report(result))
+        return
+    if args.simulate:
+        result = asyncio.run(run_simulated(args))
+        path = common.write_results("serve-sim" + (f"-{args.tag}" if args.tag else ""), result)
+        print(sim_report(result))
         return
     result = asyncio.run(run(args))
     name = "serve" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick and not args.tag else "")

@@ -5,11 +5,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .embedder import Embedder, EmbedderConfig, PreparedInput
+if TYPE_CHECKING:
+    from .embedder import Embedder
+
 from .errors import CheckpointError, InvalidInputError, LlaveError
 from .inputs import ImageLimits
+
+# The embedder (and with it torch and transformers) is imported on first use, so that
+# ``model.errors`` and ``model.inputs`` stay cheap to import for code that only needs them.
+_LAZY = {"Embedder", "EmbedderConfig", "PreparedInput", "Preprocessor"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import embedder
+
+        return getattr(embedder, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",
@@ -19,6 +34,7 @@ __all__ = [
     "InvalidInputError",
     "LlaveError",
     "PreparedInput",
+    "Preprocessor",
     "load_embedder",
 ]
 
@@ -41,6 +57,7 @@ def load_embedder(
     ``tokenizer_model_max_length`` (4096 for the published LLaVE models).
     """
     from .checkpoint import load_checkpoint
+    from .embedder import Embedder, EmbedderConfig
 
     loaded = load_checkpoint(path_or_id, device=device, dtype=dtype, attn_implementation=attn_implementation)
     config = EmbedderConfig(

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -16,7 +19,7 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, configure_logging
 
 logger = logging.getLogger("llave.main")
 
@@ -78,46 +81,44 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
         raise  # unreachable: parser.error exits
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, embedder_factory: str | None = None) -> None:
+    """Serve until SIGTERM. ``embedder_factory`` ("module:function", called in the engine
+    process instead of ``model.load_embedder``) is for tests and the simulated-device
+    bench; it is not a server setting."""
     settings = load_settings(argv)
     configure_logging(settings.log_level)
     for adjustment in settings.adjustments:
         logger.warning("%s", adjustment)
+    # Every process of the server writes its metrics here; set before prometheus_client is
+    # imported (here and, inherited, in every child process).
+    metrics_dir = tempfile.TemporaryDirectory(prefix="llave-metrics-")
+    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
 
-    import uvicorn
+    from service.server import serve
 
-    from service.http.app import create_app
-    from service.http.connections import uvicorn_options
-
-    app = create_app(settings)
     logger.info(
-        "serving %s on http://%s:%d (device %s, dtype %s, store %s, auth %s); "
+        "serving %s on http://%s:%d (%d front end%s, device %s, dtype %s, store %s, auth %s); "
         "the model loads in the background, /ready turns 200 when it is warmed up",
         settings.model,
         settings.host,
         settings.port,
+        settings.api_workers,
+        "" if settings.api_workers == 1 else "s",
         settings.device,
         settings.dtype,
         "PostgreSQL" if settings.store_url else settings.data_dir,
         "on" if settings.api_key else "off",
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # use the logging configured above
-        timeout_graceful_shutdown=10,
-        # Keep-alive, header and body deadlines, connection cap: service/http/connections.py.
-        **uvicorn_options(settings, app.state.metrics),
-    )
+    try:
+        code = serve(settings, embedder_factory)
+    finally:
+        if previous is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+        metrics_dir.cleanup()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
 """Prometheus metrics, one registry per app (so several apps can live in one process).
 
+With several processes (``python -m service``: front ends and the engine process), every
+process writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (set by the server at
+start-up, before anything imports prometheus_client) and ``/metrics`` on any front end
+adds them all up: counters and histograms are summed, the queue and connection gauges
+summed over live processes, the ready/alive gauges are the live processes' maximum.
+
 - ``llave_requests_total{route,status}``: every answered request; ``route`` is the route's
   path template (``/collections/{name}``), or ``unmatched`` for unknown paths.
-- ``llave_queue_inputs``: inputs admitted and not yet on the device (the ``--max-queue`` count).
+- ``llave_queue_inputs``: inputs admitted by the front ends and not yet answered (what
+  ``--max-queue`` bounds).
 - ``llave_batch_size``, ``llave_batch_tokens``: per forward pass; tokens are padded tokens
   (longest input x batch size), what the device actually computes.
 - ``llave_stage_seconds{stage}``: ``preprocess`` (per input, in the worker pool),
@@ -16,6 +23,8 @@
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,7 +46,10 @@ class Metrics:
             "llave_requests", "HTTP requests answered", ["route", "status"], registry=self.registry
         )
         self.queue_inputs = Gauge(
-            "llave_queue_inputs", "Inputs admitted and not yet on the device", registry=self.registry
+            "llave_queue_inputs",
+            "Inputs admitted and not yet answered (all front ends)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "llave_batch_size", "Inputs per forward pass", buckets=_POW2, registry=self.registry
@@ -55,14 +67,25 @@ class Metrics:
             buckets=_SECONDS,
             registry=self.registry,
         )
-        self.ready = Gauge("llave_ready", "1 when the model is loaded and warmed up", registry=self.registry)
+        self.ready = Gauge(
+            "llave_ready",
+            "1 when the model is loaded and warmed up",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.worker_alive = Gauge(
-            "llave_worker_alive", "1 while the device thread is running", registry=self.registry
+            "llave_worker_alive",
+            "1 while the engine process is running",
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
         for stage in ("preprocess", "queue", "inference"):
             self.stage_seconds.labels(stage=stage)  # exported from the start, at zero
         self.connections_open = Gauge(
-            "llave_connections_open", "Client connections open in this process", registry=self.registry
+            "llave_connections_open",
+            "Client connections open (all front ends)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.connections_closed = Counter(
             "llave_connections_closed",
@@ -74,4 +97,15 @@ class Metrics:
             self.connections_closed.labels(reason=reason)
 
     def render(self) -> bytes:
+        if exporting_across_processes():
+            from prometheus_client import multiprocess
+
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def exporting_across_processes() -> bool:
+    """Whether samples go to the shared multi-process directory (``python -m service``)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

@@ -19,11 +19,10 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-CommaList = Annotated[list[str], NoDecode]
+from service import limits
+from service.inference.config import EngineConfig
 
-# On CUDA the device thread launches hundreds of kernels per forward pass, re-taking the GIL
-# after each; with Python's 5 ms interval it queues behind the event loop (bench/README.md).
-CUDA_GIL_SWITCH_INTERVAL_MS = 0.1
+CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -76,16 +75,45 @@ class Settings(BaseSettings):
         description="An idle keep-alive connection is closed after this long (longer than "
         "clients' idle expiry, httpx: 5 s, so a client never reuses a closing connection).",
     )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM, time the requests in flight have to finish (new connections are "
+        "refused at once); what is still running then is cancelled.",
+    )
     data_dir: Path = Field(Path("./data"), description="Directory of the collection store.")
     store_url: str | None = Field(
         None,
         description="A postgresql:// URL: keep collections in PostgreSQL + pgvector instead of "
         "the embedded SQLite + FAISS store at --data-dir; several servers may share it.",
     )
+    store_read_url: str | None = Field(
+        None,
+        description="With --store-url: a postgresql:// URL of a read replica (a streaming-"
+        "replication hot standby). Searches and reads go there, writes to --store-url; a read "
+        "falls back to the primary while the replica has not replayed this server's last write "
+        "or cannot be reached.",
+    )
     index_snapshots: bool = Field(
         True,
         description="Save built HNSW/IVF indexes at shutdown and reuse them at start-up when they "
         "still match the stored documents, instead of rebuilding (disk: about the size of the vectors).",
+    )
+
+    # --- processes ---------------------------------------------------------------------
+    api_workers: int = Field(
+        default_factory=lambda: default_api_workers(os.cpu_count() or 1),
+        ge=1,
+        le=64,
+        description="HTTP front-end processes (HTTP, validation, image decoding, tokenising); the "
+        "model runs in its own engine process that they all feed. Default: a quarter of the cores, "
+        "from 1 to 8; 1 keeps one front end on small machines.",
+    )
+    engine_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times the engine process is restarted after it dies (each logged); then the "
+        "server exits non-zero for an orchestrator to restart it. 0: exit at the first death.",
     )
 
     # --- batching and overload ---------------------------------------------------------
@@ -97,16 +125,17 @@ class Settings(BaseSettings):
         "An input longer than this runs alone.",
     )
     max_wait_ms: float = Field(
-        5.0,
+        50.0,
         ge=0,
-        description="When the device is idle and more inputs are still being preprocessed, "
-        "wait at most this long for them to join the batch (0: never wait).",
+        description="Longest the device is held idle per batch for inputs expected soon, when the "
+        "batcher's measured cost curve says a fuller batch pays (a lone request never waits; "
+        "0: never wait).",
     )
     batch_sort_window: int = Field(
         128, ge=1, description="Queued inputs looked at when grouping inputs of similar length."
     )
     max_queue: int = Field(
-        1024,
+        limits.MAX_QUEUE,
         ge=1,
         description="Most inputs admitted and not yet on the device; beyond it requests get 429.",
     )
@@ -136,16 +165,18 @@ class Settings(BaseSettings):
     )
 
     # --- request limits ----------------------------------------------------------------
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Largest request body (413).")
+    max_body_bytes: int = Field(limits.MAX_BODY_BYTES, ge=1, description="Largest request body (413).")
     max_inputs_per_request: int = Field(
-        128,
+        limits.MAX_INPUTS_PER_REQUEST,
         ge=1,
         description="Most inputs in one request (413). Left at its default, it is lowered to "
         "max-queue when that is smaller (with a warning).",
     )
-    max_images_per_input: int = Field(8, ge=1, description="Most images in one input (413).")
+    max_images_per_input: int = Field(
+        limits.MAX_IMAGES_PER_INPUT, ge=1, description="Most images in one input (413)."
+    )
     max_image_pixels: int = Field(
-        4096 * 4096, ge=1, description="Most pixels (width x height) in one image (413)."
+        limits.MAX_IMAGE_PIXELS, ge=1, description="Most pixels (width x height) in one image (413)."
     )
     max_input_tokens: int | None = Field(
         None,
@@ -173,22 +204,31 @@ class Settings(BaseSettings):
         description="Also fetch from private, loopback and link-local addresses (only for "
         "trusted internal networks).",
     )
-    image_url_max_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest fetched image.")
+    image_url_max_bytes: int = Field(limits.IMAGE_URL_MAX_BYTES, ge=1, description="Largest fetched image.")
     image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit of one image fetch.")
 
-    # --- testing -----------------------------------------------------------------------
-    fault_injection: str | None = Field(
-        None,
-        description="TESTING ONLY, off by default. 'fail-batch:MARKER' makes a forward pass "
-        "raise when one of its inputs' text contains MARKER; 'kill-worker:MARKER' makes the "
-        "device thread die as on an unrecoverable device error.",
-    )
-
-    def gil_switch_interval_s(self, device: str) -> float | None:
-        """The switch interval to set once the model is on ``device`` (None: leave Python's)."""
-        if self.gil_switch_interval_ms is not None:
-            return self.gil_switch_interval_ms / 1000.0
-        return CUDA_GIL_SWITCH_INTERVAL_MS / 1000.0 if str(device).startswith("cuda") else None
+    def engine_config(self, embedder_factory: str | None = None) -> EngineConfig:
+        """The inference layer's configuration (it never sees the HTTP settings)."""
+        return EngineConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            max_input_tokens=self.max_input_tokens,
+            max_image_pixels=self.max_image_pixels,
+            max_images_per_input=self.max_images_per_input,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_wait_ms=self.max_wait_ms,
+            batch_sort_window=self.batch_sort_window,
+            max_queue=self.max_queue,
+            warmup_tokens=self.warmup_tokens,
+            gil_switch_interval_ms=self.gil_switch_interval_ms,
+            engine_restarts=self.engine_restarts,
+            request_timeout_s=self.request_timeout_s,
+            preprocess_workers=self.preprocess_workers,
+            embedder_factory=embedder_factory,
+        )
 
     @field_validator("cors_origins", "image_url_allow_hosts", mode="before")
     @classmethod
@@ -210,7 +250,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("store_url")
+    @field_validator("store_url", "store_read_url")
     @classmethod
     def _check_store_url(cls, value: str | None) -> str | None:
         if not value:  # an empty LLAVE_STORE_URL= means the embedded store
@@ -219,18 +259,10 @@ class Settings(BaseSettings):
             raise ValueError("store_url must be a postgresql:// URL")
         return value
 
-    @field_validator("fault_injection")
-    @classmethod
-    def _check_fault(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        kind, sep, marker = value.partition(":")
-        if kind not in ("fail-batch", "kill-worker") or not sep or not marker:
-            raise ValueError("fault_injection must be 'fail-batch:MARKER' or 'kill-worker:MARKER'")
-        return value
-
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        if self.store_read_url and not self.store_url:
+            raise ValueError("store_read_url needs store_url: writes go to the primary at --store-url")
         # A request larger than the queue could never be admitted (413). Two explicit values
         # that say so contradict each other: refused. The default is adapted instead.
         if self.max_inputs_per_request > self.max_queue:
@@ -274,6 +306,19 @@ class Settings(BaseSettings):
             "header_timeout_s": self.header_timeout_s,
             "body_timeout_s": self.body_timeout_s,
         }
+
+
+def configure_logging(level: str) -> None:
+    """The log format of every server process (the engine and store processes use it too)."""
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def default_api_workers(cores: int) -> int:
+    """A quarter of the cores, from 1 to 8: the engine process, the preprocessing threads
+    and the clients of a benchmark on the same host need the rest."""
+    return max(1, min(8, cores // 4))
 
 
 def default_served_name(model: str) -> str:

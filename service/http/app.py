@@ -1,16 +1,23 @@
 """The app factory: ``create_app(settings) -> FastAPI``.
 
-Nothing heavy happens at import or in the factory. The lifespan starts the engine (device
-thread, preprocessing pool, batcher; the model loads and warms up in the background, so
-``/health`` and ``/ready`` answer meanwhile) and opens the collection store.
+Nothing heavy happens at import or in the factory. The app is one front end: it talks to
+an engine process (``service/inference/``) and to the collection store.
+
+- Given ``engine=EngineLink(address, board_path)`` (``python -m service`` with several
+  front ends), it connects to the engine its parent supervises.
+- Without it (one front end, and in-process use such as tests), the lifespan starts and
+  supervises its own engine process; the model loads and warms up there in the
+  background, so ``/health`` and ``/ready`` answer meanwhile.
+- Given ``store=`` (a store client, or an opened store), it uses it; otherwise the
+  lifespan opens the store named by the settings in this process.
 
 What routes find on ``request.app.state``:
 
 - ``settings``: the ``Settings`` in force;
-- ``engine``: the ``EmbeddingEngine``; ``await engine.embed(inputs, truncate=..., normalize=...)``
+- ``engine``: the ``EngineClient``; ``await engine.embed(inputs, truncate=..., normalize=...)``
   returns an ``EmbedResult`` (``.embeddings`` float32 (n, dim), ``.usage``, ``.timings``),
-  see ``service/inference/engine.py``; ``engine.dim`` once ready;
-- ``store``: the opened ``CollectionStore`` (``None`` until the lifespan has opened it);
+  see ``service/inference/client.py``; ``engine.dim`` once ready;
+- ``store``: the collection store (``None`` until the lifespan has opened it);
 - ``metrics``: the ``Metrics`` (Prometheus registry of this app).
 
 Middleware, outermost first: request accounting (``llave_requests_total``, and the generic
@@ -23,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -33,9 +42,11 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.errors import install_error_handlers, unexpected_error_response
-from service.http.routes import collections, embed, health, openai, search
+from service.http.routes import collections, embed, health, openai, page, search
 from service.http.security import ApiKeyMiddleware, BodyLimitMiddleware
-from service.inference.engine import EmbeddingEngine
+from service.inference.client import EngineClient
+from service.inference.images import ImageFetcher
+from service.inference.supervisor import EngineSupervisor
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -101,9 +112,13 @@ def _open_store(settings: Settings) -> Any:
     if settings.store_url:
         from service.storage.postgres import PostgresCollectionStore, redacted
 
-        pg = PostgresCollectionStore(settings.store_url)
+        pg = PostgresCollectionStore(settings.store_url, read_url=settings.store_read_url)
         pg.open()
-        logger.info("collection store open in PostgreSQL at %s", redacted(settings.store_url))
+        logger.info(
+            "collection store open in PostgreSQL at %s%s",
+            redacted(settings.store_url),
+            f", reads from {redacted(settings.store_read_url)}" if settings.store_read_url else "",
+        )
         return pg
     from service.storage.store import CollectionStore  # imports faiss: not at module import
 
@@ -113,26 +128,67 @@ def _open_store(settings: Settings) -> Any:
     return store
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the app; the lifespan loads the model (in the background) and opens the store."""
+@dataclass(frozen=True)
+class EngineLink:
+    """Where a front end finds an engine that another process supervises."""
+
+    address: str
+    board_path: str
+    queue_share: int | None = None  # this front end's share of --max-queue
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: EngineLink | None = None,
+    store: Any = None,
+    embedder_factory: str | None = None,
+    on_engine_give_up: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the app (see the module docstring for ``engine`` and ``store``)."""
     metrics = Metrics()
-    engine = EmbeddingEngine(settings, metrics)
+    config = settings.engine_config(embedder_factory)
+    images = ImageFetcher(
+        settings.image_url_allow_hosts,
+        allow_private=settings.image_url_allow_private,
+        max_bytes=settings.image_url_max_bytes,
+        timeout_s=settings.image_url_timeout_s,
+    )
+    run_dir: tempfile.TemporaryDirectory[str] | None = None
+    supervisor: EngineSupervisor | None = None
+    if engine is None:
+        run_dir = tempfile.TemporaryDirectory(prefix="llave-")
+        supervisor = EngineSupervisor(
+            config, run_dir.name, log_level=settings.log_level, on_give_up=on_engine_give_up
+        )
+        engine = EngineLink(supervisor.address, supervisor.board_path)
+    client = EngineClient(
+        config,
+        engine.address,
+        engine.board_path,
+        images,
+        metrics,
+        queue_share=engine.queue_share,
+        served_names=[settings.model_name],
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
+        if supervisor is not None:
+            await asyncio.to_thread(supervisor.start)
+        await client.start()
         try:
-            app.state.store = await asyncio.to_thread(_open_store, settings)
+            app.state.store = store if store is not None else await asyncio.to_thread(_open_store, settings)
         except BaseException:
-            await engine.stop()
+            await _stop_engine(client, supervisor, run_dir)
             raise
         try:
             yield
         finally:
-            await engine.stop()
-            store, app.state.store = app.state.store, None
-            if store is not None:
-                await asyncio.to_thread(store.close)
+            await _stop_engine(client, supervisor, run_dir)
+            opened, app.state.store = app.state.store, None
+            if opened is not None:
+                await asyncio.to_thread(opened.close)
 
     app = FastAPI(
         title="LLaVE embedding server",
@@ -141,7 +197,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.engine = engine
+    app.state.engine = client
+    app.state.supervisor = supervisor
     app.state.metrics = metrics
     app.state.store = None
 
@@ -151,6 +208,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(collections.router)
     app.include_router(search.router)
     app.include_router(health.router)
+    app.include_router(page.router)
 
     # add_middleware() wraps what is there: the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
@@ -174,6 +232,18 @@ def create_app(settings: Settings) -> FastAPI:
         RequestAccountingMiddleware, metrics=metrics, paths=lambda: list(app.openapi().get("paths", {}))
     )
     return app
+
+
+async def _stop_engine(
+    client: EngineClient,
+    supervisor: EngineSupervisor | None,
+    run_dir: tempfile.TemporaryDirectory[str] | None,
+) -> None:
+    await client.stop()
+    if supervisor is not None:
+        await asyncio.to_thread(supervisor.stop)
+    if run_dir is not None:
+        run_dir.cleanup()
 
 
 def _document_bearer_auth(app: FastAPI) -> None:

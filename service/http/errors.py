@@ -2,12 +2,15 @@
 
 Domain code raises typed errors and knows nothing about HTTP:
 
-- the model core raises ``model.errors.LlaveError`` subclasses (bad inputs, images...);
-  the engine turns them into ``ModelInputError`` with ``from_model_error`` (matched by
-  class name, so that importing the service does not import the model core, and with it
-  torch: that import is part of loading the model, which happens in the background),
+- the model core raises ``model.errors.InvalidInputError`` subclasses for bad inputs
+  (``input_index`` set by the inference layer),
+- the inference layer raises ``service.inference.errors`` classes (engine unavailable,
+  overloaded, too many inputs, forward failed),
 - the collection store raises ``service.storage.errors.StoreError`` subclasses,
-- the service itself raises ``ApiError`` subclasses below (overload, limits, auth...).
+- the HTTP layer itself raises ``ApiError`` subclasses below (limits, auth, not found...).
+
+Each is mapped by its type (the most specific listed class wins), never by its name, so
+a renamed or moved class fails the import here instead of silently becoming a 500.
 
 ``install_error_handlers(app)`` turns each into ``{"error": {"type": ..., "message": ...}}``
 with the status from the tables below. Anything else is a bug: a 500 with a generic body
@@ -45,7 +48,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from model import errors as model_errors
+from service.inference import errors as inference_errors
 from service.storage import errors as store_errors
+from service.storage.sources import SourceTooLargeError
 
 logger = logging.getLogger("llave.errors")
 
@@ -92,23 +98,10 @@ class InvalidRequestError(ApiError):
     status, type = 422, "invalid_request"
 
 
-class InvalidInputApiError(ApiError):
-    """A service-side input check (e.g. a refused image URL); same answer as the model's."""
-
-    status, type = 422, "invalid_input"
-
-
 class ClientClosedRequestError(ApiError):
     """The client went away before the answer was ready (nginx's 499; nobody reads it)."""
 
     status, type = 499, "client_closed_request"
-
-
-class OverloadedError(ApiError):
-    status, type = 429, "overloaded"
-
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class UnavailableError(ApiError):
@@ -119,46 +112,42 @@ class UnavailableError(ApiError):
         super().__init__(message, headers=headers)
 
 
-class InferenceError(ApiError):
-    """The forward pass of the batch holding this request failed (logged with its trace)."""
-
-    status, type = 500, "inference_error"
-
-
-class ModelInputError(ApiError):
-    """A model-core input error (``model.errors``), with the status from ``MODEL_ERROR_STATUS``."""
-
-    def __init__(self, message: str, *, status: int, kind: str) -> None:
-        super().__init__(message)
-        self.status, self.type = status, kind
-
-
 # --- the tables ------------------------------------------------------------------------
+# Checked in order: the first class the error is an instance of gives (status, type).
 
-# model.errors classes by name; the error's most specific listed class (MRO order) wins.
-MODEL_ERROR_STATUS: dict[str, tuple[int, str]] = {
-    "ImageTooLargeError": (413, "payload_too_large"),
-    "TooManyImagesError": (413, "payload_too_large"),
-    "InputTooLongError": (413, "payload_too_large"),
-    "EmptyInputError": (422, "invalid_input"),
-    "ImageDecodeError": (422, "invalid_input"),
-    "InvalidInputError": (422, "invalid_input"),
-}
+MODEL_ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
+    (model_errors.ImageTooLargeError, 413, "payload_too_large"),
+    (model_errors.TooManyImagesError, 413, "payload_too_large"),
+    (model_errors.InputTooLongError, 413, "payload_too_large"),
+    (model_errors.InvalidInputError, 422, "invalid_input"),  # empty input, bad image, ...
+)
 
-# By class name so that classes the store adds later (or has not added yet) are tolerated.
-STORE_ERROR_STATUS: dict[str, tuple[int, str]] = {
-    "CollectionNotFoundError": (404, "not_found"),
-    "DocumentNotFoundError": (404, "not_found"),
-    "InvalidNameError": (422, "invalid_request"),
-    "DimensionMismatchError": (422, "invalid_request"),
-    "InvalidVectorError": (422, "invalid_request"),
-    "InvalidFilterError": (422, "invalid_request"),
-    "DuplicateIdError": (422, "invalid_request"),
-    "InvalidMetadataError": (422, "invalid_request"),
-    "InvalidParameterError": (422, "invalid_request"),
-    "CollectionExistsError": (409, "conflict"),
-    "StoreUnavailableError": (503, "unavailable"),
-}
+INFERENCE_ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
+    (inference_errors.EngineUnavailableError, 503, "unavailable"),
+    (inference_errors.EngineOverloadedError, 429, "overloaded"),
+    (inference_errors.TooManyInputsError, 413, "payload_too_large"),
+    (inference_errors.NoInputsError, 422, "invalid_request"),
+    (inference_errors.ForwardError, 500, "inference_error"),
+)
+
+STORE_ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
+    (store_errors.CollectionNotFoundError, 404, "not_found"),
+    (store_errors.DocumentNotFoundError, 404, "not_found"),
+    (store_errors.CollectionExistsError, 409, "conflict"),
+    (store_errors.StoreUnavailableError, 503, "unavailable"),
+    (SourceTooLargeError, 413, "payload_too_large"),
+    (store_errors.StoreError, 422, "invalid_request"),  # names, vectors, filters, dims, ids, options
+)
+
+
+def _lookup(
+    exc: BaseException, table: tuple[tuple[type[Exception], int, str], ...]
+) -> tuple[int, str] | None:
+    for cls, status, kind in table:
+        if isinstance(exc, cls):
+            return status, kind
+    return None
+
 
 HTTP_STATUS_TYPE: dict[int, str] = {
     400: "bad_request",
@@ -178,38 +167,13 @@ HTTP_STATUS_TYPE: dict[int, str] = {
 GENERIC_500 = "internal server error; the failure was logged"
 
 
-def is_model_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is a ``model.errors.LlaveError`` (without importing the model core)."""
-    return any(c.__name__ == "LlaveError" and c.__module__ == "model.errors" for c in type(exc).__mro__)
-
-
 def model_error_status(exc: BaseException) -> tuple[int, str] | None:
-    """Status and type for a model-core input error; None for any other error (a 500)."""
-    if not is_model_error(exc):
-        return None
-    for cls in type(exc).__mro__:
-        if cls.__name__ in MODEL_ERROR_STATUS:
-            return MODEL_ERROR_STATUS[cls.__name__]
-    return None  # CheckpointError and other non-input errors are bugs or operator errors
-
-
-def from_model_error(exc: BaseException) -> ApiError | None:
-    """The ``ModelInputError`` for a model-core input error (keeping ``input_index``), else None."""
-    mapped = model_error_status(exc)
-    if mapped is None:
-        return None
-    error = ModelInputError(str(exc), status=mapped[0], kind=mapped[1])
-    index = getattr(exc, "input_index", None)
-    if index is not None:
-        error.input_index = index  # type: ignore[attr-defined]
-    return error
+    """Status and type for a model-core input error; None for any other error."""
+    return _lookup(exc, MODEL_ERROR_STATUS)
 
 
 def store_error_status(exc: store_errors.StoreError) -> tuple[int, str]:
-    for cls in type(exc).__mro__:
-        if cls.__name__ in STORE_ERROR_STATUS:
-            return STORE_ERROR_STATUS[cls.__name__]
-    return 500, "internal_error"
+    return _lookup(exc, STORE_ERROR_STATUS) or (500, "internal_error")
 
 
 def error_body(kind: str, message: str) -> dict[str, dict[str, str]]:
@@ -236,13 +200,126 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
         return 400, "invalid_json", "request body is not valid JSON"
-    parts = []
-    for err in errors[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid value')}")
-    if len(errors) > 5:
-        parts.append(f"... and {len(errors) - 5} more")
-    return 422, "invalid_request", "; ".join(parts)
+    return 422, "invalid_request", describe_validation_errors(list(errors), getattr(exc, "body", None))
+
+
+# pydantic's "Input should be a valid X" -> what a JSON client should send.
+_EXPECTED = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "list": "a list",
+    "array": "a list",
+    "dictionary": "an object",
+    "dict": "an object",
+}
+
+
+def describe_validation_errors(errors: list[dict], body: object) -> str:
+    """One sentence naming the field and what was expected, from pydantic's errors.
+
+    A value that matches no member of a union gets one error per member (pydantic's "union
+    dump"); the member errors are told apart by walking each error's location through the
+    request body itself, so the labels pydantic puts in locations for union members are
+    dropped, and the error that got deepest into the body is the one reported. Errors on
+    other top-level fields are counted, not spelled out.
+    """
+    located = [(_field_path(err.get("loc", ()), body, err.get("type") == "missing"), err) for err in errors]
+    if not located:
+        return "the request does not match the schema (see /docs)"
+    groups: dict[object, list[tuple[list[str | int], dict]]] = {}
+    for path, err in located:
+        groups.setdefault(path[0] if path else None, []).append((path, err))
+    first = next(iter(groups.values()))
+    # The deepest wins; at equal depth, a wrong value beats a missing or unknown field (those
+    # come from union members the body was not meant for). max() keeps the first of equals.
+    path, err = max(first, key=lambda item: (len(item[0]), item[1].get("type") not in _MEMBER_MISMATCH))
+    message = f"{_format_path(path) or 'the body'} {_expectation(err)}"
+    others = [key for key in groups if key is not next(iter(groups))]
+    if others:
+        names = ", ".join(str(key) for key in others[:5])
+        message += f" (and {len(others)} other invalid field{'s' if len(others) > 1 else ''}: {names})"
+    return message
+
+
+_MEMBER_MISMATCH = ("missing", "extra_forbidden")
+
+
+def _field_path(loc: tuple | list, body: object, missing: bool = False) -> list[str | int]:
+    """The error's location as real fields and indexes of ``body``, union labels dropped."""
+    items = [p for p in loc if p != "body"] if loc and loc[0] == "body" else list(loc)
+    path: list[str | int] = []
+    current = body
+    for i, item in enumerate(items):
+        last = i == len(items) - 1
+        if isinstance(current, list) and isinstance(item, int) and 0 <= item < len(current):
+            path.append(item)
+            current = current[item]
+        elif isinstance(current, dict) and isinstance(item, str) and item in current:
+            nxt = items[i + 1] if not last else None
+            child = current[item]
+            # A discriminated union's tag ('text', 'image') can equal a key of the object: it is
+            # a tag when the next location item is another key of the same object.
+            if not isinstance(child, dict | list) and isinstance(nxt, str) and nxt in current:
+                continue
+            path.append(item)
+            current = child
+        elif last and missing and isinstance(current, dict) and isinstance(item, str):
+            path.append(item)  # a missing field, named by the last item
+            current = None
+        # anything else is a union member's label
+    return path
+
+
+def _format_path(path: list[str | int]) -> str:
+    out = ""
+    for item in path:
+        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
+    return out
+
+
+def _describe_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else "a long string"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    if isinstance(value, dict):
+        return "an object"
+    return "a value of another type"
+
+
+def _expectation(err: dict) -> str:
+    kind = str(err.get("type", ""))
+    msg = str(err.get("msg", "is invalid"))
+    got = f", got {_describe_value(err.get('input'))}" if "input" in err else ""
+    ctx = err.get("ctx") or {}
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a field of this request (see /docs for the request's fields)"
+    if kind in ("value_error", "assertion_error"):
+        return "is invalid: " + msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "union_tag_invalid":
+        return f"has type {ctx.get('tag')!r}; expected type {ctx.get('expected_tags', 'a known type')}"
+    if kind == "union_tag_not_found":
+        return f"needs a {str(ctx.get('discriminator', 'type')).strip(chr(39))!r} field naming its type"
+    if kind == "model_type" or kind == "dict_type" or kind == "model_attributes_type":
+        return "must be an object" + got
+    if msg.startswith("Input should be a valid "):
+        noun = msg.removeprefix("Input should be a valid ").split(",")[0].split(" ")[0]
+        return f"must be {_EXPECTED.get(noun, 'a valid ' + noun)}{got}"
+    if msg.startswith("Input should be "):
+        return "must be " + msg.removeprefix("Input should be ") + got
+    if msg.startswith(("List should", "String should", "Value should")):
+        return "must" + msg.split("should", 1)[1].split(" after validation")[0] + got
+    return msg[:1].lower() + msg[1:] + got
 
 
 # --- handlers --------------------------------------------------------------------------
@@ -255,13 +332,23 @@ async def _handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.type, _with_input_index(exc, exc.message), exc.headers)
 
 
-async def _handle_value_error(request: Request, exc: Exception) -> JSONResponse:
-    # The model core's input errors are ValueErrors; the engine converts them already, this
-    # catches any caller that used the model core directly. Other ValueErrors are bugs.
-    error = from_model_error(exc)
-    if error is None:
+async def _handle_model_error(request: Request, exc: Exception) -> JSONResponse:
+    mapped = model_error_status(exc)
+    if mapped is None:  # CheckpointError and other non-input errors: bugs or operator errors
         return unexpected_error_response(request.method, request.url.path, exc)
-    return error_response(error.status, error.type, _with_input_index(error, error.message))
+    return error_response(mapped[0], mapped[1], _with_input_index(exc, str(exc)))
+
+
+async def _handle_inference_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, inference_errors.InferenceError)
+    status, kind = _lookup(exc, INFERENCE_ERROR_STATUS) or (500, "internal_error")
+    headers: dict[str, str] = {}
+    retry_after = str(getattr(request.app.state.settings, "retry_after_s", 1))
+    if status == 429 or (status == 503 and getattr(exc, "retry", False)):
+        headers["Retry-After"] = retry_after
+    if status >= 500:
+        logger.error("%s %s -> %d %s", request.method, request.url.path, status, exc.message)
+    return error_response(status, kind, exc.message, headers)
 
 
 async def _handle_store_error(request: Request, exc: Exception) -> JSONResponse:
@@ -325,7 +412,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the one mapping from typed errors to HTTP responses."""
     app.add_exception_handler(ApiError, _handle_api_error)
     app.add_exception_handler(store_errors.StoreError, _handle_store_error)
-    app.add_exception_handler(ValueError, _handle_value_error)
+    app.add_exception_handler(model_errors.LlaveError, _handle_model_error)
+    app.add_exception_handler(inference_errors.InferenceError, _handle_inference_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
     # Anything else is caught by the request middleware: unexpected_error_response().

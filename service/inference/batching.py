@@ -19,12 +19,33 @@ Batch forming (one batch on the device at a time, as there is one device thread)
 - the oldest queued item always goes in the next batch (no starvation); the others are
   chosen among the next ``sort_window`` items by cost, closest to it first, so that
   inputs of similar length share a batch and little compute goes to padding;
-- when the device is idle the batch leaves at once, except when inputs are still being
-  preprocessed (admitted, not yet submitted) and the batch is not full: then it waits at
-  most ``max_wait_s`` for them. A lone request is never delayed, and while the device is
-  busy work accumulates by itself, so batches form under load without any timer;
+- while the device is busy work accumulates by itself, so batches form under load
+  without any timer. When the device is idle and the queue holds less than a full batch,
+  the batch leaves at once unless waiting is expected to pay (adaptive forming, below);
+  the device then stays idle at most ``max_wait_s`` per batch;
 - items whose future is already done (the caller timed out or went away and cancelled
   it) are dropped without running.
+
+Adaptive forming. The batcher measures two things online:
+- the device's cost curve: the run time of each batch against its size, per bucket of
+  padded length (powers of two), kept as a running mean per power-of-two size class and
+  fitted with ``t(n) = a + b * n`` (``CostModel``). A GPU's curve is nearly flat (a large
+  ``a``: kernel launches, memory traffic of the weights), a CPU's nearly proportional;
+- when answered inputs come back (``ReturnModel``): each completed batch is remembered as
+  inputs "out" with their callers; a later arrival is matched to the oldest of them, and
+  the delay from answer to next arrival is tracked (running mean and mean deviation, as
+  TCP tracks a round trip). Under closed-loop load (clients that send again when
+  answered) this predicts the next arrivals well; with independent callers it measures
+  the recent arrival rate in the same terms; with no recent arrivals it predicts none.
+When the device becomes idle with ``q`` inputs queued, the batcher compares sending now,
+``q / t(q)`` inputs per second of device time, with waiting ``w`` for the ``m`` inputs
+expected by then, ``(q + m) / (w + t(q + m))`` (the idle wait counted as spent), and
+waits only when the best choice beats sending now by ``min_gain`` (relative). Every
+arrival wakes it to decide again; a full batch leaves at once. With a flat curve and
+callers that come back within a few milliseconds this fills batches; with a
+proportional curve waiting never pays; a lone request (nothing expected) never waits.
+Inputs admitted and not yet submitted (still being preprocessed by the caller) are
+waited for, up to ``max_wait_s``, as before.
 
 An exception from ``run_batch`` fails that batch's items only; the loop goes on.
 """
@@ -62,6 +83,7 @@ class BatchStats:
     padded_tokens: int  # max(cost) * size
     real_tokens: int  # sum(cost)
     run_s: float
+    waited_s: float = 0.0  # how long the batch was held back on an idle device to fill up
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,136 @@ class WorkItem(Generic[P]):
     enqueued_at: float
     seq: int = 0
     dispatched_at: float = field(default=0.0)
+
+
+class CostModel:
+    """The device's run time per batch against batch size, learnt from the batches run.
+
+    Per bucket of padded length (the longest input, rounded up to a power of two), one
+    running mean of (size, seconds) per power-of-two size class; ``predict`` fits
+    ``t(n) = a + b * n`` through the classes' means (least squares, each class counting
+    once, so that a burst of full batches does not erase what small ones cost).
+    """
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self._classes: dict[int, dict[int, list[float]]] = {}  # bucket -> class -> [n, s]
+
+    @staticmethod
+    def bucket(max_cost: int) -> int:
+        return max(0, int(max_cost) - 1).bit_length()
+
+    def observe(self, size: int, max_cost: int, run_s: float) -> None:
+        if size < 1 or not run_s >= 0:
+            return
+        classes = self._classes.setdefault(self.bucket(max_cost), {})
+        mean = classes.get(size.bit_length())
+        if mean is None:
+            classes[size.bit_length()] = [float(size), float(run_s)]
+        else:
+            mean[0] += self.alpha * (size - mean[0])
+            mean[1] += self.alpha * (run_s - mean[1])
+
+    def fit(self, max_cost: int) -> tuple[float, float] | None:
+        """``(a, b)`` of ``t(n) = a + b * n`` for this length, or None while unknown.
+
+        Known once batches of sizes at least a factor of two apart have run."""
+        points = list(self._classes.get(self.bucket(max_cost), {}).values())
+        if len(points) < 2:
+            return None
+        ns = [p[0] for p in points]
+        if max(ns) < 2 * min(ns):
+            return None
+        n_mean = sum(ns) / len(ns)
+        t_mean = sum(p[1] for p in points) / len(points)
+        var = sum((n - n_mean) ** 2 for n in ns)
+        b = sum((p[0] - n_mean) * (p[1] - t_mean) for p in points) / var
+        b = max(b, 0.0)  # noise can tilt a flat curve below zero: a batch never costs less
+        return t_mean - b * n_mean, b
+
+    def predict(self, size: int, max_cost: int) -> float | None:
+        fitted = self.fit(max_cost)
+        if fitted is None:
+            return None
+        a, b = fitted
+        return max(a + b * size, 1e-9)
+
+
+class ReturnModel:
+    """When answered inputs come back, learnt from arrivals (see the module docstring).
+
+    Completed batches are "out": ``[answered_at, count]``, oldest first. Arrivals are
+    matched to the oldest inputs out; when the last input of a batch is back, the delay
+    from its answer (the time for the whole batch to come back) updates a running mean
+    and mean deviation (gains 1/8 and 1/4, as TCP's round-trip estimate). The inputs of a
+    batch are expected back by ``answered_at + mean + 3 * deviation``; after that they are
+    late and no longer expected (their callers went away or paused), and after twice
+    that they are forgotten (see ``_forget``).
+    """
+
+    def __init__(self, horizon_s: float = 1.0) -> None:
+        self.horizon_s = horizon_s
+        self._out: deque[list[float]] = deque()  # [answered_at, count still out]
+        self.mean_s: float | None = None
+        self.dev_s = 0.0
+
+    def completed(self, now: float, count: int) -> None:
+        if count > 0:
+            self._out.append([now, float(count)])
+
+    def arrived(self, now: float, count: int) -> None:
+        self._forget(now)
+        left = float(count)
+        while left > 0 and self._out:
+            entry = self._out[0]
+            take = min(left, entry[1])
+            entry[1] -= take
+            left -= take
+            if entry[1] <= 0:  # the whole batch is back
+                self._out.popleft()
+                self._learn(now - entry[0])
+
+    def _learn(self, delay: float) -> None:
+        if self.mean_s is None:
+            self.mean_s, self.dev_s = delay, delay / 2
+        else:
+            self.dev_s += 0.25 * (abs(delay - self.mean_s) - self.dev_s)
+            self.mean_s += 0.125 * (delay - self.mean_s)
+
+    def _forget(self, now: float) -> None:
+        """Drop batches not all back after twice the expected delay (or ``horizon_s``).
+
+        Their callers went away or paused; later arrivals are matched to newer batches.
+        The drop counts as a return at twice the expected delay, so that an estimate
+        that is too short grows."""
+        expected = self.return_s
+        while self._out:
+            out_for = now - self._out[0][0]
+            if out_for > self.horizon_s:
+                self._out.popleft()
+            elif expected is not None and out_for > 2 * expected:
+                self._out.popleft()
+                self._learn(2 * expected)
+            else:
+                break
+
+    @property
+    def return_s(self) -> float | None:
+        """The delay by which a batch's inputs are expected back (None: not measured yet)."""
+        return None if self.mean_s is None else self.mean_s + 3 * self.dev_s
+
+    def expected(self, now: float, until: float) -> list[tuple[float, int]]:
+        """``(when, count)`` of the inputs expected back after ``now`` and by ``until``."""
+        self._forget(now)
+        delay = self.return_s
+        if delay is None:
+            return []
+        out = []
+        for answered_at, count in self._out:
+            when = answered_at + delay
+            if now < when <= until and count >= 1:
+                out.append((when, int(count)))
+        return out
 
 
 class Admission:
@@ -128,6 +280,8 @@ class DynamicBatcher(Generic[P, R]):
         on_batch: Callable[[BatchStats], None] | None = None,
         on_queue_change: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        adaptive: bool = True,
+        min_gain: float = 0.02,
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1 or max_queue < 1 or sort_window < 1:
             raise ValueError("batch size, token budget, queue size and sort window must be >= 1")
@@ -140,6 +294,11 @@ class DynamicBatcher(Generic[P, R]):
         self._on_batch = on_batch
         self._on_queue_change = on_queue_change
         self._clock = clock
+        self.adaptive = adaptive  # False: never wait for expected arrivals (only reserved inputs)
+        self.min_gain = min_gain
+        self.costs = CostModel()
+        self.returns = ReturnModel()
+        self._idle_since = float("-inf")  # when the last batch finished
 
         self._queue: deque[WorkItem[P]] = deque()
         self._reserved = 0  # admitted, not yet submitted (being preprocessed)
@@ -207,6 +366,7 @@ class DynamicBatcher(Generic[P, R]):
             self._seq += 1
             self._queue.append(WorkItem(payload, int(cost), fut, now, self._seq))
             futures.append(fut)
+        self.returns.arrived(now, len(items))
         self._reserved -= len(items)
         if self._closed:
             self._fail_queued(BatcherClosedError("the batcher is shutting down"))
@@ -259,6 +419,43 @@ class DynamicBatcher(Generic[P, R]):
             return 0.0  # the budget is spent already: more items could not join
         return max(0.0, first_enqueued + self.max_wait_s - self._clock())
 
+    def batch_room(self) -> int:
+        """How many inputs the next batch could hold, judged by the oldest one's cost."""
+        if not self._queue:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_batch_tokens // self._queue[0].cost))
+
+    def adaptive_wait(self, deadline: float) -> float:
+        """Seconds to wait for inputs expected back before dispatching (0: go now).
+
+        Compares inputs per second of device time now and after waiting for the inputs
+        expected by then (see the module docstring); never past ``deadline``."""
+        now = self._clock()
+        q = len(self._queue)
+        if not self.adaptive or q == 0 or now >= deadline:
+            return 0.0
+        room = self.batch_room()
+        if q >= room:
+            return 0.0
+        max_cost = self._queue[0].cost
+        t_now = self.costs.predict(q, max_cost)
+        if t_now is None:
+            return 0.0  # the cost curve is not known yet
+        best_rate, best_wait = q / t_now, 0.0
+        floor = best_rate * (1.0 + self.min_gain)
+        more = 0
+        for when, count in self.returns.expected(now, deadline):
+            more = min(more + count, room - q)
+            wait = when - now
+            t_then = self.costs.predict(q + more, max_cost)
+            assert t_then is not None
+            rate = (q + more) / (wait + t_then)
+            if rate > best_rate and rate >= floor:
+                best_rate, best_wait = rate, wait
+            if q + more >= room:
+                break
+        return best_wait
+
     def take_batch(self) -> list[WorkItem[P]]:
         """Remove and return the next batch (oldest item plus cost neighbours)."""
         self._drop_cancelled()
@@ -293,6 +490,9 @@ class DynamicBatcher(Generic[P, R]):
         chosen.sort(key=lambda it: it.seq)
         return chosen
 
+    def _delay(self, first_enqueued: float, deadline: float) -> float:
+        return max(self._should_wait(first_enqueued), self.adaptive_wait(deadline))
+
     async def _loop(self) -> None:
         while True:
             self._drop_cancelled()
@@ -301,23 +501,28 @@ class DynamicBatcher(Generic[P, R]):
                 await self._wakeup.wait()
                 continue
             first = self._queue[0].enqueued_at
-            delay = self._should_wait(first)
+            # The device idles at most max_wait_s per batch, counted from when it went idle
+            # (or from the oldest input's arrival, when that came later).
+            held_from = self._clock()
+            deadline = max(self._idle_since, first) + self.max_wait_s
+            delay = self._delay(first, deadline)
+            waited = delay > 0
             while delay > 0:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
                 except TimeoutError:
-                    break
+                    pass  # decide again: the inputs expected by now are late
                 self._drop_cancelled()
                 if not self._queue:
                     break
-                delay = self._should_wait(first)
+                delay = self._delay(first, deadline)
             batch = self.take_batch()
             if batch:
                 self._changed()
-                await self._dispatch(batch)
+                await self._dispatch(batch, self._clock() - held_from if waited else 0.0)
 
-    async def _dispatch(self, batch: list[WorkItem[P]]) -> None:
+    async def _dispatch(self, batch: list[WorkItem[P]], waited_s: float = 0.0) -> None:
         self._batch_seq += 1
         start = self._clock()
         for item in batch:
@@ -337,13 +542,19 @@ class DynamicBatcher(Generic[P, R]):
             error = exc
         finally:
             self.busy = False
+        end = self._clock()
         stats = BatchStats(
             batch_id=self._batch_seq,
             size=len(batch),
             padded_tokens=max(item.cost for item in batch) * len(batch),
             real_tokens=sum(item.cost for item in batch),
-            run_s=self._clock() - start,
+            run_s=end - start,
+            waited_s=waited_s,
         )
+        self._idle_since = end
+        if error is None:
+            self.costs.observe(stats.size, max(item.cost for item in batch), stats.run_s)
+        self.returns.completed(end, len(batch))
         if self._on_batch is not None:
             try:
                 self._on_batch(stats)

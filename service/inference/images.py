@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from service.http.errors import InvalidInputApiError, PayloadTooLargeError
+from model.errors import ImageTooLargeError, InvalidInputError
 
 MAX_REDIRECTS = 3
 
@@ -103,7 +103,7 @@ class ImageFetcher:
             index = min(urls.values())
             raise _input_error(
                 index,
-                InvalidInputApiError(
+                InvalidInputError(
                     "image URLs are not accepted by this server; send the image as base64 or a data: URI"
                 ),
             )
@@ -111,7 +111,7 @@ class ImageFetcher:
         async def fetch(url: str, index: int) -> bytes:
             try:
                 return await self.fetch(url)
-            except (InvalidInputApiError, PayloadTooLargeError) as exc:
+            except (InvalidInputError, ImageTooLargeError) as exc:
                 raise _input_error(index, exc) from None
 
         fetched = dict(zip(urls, await asyncio.gather(*(fetch(u, i) for u, i in urls.items())), strict=True))
@@ -124,9 +124,7 @@ class ImageFetcher:
             async with asyncio.timeout(self.timeout_s):
                 return await self._fetch(url)
         except TimeoutError:
-            raise InvalidInputApiError(
-                f"fetching the image URL timed out after {self.timeout_s:g} s"
-            ) from None
+            raise InvalidInputError(f"fetching the image URL timed out after {self.timeout_s:g} s") from None
 
     async def _fetch(self, url: str) -> bytes:
         first_host = None
@@ -135,43 +133,43 @@ class ImageFetcher:
             if first_host is None:
                 first_host = host
             elif host != first_host:
-                raise InvalidInputApiError("the image URL redirects to another host")
+                raise InvalidInputError("the image URL redirects to another host")
             client = self._get_client()
             try:
                 async with client.stream("GET", url) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
-                            raise InvalidInputApiError("the image URL redirects without a location")
+                            raise InvalidInputError("the image URL redirects without a location")
                         url = urljoin(url, location)
                         continue
                     if response.status_code != 200:
-                        raise InvalidInputApiError(f"the image URL answered HTTP {response.status_code}")
+                        raise InvalidInputError(f"the image URL answered HTTP {response.status_code}")
                     declared = response.headers.get("content-length")
                     if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                        raise PayloadTooLargeError(
+                        raise ImageTooLargeError(
                             f"the image at the URL is larger than {self.max_bytes} bytes"
                         )
                     chunks = bytearray()
                     async for chunk in response.aiter_bytes():
                         chunks.extend(chunk)
                         if len(chunks) > self.max_bytes:
-                            raise PayloadTooLargeError(
+                            raise ImageTooLargeError(
                                 f"the image at the URL is larger than {self.max_bytes} bytes"
                             )
                     return bytes(chunks)
             except httpx.HTTPError:
-                raise InvalidInputApiError("the image URL could not be fetched") from None
-        raise InvalidInputApiError(f"the image URL redirects more than {MAX_REDIRECTS} times")
+                raise InvalidInputError("the image URL could not be fetched") from None
+        raise InvalidInputError(f"the image URL redirects more than {MAX_REDIRECTS} times")
 
     def _check_url(self, url: str) -> str:
         """The URL's host, if allow-listed; its addresses are checked when connecting."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise InvalidInputApiError("an image URL must be http(s)://host/...")
+            raise InvalidInputError("an image URL must be http(s)://host/...")
         host = parts.hostname.lower().rstrip(".")
         if not host_allowed(host, self.allow_hosts):
-            raise InvalidInputApiError(f"image URLs from host {host!r} are not allowed")
+            raise InvalidInputError(f"image URLs from host {host!r} are not allowed")
         return host
 
     def _get_client(self) -> httpx.AsyncClient:
@@ -196,7 +194,7 @@ async def system_resolve(host: str, port: int) -> list[IPAddress]:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
-        raise InvalidInputApiError(f"image URL host {host!r} could not be resolved") from None
+        raise InvalidInputError(f"image URL host {host!r} could not be resolved") from None
     addresses = []
     for info in infos:
         address = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone
@@ -207,7 +205,7 @@ async def system_resolve(host: str, port: int) -> list[IPAddress]:
 class CheckedNetworkBackend(httpcore.AsyncNetworkBackend):
     """Resolves each host once, refuses non-public answers, connects to the checked addresses.
 
-    The HTTP client's only way to the network: ``InvalidInputApiError`` (422) when the host
+    The HTTP client's only way to the network: ``InvalidInputError`` (422) when the host
     has a non-public address (unless ``allow_private``) or none; the addresses are tried in
     the resolver's order. TLS is started on the stream afterwards by httpcore with the URL's
     host name, so the certificate is verified for the name, not the address.
@@ -221,9 +219,9 @@ class CheckedNetworkBackend(httpcore.AsyncNetworkBackend):
     async def checked_addresses(self, host: str, port: int) -> list[IPAddress]:
         addresses = await self.resolver(host, port)
         if not addresses:
-            raise InvalidInputApiError(f"image URL host {host!r} could not be resolved")
+            raise InvalidInputError(f"image URL host {host!r} could not be resolved")
         if not self.allow_private and not all(_public(ip) for ip in addresses):
-            raise InvalidInputApiError(f"image URL host {host!r} resolves to a non-public address; refused")
+            raise InvalidInputError(f"image URL host {host!r} resolves to a non-public address; refused")
         return addresses
 
     async def connect_tcp(

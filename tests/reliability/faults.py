@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -185,15 +184,17 @@ def check_failing_batches(server: Server, embedder: Any, rounds: int) -> dict[st
 
 
 def check_dead_worker(checkpoint: Path, workdir: Path) -> dict[str, Any]:
-    """Requests in flight when the model worker dies all get an answer (200 or 503); then
-    /health and /ready say 503, model routes fail fast with 503, the stored data stays
-    reachable, and the process stays up for the orchestrator to restart."""
+    """Requests in flight when the engine dies all get an answer (200 or 503), never a hang;
+    with no restarts allowed the server exits non-zero for the orchestrator to restart it,
+    and a new server on the same data finds everything that was stored."""
     server = start_server(
         checkpoint,
         workdir,
         "--max-batch-size",
         "4",
-        env={"LLAVE_FAULT_INJECTION": f"kill-worker:{KILL_WORKER}"},
+        "--engine-restarts",
+        "0",
+        env={"TEST_LLAVE_FAULTS": f"kill-worker:{KILL_WORKER}"},
     )
     try:
         with server.client() as client:
@@ -208,28 +209,20 @@ def check_dead_worker(checkpoint: Path, workdir: Path) -> dict[str, Any]:
         for response in responses:
             if response.status_code == 503:
                 assert assert_clean_error(response)["type"] == "unavailable"
-        with server.client() as client:
-            health = client.get("/health")
-            assert health.status_code == 503 and health.json()["error"]["type"] == "unavailable"
-            assert client.get("/ready").status_code == 503
-            for path, body in [
-                ("/embed", {"inputs": [{"text": "after"}]}),
-                ("/v1/embeddings", {"input": "after"}),
-                ("/search", {"collection": "kept", "query": {"text": "after"}}),
-                ("/collections/kept/documents", {"documents": [{"id": "t", "text": "after"}]}),
-            ]:
-                assert_clean_error(client.post(path, json=body), {503})
-            # What needs no model still works: the stored data stays reachable.
+        assert server.proc.wait(timeout=60) == 1  # exits for the orchestrator to restart it
+    finally:
+        server.stop()
+    # What was stored is there for the next server.
+    restarted = start_server(checkpoint, workdir)
+    try:
+        with restarted.client() as client:
             assert client.get("/collections/kept").json()["count"] == 1
             hits = client.post(
                 "/search", json={"collection": "kept", "query": {"vector": [1.0, 0.0]}}
             ).json()["hits"]
             assert hits[0]["id"] == "v"
-        assert server.metric("llave_worker_alive") == 0
-        assert server.proc.poll() is None  # alive: the orchestrator restarts it on /health
     finally:
-        server.stop()
-    assert server.proc.returncode in (0, -signal.SIGTERM)
+        restarted.stop()
     return {
         "in_flight": len(requests),
         "answered_200": statuses.count(200),

@@ -310,10 +310,10 @@ def table(results: dict[str, Any]) -> str:
             f"{get('failing_batch', 'good_failed_with_a_bad_batch')} shared a failing forward pass",
         ),
         (
-            "Model worker killed (kill-worker)" + status("dead_worker"),
+            "Engine process killed (kill-worker), no restarts left" + status("dead_worker"),
             f"1 kill with {get('dead_worker', 'in_flight')} requests in flight",
             f"all answered ({get('dead_worker', 'answered_200')} x 200, {get('dead_worker', 'answered_503')} x 503); "
-            "/health 503; stored data still served",
+            "the server exited 1; a new server on the same data served everything stored",
         ),
         (
             "Disk full (512 KiB tmpfs)" + status("disk_full"),

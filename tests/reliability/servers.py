@@ -19,7 +19,7 @@ def start_main_server(checkpoint: Path, workdir: Path) -> Server:
         workdir,
         *LIMIT_ARGS,
         "--image-url-allow-hosts", "localhost,*.localhost",
-        env={"LLAVE_FAULT_INJECTION": f"fail-batch:{FAIL_BATCH}"},
+        env={"TEST_LLAVE_FAULTS": f"fail-batch:{FAIL_BATCH}"},
     )  # fmt: skip
     server.model_name = checkpoint.name  # the default served name: published by /info and /v1/models
     return server

@@ -42,11 +42,13 @@ class Server:
         full_env = {k: v for k, v in full_env.items() if not k.startswith("LLAVE_")}
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        # Faults are injected by a test-only launcher (tests/service/faults.py).
+        module = "tests.service.fault_server" if "TEST_LLAVE_FAULTS" in full_env else "service"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "service",
+                module,
                 "--model",
                 str(checkpoint),
                 "--port",
@@ -63,7 +65,7 @@ class Server:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
@@ -140,7 +142,7 @@ def server(tiny_checkpoint, tmp_path_factory):
         tiny_checkpoint,
         tmp_path_factory.mktemp("server-main"),
         *MAIN_ARGS,
-        env={"LLAVE_FAULT_INJECTION": f"fail-batch:{FAIL_BATCH}"},
+        env={"TEST_LLAVE_FAULTS": f"fail-batch:{FAIL_BATCH}"},
     )
     yield srv
     srv.stop()

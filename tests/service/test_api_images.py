@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from model.errors import ImageTooLargeError as PayloadTooLargeError
+from model.errors import InvalidInputError as InvalidInputApiError
 from service.http.app import create_app
-from service.http.errors import InvalidInputApiError, PayloadTooLargeError
 from service.inference.images import ImageFetcher, _public, host_allowed
 from service.settings import Settings
 from tests.conftest import make_png

@@ -69,13 +69,18 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_server_stays_healthy(
     assert guarded_server.metric("llave_queue_inputs") == 0
 
 
-def test_a_dead_device_thread_turns_health_to_503(tiny_checkpoint, tmp_path):
+def test_a_dead_engine_is_restarted_then_the_server_gives_up(tiny_checkpoint, tmp_path):
+    """The engine process dies (its device thread hit an unrecoverable error): the request
+    that killed it gets 503, /health turns 503 at once, the supervisor starts a new engine
+    and the server serves again; when the restarts are spent the server exits non-zero."""
     server = start_server(
         tiny_checkpoint,
         tmp_path,
         "--max-batch-size",
         "4",
-        env={"LLAVE_FAULT_INJECTION": f"kill-worker:{KILL_WORKER}"},
+        "--engine-restarts",
+        "1",
+        env={"TEST_LLAVE_FAULTS": f"kill-worker:{KILL_WORKER}"},
     )
     try:
         with server.client() as client:
@@ -84,14 +89,24 @@ def test_a_dead_device_thread_turns_health_to_503(tiny_checkpoint, tmp_path):
             killed = client.post("/embed", json={"inputs": [{"text": KILL_WORKER}]})
             assert killed.status_code == 503 and killed.json()["error"]["type"] == "unavailable"
             health = client.get("/health")
-            assert health.status_code == 503
+            assert health.status_code == 503, health.text
             assert health.json()["error"]["type"] == "unavailable"
             assert client.get("/ready").status_code == 503
-            after = client.post("/embed", json={"inputs": [{"text": "fine"}]})
-            assert after.status_code == 503
-            assert "not running" in after.json()["error"]["message"]
-        assert server.metric("llave_worker_alive") == 0
-        assert "device thread died" in server.log()
+            refused = client.post("/embed", json={"inputs": [{"text": "fine"}]})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            deadline = time.monotonic() + 120
+            while client.get("/ready").status_code != 200:
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.1)
+            again = client.post("/embed", json={"inputs": [{"text": "fine"}]})
+            assert again.status_code == 200
+            assert server.metric("llave_worker_alive") == 1
+            last = client.post("/embed", json={"inputs": [{"text": KILL_WORKER}]})
+            assert last.status_code == 503
+        assert server.proc.wait(timeout=60) == 1
+        log = server.log()
+        assert "restarting it (1 of at most 1)" in log
+        assert "giving up" in log
     finally:
         server.stop()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import selectors
 import subprocess
 import sys
 
@@ -10,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.inference.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
+from service.inference.batching import (
+    BatcherClosedError,
+    BatchStats,
+    CostModel,
+    DynamicBatcher,
+    QueueFullError,
+    ReturnModel,
+)
 
 
 def run(coro):
@@ -341,3 +350,161 @@ def test_batches_respect_limits_and_cover_every_item_once(
         assert sorted(seen) == list(range(len(costs)))
 
     run(main())
+
+
+# --- adaptive batch forming on a virtual clock --------------------------------------------
+
+
+class _WarpSelector(selectors.SelectSelector):
+    """A selector that, instead of sleeping until the next timer, moves virtual time there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout=None):
+        ready = super().select(0 if timeout is not None else None)
+        if not ready and timeout is not None and timeout > 0:
+            self.now += timeout
+        return ready
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock is virtual: sleeps take no wall time, order is exact."""
+
+    def __init__(self) -> None:
+        self._warp = _WarpSelector()
+        super().__init__(self._warp)
+
+    def time(self) -> float:
+        return self._warp.now
+
+
+def gpu_cost(n: int) -> float:
+    """Nearly flat in batch size, as a GPU's (the H100 figures: 16 ms at 1, 27 ms at 64)."""
+    return 0.016 + 0.011 * (n - 1) / 63
+
+
+def cpu_cost(n: int) -> float:
+    """Proportional to batch size, as a CPU's."""
+    return 0.0002 + 0.004 * n
+
+
+def closed_loop(cost, *, clients=64, duration=2.0, adaptive=True, lone_after=None, return_s=(0.0005, 0.003)):
+    """``clients`` callers that each send one input, wait for it, pause ``return_s``, repeat.
+
+    Runs on a virtual clock (the batcher's clock is the loop's): the device "runs" a batch
+    by sleeping ``cost(n)``. With ``lone_after``, all callers but one stop at that time.
+    Returns every batch's stats.
+    """
+    stats: list[BatchStats] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        rng = random.Random(0)
+
+        async def device(payloads):
+            await asyncio.sleep(cost(len(payloads)))
+            return payloads
+
+        batcher = DynamicBatcher(
+            device,
+            max_batch_size=64,
+            max_batch_tokens=1_000_000,
+            max_wait_s=0.02,
+            max_queue=10_000,
+            clock=loop.time,
+            on_batch=stats.append,
+            adaptive=adaptive,
+        )
+        batcher.start()
+
+        async def client(i):
+            await asyncio.sleep(rng.uniform(0, 0.03))  # staggered starts
+            while loop.time() < duration:
+                if lone_after is not None and i > 0 and loop.time() >= lone_after:
+                    return
+                out = await batcher.submit([(i, 40)])
+                assert out[0].value == i
+                await asyncio.sleep(rng.uniform(*return_s))
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        await batcher.stop()
+
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        runner.run(main())
+    return stats
+
+
+def test_flat_cost_closed_loop_fills_batches():
+    adaptive = closed_loop(gpu_cost)
+    plain = closed_loop(gpu_cost, adaptive=False)
+    sizes = [s.size for s in adaptive[len(adaptive) // 4 :]]
+    plain_sizes = [s.size for s in plain[len(plain) // 4 :]]
+    # Without adaptive forming the clients split into alternating partial batches ...
+    assert sum(plain_sizes) / len(plain_sizes) < 0.75 * 64
+    # ... with it they join: near-full batches, and more inputs per virtual second.
+    assert sum(sizes) / len(sizes) >= 0.9 * 64
+    assert sum(s.size for s in adaptive) > 1.2 * sum(s.size for s in plain)
+    assert any(s.waited_s > 0 for s in adaptive)
+    assert all(s.waited_s <= 0.02 + 1e-9 for s in adaptive)  # never past max_wait_s
+
+
+def test_linear_cost_never_waits():
+    stats = closed_loop(cpu_cost)
+    assert len({s.size for s in stats}) > 1  # the cost curve was measured at several sizes
+    assert all(s.waited_s == 0 for s in stats)
+
+
+def test_lone_request_is_not_delayed():
+    # One client alone, with a flat cost curve known from the start of the run.
+    stats = closed_loop(gpu_cost, clients=1, duration=0.5)
+    assert len(stats) > 10 and all(s.size == 1 and s.waited_s == 0 for s in stats)
+    # After a crowd that filled batches leaves, the one client left is not held back
+    # (once the crowd's last answers are past their expected return).
+    stats = closed_loop(gpu_cost, duration=1.0, lone_after=0.5)
+    crowd = [s for s in stats if s.size > 32]
+    assert crowd and any(s.waited_s > 0 for s in crowd)
+    lone = stats[stats.index(crowd[-1]) + 3 :]
+    assert len(lone) > 10 and all(s.size == 1 and s.waited_s == 0 for s in lone)
+
+
+def test_cost_model_fits_the_curve_per_length_bucket():
+    model = CostModel()
+    assert model.fit(40) is None
+    for n in (1, 2, 8, 64):
+        model.observe(n, 40, 0.010 + 0.001 * n)
+    a, b = model.fit(40)
+    assert a == pytest.approx(0.010) and b == pytest.approx(0.001)
+    assert model.predict(32, 33) == pytest.approx(0.042)  # 33..64 tokens share a bucket
+    assert model.fit(100) is None  # another length bucket: not measured yet
+    model.observe(3, 100, 0.01)
+    model.observe(2, 100, 0.01)  # sizes 2 and 3 alone: too close to tell a slope
+    assert model.fit(100) is None
+
+
+def test_return_model_expects_answered_inputs_back():
+    returns = ReturnModel(horizon_s=1.0)
+    assert returns.expected(0.0, 10.0) == []
+    returns.completed(0.0, 4)
+    returns.arrived(0.002, 4)  # all four came back 2 ms after their answer
+    assert returns.return_s == pytest.approx(0.002 + 3 * 0.001)
+    returns.completed(1.0, 3)
+    assert returns.expected(1.0, 1.1) == [(pytest.approx(1.005), 3)]
+    assert returns.expected(1.0, 1.004) == []  # not by then
+    assert returns.expected(1.006, 1.1) == []  # late: no longer expected
+    returns.completed(2.0, 2)
+    assert returns.expected(3.5, 4.0) == []  # forgotten after the horizon
+
+
+def test_return_model_drops_batches_whose_callers_went_away():
+    returns = ReturnModel(horizon_s=10.0)
+    returns.completed(0.0, 2)
+    returns.arrived(0.004, 2)  # whole batch back after 4 ms: expected back by 4 + 3 * 2 = 10 ms
+    returns.completed(1.0, 5)  # these five callers never come back
+    returns.completed(1.1, 1)
+    # Past twice the expected delay the first batch is dropped (its drop lengthens the
+    # estimate a little), so the next arrival is matched to the newer batch, not to it.
+    returns.arrived(1.104, 1)
+    assert returns.expected(1.104, 2.0) == []
+    assert returns.mean_s is not None and returns.mean_s > 0.004

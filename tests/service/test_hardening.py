@@ -4,6 +4,7 @@ or hurt. In-process app (TestClient) on the tiny checkpoint; no subprocess serve
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -160,13 +161,15 @@ def test_the_cli_logs_the_adjustment_and_hands_uvicorn_the_limits(monkeypatch, c
     import uvicorn
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
-    with caplog.at_level(logging.WARNING, logger="llave.main"):
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(config=self.config))
+    with caplog.at_level(logging.WARNING, logger="llave.main"), pytest.raises(SystemExit) as exited:
         main(["--model", "m", "--max-queue", "8", "--max-connections", "7", "--header-timeout-s", "2"])
+    assert exited.value.code == 0
     assert any("lowered from its default 128 to max_queue (8)" in r.getMessage() for r in caplog.records)
-    limits = seen["http"].limits
+    limits = seen["config"].http.limits
     assert (limits.max_connections, limits.header_timeout_s, limits.body_timeout_s) == (7, 2.0, 60.0)
-    assert seen["timeout_keep_alive"] == 75
+    assert seen["config"].timeout_keep_alive == 75
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # main() leaves the process as it found it
 
 
 # --- settings that hurt ----------------------------------------------------------------
@@ -187,16 +190,26 @@ def test_bf16_on_a_cpu_without_it_warns_and_nothing_else_does():
     assert dtype_warning("cuda:0", "bfloat16", AVX2_ONLY) is None
 
 
-def test_the_server_warns_before_its_warm_up(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+def test_the_engine_warns_before_its_warm_up(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    # The engine's own loading sequence, run in this process (as the engine process runs it).
+    import asyncio
+
+    from service.inference.engine import EngineCore
+
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(AVX2_ONLY)
     monkeypatch.setattr("service.inference.hardware.CPUINFO", cpuinfo)
     settings = Settings(
         model=str(tiny_checkpoint), data_dir=tmp_path / "data", device="cpu", dtype="bfloat16"
     )
+    core = EngineCore(settings.engine_config())
+
+    async def load() -> None:
+        await core.start()
+        await core.stop()
+
     with caplog.at_level(logging.INFO, logger="llave.engine"):
-        client = ready_client(settings)
-        client.__exit__(None, None, None)
+        asyncio.run(load())
     messages = [r.getMessage() for r in caplog.records if r.name == "llave.engine"]
     warned = next(i for i, m in enumerate(messages) if "without native bf16" in m)
     ready = next(i for i, m in enumerate(messages) if m.startswith("model ready"))

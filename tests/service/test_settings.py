@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.__main__ import build_parser, load_settings, main
-from service.settings import Settings
+from service.settings import Settings, default_api_workers
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def test_defaults_follow_the_design(monkeypatch):
     assert s.data_dir == Path("./data")
     assert (s.device, s.dtype) == ("auto", "auto")
     assert s.api_key is None and s.cors_origins == [] and s.image_url_allow_hosts == []
-    assert s.fault_injection is None
+    assert not hasattr(s, "fault_injection")  # faults are injected by tests/service/faults.py only
 
 
 def test_env_vars_are_read_and_flags_override_them(monkeypatch):
@@ -97,8 +97,10 @@ def test_api_key_is_secret_and_empty_means_none(monkeypatch):
         {"max_queue": 4, "max_inputs_per_request": 5},
         {"port": 70000},
         {"dtype": "float64"},
-        {"fault_injection": "explode"},
-        {"fault_injection": "fail-batch:"},
+        {"fault_injection": "fail-batch:X"},
+        {"api_workers": 0},
+        {"store_read_url": "postgresql://replica/db"},  # a replica without a primary
+        {"engine_restarts": -1},
         {"unknown_setting": 1},
     ],
 )
@@ -107,10 +109,20 @@ def test_invalid_settings_are_refused(kwargs):
         Settings(model="m", **kwargs)
 
 
-def test_fault_injection_is_off_by_default_and_parsed():
-    assert Settings(model="m").fault_injection is None
-    assert Settings(model="m", fault_injection="fail-batch:XYZ").fault_injection == "fail-batch:XYZ"
-    assert Settings(model="m", fault_injection="").fault_injection is None
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (64, 8), (256, 8)])
+def test_api_workers_default_to_a_quarter_of_the_cores(cores, workers):
+    assert default_api_workers(cores) == workers
+
+
+def test_the_engine_configuration_carries_the_inference_settings():
+    s = Settings(model="m", max_batch_size=7, max_queue=9, max_inputs_per_request=9, engine_restarts=0)
+    config = s.engine_config()
+    assert (config.model, config.max_batch_size, config.max_queue, config.engine_restarts) == ("m", 7, 9, 0)
+    assert (config.max_image_pixels, config.max_images_per_input) == (
+        s.max_image_pixels,
+        s.max_images_per_input,
+    )
+    assert s.engine_config("pkg.mod:load").embedder_factory == "pkg.mod:load"
 
 
 def test_cli_errors_exit_2_with_the_flag_named(capsys):
@@ -141,10 +153,16 @@ def test_limits_report_what_is_enforced():
 
 
 def test_gil_switch_interval_defaults_to_short_on_cuda_only():
-    s = load_settings(["--model", "m"])
-    assert s.gil_switch_interval_s("cpu") is None  # Python's own
-    assert s.gil_switch_interval_s("cuda:0") == pytest.approx(0.0001)
-    s = load_settings(["--model", "m", "--gil-switch-interval-ms", "0.5"])
-    assert s.gil_switch_interval_s("cpu") == s.gil_switch_interval_s("cuda") == pytest.approx(0.0005)
+    from service.inference.engine import gil_switch_interval_s
+
+    ms = load_settings(["--model", "m"]).engine_config().gil_switch_interval_ms
+    assert gil_switch_interval_s(ms, "cpu") is None  # Python's own
+    assert gil_switch_interval_s(ms, "cuda:0") == pytest.approx(0.0001)
+    ms = (
+        load_settings(["--model", "m", "--gil-switch-interval-ms", "0.5"])
+        .engine_config()
+        .gil_switch_interval_ms
+    )
+    assert gil_switch_interval_s(ms, "cpu") == gil_switch_interval_s(ms, "cuda") == pytest.approx(0.0005)
     with pytest.raises(SystemExit):
         load_settings(["--model", "m", "--gil-switch-interval-ms", "0"])

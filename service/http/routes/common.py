@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from service.http.errors import ClientClosedRequestError, PayloadTooLargeError
 from service.http.schemas import ErrorResponse
-from service.inference.engine import EmbeddingEngine, EmbedResult
+from service.inference.client import EmbedResult, EngineClient
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -50,7 +50,7 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_engine(request: Request) -> EmbeddingEngine:
+def get_engine(request: Request) -> EngineClient:
     return request.app.state.engine  # type: ignore[no-any-return]
 
 

@@ -30,7 +30,7 @@ def _probe(status_code: int, status: str, message: str | None = None) -> JSONRes
 async def health(request: Request) -> JSONResponse:
     engine = get_engine(request)
     if not engine.alive:
-        return _probe(503, engine.state, "the model worker is not running; restart the server")
+        return _probe(503, engine.state, "the model engine is not running")
     return _probe(200, "ok")
 
 
@@ -45,7 +45,7 @@ async def ready(request: Request) -> JSONResponse:
     if engine.ready:
         return _probe(200, "ready")
     if not engine.alive:
-        return _probe(503, engine.state, "the model worker is not running")
+        return _probe(503, engine.state, "the model engine is not running")
     return _probe(503, engine.state, f"the model is {engine.state}")
 
 
@@ -55,7 +55,26 @@ async def ready(request: Request) -> JSONResponse:
     summary="Model, dimension, dtype, device and the limits in force",
 )
 async def info(request: Request) -> dict[str, Any]:
-    return get_engine(request).info()
+    engine = get_engine(request)
+    s = request.app.state.settings
+    facts = engine.describe()
+    limits = s.limits()
+    if facts["max_length"] is not None:
+        limits["max_input_tokens"] = facts["max_length"]
+    return {
+        "model": s.model_name,
+        **facts,
+        "limits": limits,
+        "batching": {
+            "max_batch_size": s.max_batch_size,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_wait_ms": s.max_wait_ms,
+            "batch_sort_window": s.batch_sort_window,
+            "preprocess_workers": s.preprocess_workers,
+        },
+        "processes": {"api_workers": s.api_workers, "engine_restarts": s.engine_restarts},
+        "auth": s.api_key is not None,
+    }
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

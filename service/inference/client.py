@@ -1,0 +1,364 @@
+"""The front end's side of the engine: preprocessing here, the forward pass over IPC.
+
+Routes embed through ``EngineClient.embed``::
+
+    result = await engine.embed(inputs, truncate=True, normalize=True)
+    result.embeddings   # numpy float32 (len(inputs), engine.dim), rows in input order
+    result.usage        # {"prompt_tokens", "total_tokens", "images", "truncated"}
+    result.timings      # {"preprocess_ms", "queue_ms", "inference_ms"}
+
+``inputs`` are input objects as plain dicts in the HTTP shapes. Flow of one call: admit
+its n inputs against this front end's share of ``max_queue`` (``EngineOverloadedError``
+at once when full) -> fetch image URLs -> decode, tile and tokenise each input in this
+process's thread pool -> put the pixels in shared memory -> one message to the engine,
+which batches the inputs with every front end's -> raw pooled rows back -> normalised
+here (``service.vectors``). The whole call is bounded by ``request_timeout_s``; when it
+runs out or the caller is cancelled (the client went away) the engine is told to drop
+the inputs not yet on the device.
+
+Errors (``service/inference/errors.py``; the HTTP layer maps them): not ready / engine
+dead / timed out / shutting down -> ``EngineUnavailableError``; queue full ->
+``EngineOverloadedError``; more inputs than the queue holds -> ``TooManyInputsError``;
+bad inputs -> ``model.errors`` input errors with ``input_index``; failed forward ->
+``ForwardError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.inference import ipc
+from service.inference.config import EngineConfig
+from service.inference.engine import EngineInfo
+from service.inference.errors import (
+    EngineOverloadedError,
+    EngineUnavailableError,
+    ForwardError,
+    NoInputsError,
+    TooManyInputsError,
+)
+from service.inference.images import ImageFetcher
+from service.metrics import Metrics
+from service.storage.errors import InvalidVectorError
+from service.vectors import normalised_rows
+
+logger = logging.getLogger("llave.client")
+
+WATCH_INTERVAL_S = 0.02  # how often the status board is read
+_segment_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    embeddings: np.ndarray  # float32 (n, dim)
+    usage: dict[str, int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class EngineClient:
+    """One front end's connection to one engine process."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        address: str,
+        board_path: str | Path,
+        images: ImageFetcher,
+        metrics: Metrics | None = None,
+        *,
+        queue_share: int | None = None,
+        served_names: Sequence[str] = (),
+    ) -> None:
+        self.config = config
+        self.address = address
+        self.board_path = Path(board_path)
+        self.images = images
+        self.metrics = metrics or Metrics()
+        self.queue_share = queue_share or config.max_queue
+        self.served_names = set(served_names)
+        self.engine: EngineInfo | None = None
+        self._board: ipc.StatusBoard | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._hello: asyncio.Future[Any] | None = None
+        self._ids = itertools.count(1)
+        self._in_flight = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seen: tuple[int, int] = (-1, -1)
+        self._gauges: tuple[float, float] = (-1.0, -1.0)
+        self._segment_prefix = f"llave-{self.board_path.parent.name}-{os.getpid()}"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.address)
+        self._pool = ThreadPoolExecutor(self.config.preprocess_workers, thread_name_prefix="llave-preprocess")
+        self._tasks = [
+            asyncio.create_task(self._receive(), name="llave-engine-replies"),
+            asyncio.create_task(self._watch(), name="llave-engine-watch"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._fail_pending(EngineUnavailableError("the server is shutting down", retry=False))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        await self.images.aclose()
+        self._sock.close()
+        self._ctx.term()
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
+    def _read_board(self) -> tuple[int, int, int, int] | None:
+        if self._board is None:
+            if not self.board_path.exists():
+                return None
+            self._board = ipc.StatusBoard(self.board_path)
+        return self._board.read()
+
+    async def _watch(self) -> None:
+        """Follow the engine's state: fail waiting calls when it dies, greet it when ready."""
+        while True:
+            board = self._read_board()
+            if board is not None:
+                state, generation = board[0], board[1]
+                if (state, generation) != self._seen:
+                    self._seen = (state, generation)
+                    if state != ipc.READY and self._pending:
+                        self._fail_pending(
+                            EngineUnavailableError("the model engine stopped; it is being restarted")
+                        )
+                gauges = (1.0 if self.ready else 0.0, 1.0 if self.alive else 0.0)
+                if gauges != self._gauges:  # written on change only (they are shared files)
+                    self._gauges = gauges
+                    self.metrics.ready.set(gauges[0])
+                    self.metrics.worker_alive.set(gauges[1])
+                if state == ipc.READY and (self.engine is None or self.engine.generation != generation):
+                    await self._greet()
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _greet(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        await self._sock.send_multipart([ipc.HELLO, b""])
+        try:
+            info = await asyncio.wait_for(self._hello, timeout=5.0)
+        except TimeoutError:
+            return
+        if info is not None:
+            self.engine = info
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            kind = frames[0]
+            if kind == ipc.HELLO:
+                if self._hello is not None and not self._hello.done():
+                    self._hello.set_result(ipc.load(frames[1]))
+                continue
+            header = ipc.load(frames[1])
+            fut = self._pending.pop(header["id"], None)
+            if fut is None or fut.done():
+                continue  # cancelled meanwhile
+            if kind == ipc.OK:
+                fut.set_result((header, frames[2]))
+            else:
+                fut.set_exception(header["error"])
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def board_state(self) -> int:
+        board = self._read_board()
+        return ipc.STARTING if board is None else board[0]
+
+    @property
+    def state(self) -> str:
+        state = self.board_state
+        if state == ipc.READY and not self.ready:
+            return "warming"  # ready, not greeted yet
+        return ipc.STATE_NAMES[state]
+
+    @property
+    def ready(self) -> bool:
+        board = self._read_board()
+        return (
+            board is not None
+            and board[0] == ipc.READY
+            and self.engine is not None
+            and self.engine.generation == board[1]
+        )
+
+    @property
+    def alive(self) -> bool:
+        """False while the engine is dead, restarting, failed or stopped (``/health`` 503)."""
+        return self.board_state in (ipc.STARTING, ipc.LOADING, ipc.WARMING, ipc.READY)
+
+    @property
+    def dim(self) -> int | None:
+        return self.engine.dim if self.engine is not None else None
+
+    def accepts_model_name(self, name: str) -> bool:
+        names = set(self.served_names) | {self.config.model, Path(self.config.model).name}
+        names.add(self.config.model.rstrip("/").rsplit("/", 1)[-1])
+        if self.engine is not None:
+            names.add(self.engine.name)
+        return name in names
+
+    def check_ready(self) -> None:
+        if self.ready:
+            return
+        state = self.board_state
+        if state in (ipc.FAILED, ipc.STOPPED):
+            raise EngineUnavailableError("the model engine is not running", retry=False)
+        if state in (ipc.DEAD, ipc.RESTARTING):
+            raise EngineUnavailableError("the model engine stopped; it is being restarted")
+        raise EngineUnavailableError(f"the model is not ready yet ({self.state})")
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts for ``/info`` (None until the engine is ready)."""
+        e = self.engine
+        return {
+            "status": self.state,
+            "dim": e.dim if e else None,
+            "dtype": e.dtype if e else self.config.dtype,
+            "device": e.device if e else self.config.device,
+            "max_length": e.max_length if e else None,
+        }
+
+    # --- embedding ---------------------------------------------------------------------
+
+    async def embed(
+        self, inputs: Sequence[Mapping[str, Any]], *, truncate: bool = True, normalize: bool = True
+    ) -> EmbedResult:
+        self.check_ready()
+        c = self.config
+        n = len(inputs)
+        if n == 0:
+            raise NoInputsError("no inputs given")
+        if n > c.max_queue:
+            raise TooManyInputsError(f"{n} inputs in one call; the queue holds at most {c.max_queue}")
+        if self._in_flight + n > self.queue_share:
+            raise EngineOverloadedError("the server is at capacity; retry later")
+        self._in_flight += n
+        self.metrics.queue_inputs.inc(n)
+        try:
+            async with asyncio.timeout(c.request_timeout_s):
+                return await self._embed(inputs, truncate, normalize)
+        except TimeoutError:
+            raise EngineUnavailableError(
+                f"the request did not complete within {c.request_timeout_s:g} s; its work was dropped"
+            ) from None
+        finally:
+            self._in_flight -= n
+            self.metrics.queue_inputs.dec(n)
+
+    async def _embed(
+        self, inputs: Sequence[Mapping[str, Any]], truncate: bool, normalize: bool
+    ) -> EmbedResult:
+        started = time.perf_counter()
+        resolved = await self.images.resolve_inputs([dict(inp) for inp in inputs])
+        prepared = await self._preprocess_all(resolved, truncate)
+        preprocess_s = time.perf_counter() - started
+        engine = self.engine
+        if engine is None:
+            self.check_ready()
+        assert engine is not None
+        name = f"{self._segment_prefix}-{next(_segment_names)}"
+        segment, slots = ipc.put_pixels([p.pixel_values for p in prepared], name)
+        request_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = fut
+        header = {
+            "id": request_id,
+            "shm": segment.name if segment is not None else None,
+            "items": [(p.input_ids, p.image_sizes, slot) for p, slot in zip(prepared, slots, strict=True)],
+        }
+        try:
+            await self._sock.send_multipart([ipc.EMBED, ipc.dump(header)])
+            reply, data = await fut
+        except BaseException:
+            if self._pending.pop(request_id, None) is not None:
+                await self._sock.send_multipart([ipc.CANCEL, ipc.dump(request_id)])
+            raise
+        finally:
+            ipc.release(segment, unlink=True)
+        rows = np.frombuffer(data, dtype=np.float32).reshape(len(prepared), engine.dim)
+        if normalize:
+            try:
+                rows = normalised_rows(rows, what="embedding")
+            except InvalidVectorError:
+                raise ForwardError(
+                    "the model produced non-finite values (NaN or infinity) for this request; "
+                    "serving with --dtype bfloat16 or float32 avoids float16 overflow"
+                ) from None
+        elif not np.isfinite(rows).all():
+            raise ForwardError(
+                "the model produced non-finite values (NaN or infinity) for this request; "
+                "serving with --dtype bfloat16 or float32 avoids float16 overflow"
+            )
+        self.metrics.stage_seconds.labels(stage="queue").observe(reply["queue_ms"] / 1000.0)
+        tokens = sum(p.cost for p in prepared)
+        return EmbedResult(
+            embeddings=np.array(rows, dtype=np.float32),
+            usage={
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "images": sum(p.num_images for p in prepared),
+                "truncated": sum(1 for p in prepared if p.truncated),
+            },
+            timings={
+                "preprocess_ms": preprocess_s * 1000.0,
+                "queue_ms": reply["queue_ms"],
+                "inference_ms": reply["inference_ms"],
+            },
+        )
+
+    async def _preprocess_all(self, inputs: Sequence[Mapping[str, Any]], truncate: bool) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self._pool, self._preprocess_one, inp, truncate) for inp in inputs]
+        try:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()
+            raise
+        for index, result in enumerate(results):
+            if isinstance(result, BaseException):
+                result.input_index = index  # type: ignore[attr-defined]
+                raise result
+        return results
+
+    def _preprocess_one(self, inp: Mapping[str, Any], truncate: bool) -> Any:  # pool thread
+        engine = self.engine
+        if engine is None:
+            raise EngineUnavailableError("the model engine stopped; it is being restarted")
+        started = time.perf_counter()
+        prepared = engine.preprocessor.preprocess(inp, truncate=truncate)
+        self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - started)
+        return prepared

@@ -1,0 +1,48 @@
+"""Every limit of the service, defined once.
+
+Limits an operator may change are ``Settings`` fields (``service/settings.py``) whose
+defaults come from here; limits of the stored data and of the API's shapes are fixed
+constants used by the request schemas (so the OpenAPI document states them), the stores
+and the CLIs alike. Nothing else in ``service/`` writes a limit's number.
+"""
+
+from __future__ import annotations
+
+# --- requests (defaults of operator settings) --------------------------------------------
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_INPUTS_PER_REQUEST = 128
+MAX_IMAGES_PER_INPUT = 8
+MAX_IMAGE_PIXELS = 4096 * 4096  # width x height of one decoded image
+MAX_IMAGE_BYTES = 32 * 1024 * 1024  # encoded bytes of one image in a request
+IMAGE_URL_MAX_BYTES = 16 * 1024 * 1024
+MAX_QUEUE = 1024
+
+# --- stored data and API shapes (fixed) --------------------------------------------------
+MAX_K = 1000  # hits one search may ask for
+MAX_DIM = 65536  # dimension of a collection's vectors
+MAX_ID_CHARS = 512  # characters in a document id
+MAX_COLLECTION_NAME_CHARS = 128
+MAX_IDS_PER_LOOKUP = 10_000  # ids in one POST /collections/{name}/existing
+MAX_PAGE_SIZE = 1000  # documents in one page of GET /collections/{name}/documents
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+# Documents' sources (service/storage/sources.py). Per document: the text as UTF-8, and all
+# its thumbnails together; a thumbnail of the largest side is at most a few hundred KB, so
+# these only stop abuse.
+MIN_THUMBNAIL_SIZE, MAX_THUMBNAIL_SIZE = 16, 1024  # longest side, pixels
+MAX_SOURCE_TEXT_BYTES = 1024 * 1024
+MAX_THUMBNAIL_BYTES_PER_DOCUMENT = 8 * 1024 * 1024
+MAX_THUMBNAILS_PER_DOCUMENT = 64
+
+
+def image_limits(settings: object | None = None) -> dict[str, int]:
+    """Keyword arguments of ``model.load_embedder`` for the image limits in force.
+
+    The server, ``service.ingest`` and the demo all load models through this, so an image
+    one of them accepts is accepted by all (``settings``: a ``Settings``, or None for the
+    defaults).
+    """
+    return {
+        "max_image_pixels": getattr(settings, "max_image_pixels", MAX_IMAGE_PIXELS),
+        "max_images_per_input": getattr(settings, "max_images_per_input", MAX_IMAGES_PER_INPUT),
+        "max_image_bytes": MAX_IMAGE_BYTES,
+    }

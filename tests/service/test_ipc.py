@@ -1,0 +1,62 @@
+"""The channels between front ends and the engine, across real processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+from service.inference import ipc
+
+
+def _read_pixels(name: str, slots, out) -> None:  # type: ignore[no-untyped-def]
+    segment = ipc.open_pixels(name)
+    for i, slot in enumerate(slots):
+        if slot is not None:
+            view = ipc.view_pixels(segment, slot)
+            out.put((i, view.shape, float(view.sum(dtype=np.float64)), float(view.flat[-1])))
+            del view
+    ipc.release(segment, unlink=False)
+
+
+def _write_board(path: str) -> None:
+    board = ipc.StatusBoard(path)
+    board.write(ipc.READY, generation=7, pid=4321)
+
+
+def test_pixels_written_by_one_process_are_read_by_another():
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((2, 3, 8, 8), dtype=np.float32), None, rng.random((5, 3, 8, 8), dtype=np.float32)]
+    segment, slots = ipc.put_pixels(arrays, f"llave-test-{mp.current_process().pid}")
+    assert slots[1] is None
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_read_pixels, args=(segment.name, slots, out))
+    proc.start()
+    proc.join(60)
+    got = sorted(out.get(timeout=5) for _ in range(2))
+    ipc.release(segment, unlink=True)
+    assert [index for index, *_ in got] == [0, 2]
+    for (_index, shape, total, last), expected in zip(got, [arrays[0], arrays[2]], strict=True):
+        assert shape == expected.shape
+        assert total == pytest.approx(float(expected.sum(dtype=np.float64)), rel=1e-9)
+        assert last == float(expected.flat[-1])
+
+
+def test_a_request_without_images_uses_no_shared_memory():
+    segment, slots = ipc.put_pixels([None, None], "llave-test-none")
+    assert segment is None and slots == [None, None]
+
+
+def test_the_status_board_is_shared_between_processes(tmp_path):
+    path = tmp_path / "engine.status"
+    board = ipc.StatusBoard(path, create=True)
+    assert board.read() == (ipc.STARTING, 0, 0, 0)
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_write_board, args=(str(path),))
+    proc.start()
+    proc.join(60)
+    assert board.read()[:3] == (ipc.READY, 7, 4321)
+    assert board.count_restart() == 1
+    assert ipc.StatusBoard(path).read()[3] == 1

@@ -1,0 +1,174 @@
+"""The server as a tree of processes (``--api-workers 2``): front ends, one engine, one
+store. Real processes throughout: each is found by its title (``llave: engine``...) and
+killed with SIGKILL where the test says so."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.service.conftest import start_server
+
+
+def roles(server) -> dict[str, psutil.Process]:
+    """The server's processes by role, from their titles."""
+    found = {}
+    root = psutil.Process(server.proc.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("llave: "):
+            found[title.removeprefix("llave: ").strip()] = proc
+    return found
+
+
+def wait_ready(server, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.url, timeout=5.0) as client:
+        while True:
+            try:
+                if client.get("/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_checkpoint, tmp_path_factory):
+    srv = start_server(tiny_checkpoint, tmp_path_factory.mktemp("multi"), "--api-workers", "2")
+    yield srv
+    srv.stop()
+
+
+def test_the_server_runs_its_roles_as_separate_processes(multi):
+    assert {"server", "engine", "store", "api-0", "api-1"} <= set(roles(multi))
+    info = httpx.get(multi.url + "/info").json()
+    assert info["processes"]["api_workers"] == 2
+
+
+def test_an_acknowledged_upsert_is_seen_by_the_next_search_from_any_front_end(multi):
+    # Every request on a new connection: the kernel hands connections to either front end.
+    for i in range(12):
+        doc = {"id": f"d{i}", "text": f"document number {i}"}
+        r = httpx.post(multi.url + "/collections/shared/documents", json={"documents": [doc]})
+        assert r.status_code == 200, r.text
+        hits = httpx.post(
+            multi.url + "/search",
+            json={"collection": "shared", "query": {"text": f"document number {i}"}, "k": 1},
+        ).json()["hits"]
+        assert hits[0]["id"] == f"d{i}"
+        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embeddings_do_not_depend_on_the_front_end(multi, tiny_embedder):
+    import numpy as np
+
+    texts = [f"same input {i}" for i in range(6)]
+    expected = tiny_embedder.embed([{"text": t} for t in texts])
+    for _ in range(4):
+        got = np.asarray(
+            httpx.post(multi.url + "/embed", json={"inputs": [{"text": t} for t in texts]}).json()[
+                "embeddings"
+            ]
+        )
+        scale = float(np.abs(expected).max())
+        assert np.abs(got - expected).max() <= 1e-5 * scale
+
+
+def _upsert_until(url: str, stop: threading.Event, acked: list[list[str]], tag: str) -> None:
+    batch = 0
+    with httpx.Client(base_url=url, timeout=30.0) as client:
+        while not stop.is_set():
+            ids = [f"{tag}-{batch}-{j}" for j in range(4)]
+            docs = [{"id": i, "text": f"text of {i}"} for i in ids]
+            try:
+                r = client.post("/collections/crash/documents", json={"documents": docs})
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            if r.status_code == 200:
+                acked.append(ids)
+            batch += 1
+
+
+@pytest.mark.parametrize("role", ["api-0", "store", "engine"])
+def test_kill_9_of_any_process_loses_no_acknowledged_write(tiny_checkpoint, tmp_path, role):
+    server = start_server(tiny_checkpoint, tmp_path, "--api-workers", "2")
+    try:
+        stop = threading.Event()
+        acked: list[list[str]] = []
+        threads = [
+            threading.Thread(target=_upsert_until, args=(server.url, stop, acked, f"w{k}")) for k in range(3)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acked) < 5:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        victim = roles(server)[role]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        # The supervisor brings the role back; writes go on meanwhile (some refused).
+        deadline = time.monotonic() + 120
+        while role not in roles(server) or roles(server)[role].pid == victim.pid:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        wait_ready(server)
+        before = len(acked)
+        deadline = time.monotonic() + 60
+        while len(acked) < before + 3:  # writes are acknowledged again after the restart
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert server.proc.poll() is None
+        with httpx.Client(base_url=server.url, timeout=30.0) as client:
+            stored: set[str] = set()
+            cursor = None
+            while True:
+                params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+                page = client.get("/collections/crash/documents", params=params).json()
+                stored |= {d["id"] for d in page["documents"]}
+                cursor = page["next_cursor"]
+                if not cursor:
+                    break
+        for ids in acked:
+            assert set(ids) <= stored, f"acknowledged batch {ids} lost after kill -9 of {role}"
+        batches: dict[str, set[str]] = {}
+        for doc_id in stored:
+            batches.setdefault(doc_id.rsplit("-", 1)[0], set()).add(doc_id)
+        assert all(len(ids) == 4 for ids in batches.values()), "a partial batch was stored"
+    finally:
+        server.stop()
+
+
+def test_sigterm_finishes_the_requests_in_flight(tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint, tmp_path, "--api-workers", "2", "--max-batch-size", "2")
+    long_text = " ".join(f"word{i}" for i in range(100))
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60.0) as client:
+            body = {"inputs": [{"text": f"{long_text} {i}"} for i in range(8)]}
+            tasks = [asyncio.create_task(client.post("/embed", json=body)) for _ in range(6)]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            server.proc.send_signal(signal.SIGTERM)
+            return [(await t).status_code for t in tasks]
+
+    try:
+        statuses = asyncio.run(run())
+        assert statuses == [200] * 6
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
