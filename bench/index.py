@@ -3,9 +3,12 @@
     python bench/index.py --quick                   # 10k and 30k vectors (run times: bench/README.md)
     python bench/index.py                           # 10k, 100k and 1M (long: run it in the background)
     python bench/index.py --sizes 10000 --modes store,http
+    python bench/index.py --sizes 100000 --indexes flat,hnsw,hnsw:sq8 --modes store --no-reload
+    python bench/index.py --store postgres --sizes 100000 --indexes flat,hnsw,hnsw:halfvec
 
 For each size n (vectors of dim 896, like LLaVE-0.5B) and each index type (flat = exact,
-hnsw and ivf = approximate):
+hnsw and ivf = approximate; ``kind:precision`` for a reduced-precision index, ``sq8`` on the
+embedded store, ``halfvec`` on PostgreSQL, whose candidates are rescored exactly):
 
 1. upsert n clustered unit vectors (a Gaussian mixture: 1,000 centres with Zipf-like
    weights, each point ``centre + noise`` with cos(point, centre) ~ 0.7, then normalised)
@@ -14,6 +17,11 @@ hnsw and ivf = approximate):
 2. search: ``--queries`` held-out queries from the same mixture, one at a time
    (latency p50/p99, single-thread QPS) and from ``--threads`` threads at once (QPS);
    recall@10 of the approximate indexes against the flat index's answers (which are exact);
+   filtered search (each document has ``{"g": i % 100}``): ``{"g": 7}`` selects 1% and
+   ``{"g": [0..9]}`` 10% of the collection; latency p50/p99 and recall@10 against the flat
+   index's filtered answers;
+   the index's size: the serialized FAISS index (embedded; its arrays as held in memory) or
+   ``pg_relation_size`` of the vector index (PostgreSQL), per million vectors;
 3. reload: close the store, open it again in a fresh subprocess and time ``open`` (the
    approximate indexes come back in exact mode) and the background build that follows;
    the subprocess also reports its anonymous RSS before and after (memory per million
@@ -23,6 +31,11 @@ hnsw and ivf = approximate):
    (``POST /search`` with a raw vector), and HTTP upsert throughput of raw vectors
    (``POST /collections/{name}/documents``, 128 per request, the server's default limit)
    into a fresh collection of min(n, ``--http-upsert-max``) vectors.
+
+On PostgreSQL an HNSW collection is bulk-loaded the way pgvector advises: its vector index
+is dropped before the upserts and created again after them (``maintenance_work_mem`` 2 GB,
+``--pg-build-workers`` parallel workers); inserting row by row into the graph runs at
+~90 vectors/s at dim 896 (measured at 10k), too slow for 100k. The build time is reported.
 
 Results: tables on stdout and ``bench/results/index[-quick].json``.
 """
@@ -51,6 +64,8 @@ from common import log  # noqa: E402
 DIM = 896
 GEN_CHUNK = 8192
 CENTRES = 1000
+GROUPS = 100  # metadata {"g": i % GROUPS}: {"g": 7} selects 1%, ten values 10%
+FILTERS = {"1%": {"g": 7}, "10%": {"g": list(range(10))}}
 
 
 # --------------------------------------------------------------------------- data
@@ -100,7 +115,7 @@ def upsert_direct(store: Any, name: str, n: int, batch: int, seed: int) -> dict[
         for lo in range(0, len(block), batch):
             part = block[lo : lo + batch]
             ids = [f"d{done + lo + i}" for i in range(len(part))]
-            store.upsert(name, ids, part)
+            store.upsert(name, ids, part, [{"g": (done + lo + i) % GROUPS} for i in range(len(part))])
         done += len(block)
         marks.append((done, time.perf_counter() - started))
     inserted_s = time.perf_counter() - started
@@ -152,8 +167,76 @@ def search_direct(store: Any, name: str, qs: np.ndarray, k: int, threads: int) -
     }
 
 
-def top_ids(store: Any, name: str, qs: np.ndarray, k: int) -> list[list[str]]:
-    return [[h["id"] for h in store.search(name, q, k=k)] for q in qs]
+def top_ids(store: Any, name: str, qs: np.ndarray, k: int, filter: Any = None) -> list[list[str]]:
+    return [[h["id"] for h in store.search(name, q, k=k, filter=filter)] for q in qs]
+
+
+def filtered_search(
+    store: Any, name: str, qs: np.ndarray, k: int, truth: dict[str, list[list[str]]] | None
+) -> tuple[dict[str, Any], dict[str, list[list[str]]]]:
+    """Latency and recall@k of filtered searches at each selectivity of FILTERS."""
+    out: dict[str, Any] = {}
+    found_all: dict[str, list[list[str]]] = {}
+    for label, flt in FILTERS.items():
+        for q in qs[:3]:
+            store.search(name, q, k=k, filter=flt)  # warm
+        lat, found = [], []
+        for q in qs:
+            t0 = time.perf_counter()
+            hits = store.search(name, q, k=k, filter=flt)
+            lat.append((time.perf_counter() - t0) * 1000.0)
+            found.append([h["id"] for h in hits])
+        found_all[label] = found
+        out[label] = {
+            "p50_ms": common.percentile(lat, 50),
+            "p99_ms": common.percentile(lat, 99),
+            "mean_hits": float(np.mean([len(f) for f in found])),
+            "recall_at_10": recall(found, truth[label], k) if truth else 1.0,
+        }
+    return out, found_all
+
+
+def index_bytes(store: Any, name: str) -> dict[str, Any]:
+    """The vector index's size: the serialized FAISS index (embedded) or pg_relation_size of
+    the pgvector index and of the table (PostgreSQL)."""
+    if getattr(store, "backend", "") == "postgres":
+        with store._conn("measure") as conn:
+            (serial,) = conn.execute(
+                "SELECT serial FROM llave_collections WHERE name = %s", (name,)
+            ).fetchone()
+            table = f"llave_docs_{int(serial)}"
+            ann = conn.execute("SELECT pg_relation_size(to_regclass(%s))", (f"{table}_ann",)).fetchone()[0]
+            total = conn.execute("SELECT pg_total_relation_size(%s::regclass)", (table,)).fetchone()[0]
+        return {"index_bytes": ann or 0, "table_and_indexes_bytes": total}
+    import faiss
+
+    index = store._collections[name].live.index
+    inner = getattr(index, "_index", None)
+    if inner is None:  # FlatIndex
+        inner = index._index
+    return {"index_bytes": int(faiss.serialize_index(inner).nbytes), "mode": getattr(index, "mode", "flat")}
+
+
+def pg_drop_index(store: Any, name: str) -> str | None:
+    """Drop the collection's pgvector index; its definition, to create it after the load."""
+    with store._conn("bulk load") as conn:
+        (serial,) = conn.execute("SELECT serial FROM llave_collections WHERE name = %s", (name,)).fetchone()
+        row = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = %s", (f"llave_docs_{int(serial)}_ann",)
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute(f"DROP INDEX llave_docs_{int(serial)}_ann")
+        return row[0]
+
+
+def pg_create_index(store: Any, indexdef: str, workers: int) -> float:
+    t0 = time.perf_counter()
+    with store._conn("bulk load") as conn, conn.transaction():
+        conn.execute("SET LOCAL maintenance_work_mem = '2GB'")
+        conn.execute(f"SET LOCAL max_parallel_maintenance_workers = {int(workers)}")
+        conn.execute(indexdef)
+    return time.perf_counter() - t0
 
 
 def recall(found: list[list[str]], truth: list[list[str]], k: int) -> float:
@@ -353,7 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pg_server = PostgresServer(args.work_dir)
             pg_server.start()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
-    kinds = args.indexes.split(",")
+    kinds = args.indexes.split(",")  # kind or kind:precision
     modes = set(args.modes.split(","))
     qs = queries(args.queries, seed=args.seed)
     root = Path(tempfile.mkdtemp(prefix="llave-index-bench-", dir=args.work_dir))
@@ -369,13 +452,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for n in sizes:
             truth: list[list[str]] | None = None
-            for kind in kinds:
-                log(f"n={n:,} index={kind}: upserting ...")
-                data_dir = root / f"{kind}-{n}"
-                row: dict[str, Any] = {"n": n, "index": kind}
+            filtered_truth: dict[str, list[list[str]]] | None = None
+            for spec in kinds:
+                kind, _, precision = spec.partition(":")
+                log(f"n={n:,} index={spec}: upserting ...")
+                data_dir = root / f"{spec.replace(':', '-')}-{n}"
+                row: dict[str, Any] = {"n": n, "index": spec}
                 foreign = common.ForeignLoad()
                 if args.store == "postgres":
-                    url = pg_server.new_database(f"bench_{kind}_{n}") if pg_server else args.store_url
+                    url = (
+                        pg_server.new_database(f"bench_{spec.replace(':', '_')}_{n}")
+                        if pg_server
+                        else args.store_url
+                    )
                     store: Any = PostgresCollectionStore(url)
                     row["store"] = "postgres"
                 else:
@@ -387,8 +476,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             store.delete_collection("bench")
                         except Exception:
                             pass
-                    store.create_collection("bench", DIM, index=kind)
+                    store.create_collection(
+                        "bench", DIM, kind, {"precision": precision} if precision else None
+                    )
+                    indexdef = None
+                    if args.store == "postgres" and kind == "hnsw":
+                        indexdef = pg_drop_index(store, "bench")  # bulk load, then build (see above)
                     row["upsert"] = upsert_direct(store, "bench", n, args.batch, args.seed)
+                    if indexdef is not None:
+                        log("  building the pgvector HNSW index ...")
+                        row["upsert"]["index_build_s"] = pg_create_index(
+                            store, indexdef, args.pg_build_workers
+                        )
+                        row["upsert"]["vectors_per_s_incl_build"] = n / (
+                            row["upsert"]["insert_s"] + row["upsert"]["index_build_s"]
+                        )
+                        log(f"  index built in {row['upsert']['index_build_s']:.1f} s")
+                    row["memory"] = index_bytes(store, "bench")
+                    row["memory"]["index_gb_per_million"] = row["memory"]["index_bytes"] / 1e9 / (n / 1e6)
                     log(f"  upsert: {row['upsert']['vectors_per_s']:,.0f} vectors/s "
                         f"(+{row['upsert']['maintenance_s']:.1f} s maintenance)")  # fmt: skip
                     common.wait_for_quiet(max_wait=args.quiet_wait)
@@ -403,10 +508,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         row["recall_at_10"] = recall(found, truth, args.k)
                     log(f"  search: p50 {row['search']['p50_ms']:.2f} ms, p99 {row['search']['p99_ms']:.2f} ms, "
                         f"recall@10 {row.get('recall_at_10', float('nan')):.3f}")  # fmt: skip
+                    fqs = qs[: args.filter_queries]
+                    row["filtered"], found_f = filtered_search(
+                        store, "bench", fqs, args.k, None if kind == "flat" else filtered_truth
+                    )
+                    if kind == "flat":
+                        filtered_truth = found_f
+                    elif filtered_truth is None:
+                        for v in row["filtered"].values():
+                            v["recall_at_10"] = float("nan")
+                    log("  filtered: " + ", ".join(
+                        f"{sel} p50 {v['p50_ms']:.2f} ms recall {v['recall_at_10']:.3f}"
+                        for sel, v in row["filtered"].items()))  # fmt: skip
                 finally:
                     store.close()
                 row["foreign_cpu_cores"] = foreign.cores()
-                if args.store == "postgres":  # no in-process index to reload; HTTP: the SQLite numbers apply
+                if args.store == "postgres" or args.no_reload:  # PostgreSQL: no in-process index to reload
                     result["rows"].append(row)
                     common.write_results(args.out_name, {**result, "machine": common.machine_info()})
                     continue
@@ -473,6 +590,14 @@ def report(result: dict[str, Any]) -> str:
             "recall@10": r.get("recall_at_10", float("nan")),
             "store": r.get("store", "sqlite"),
         }
+        if "memory" in r:
+            row["index_GB_per_M"] = r["memory"]["index_gb_per_million"]
+        if "index_build_s" in r["upsert"]:
+            row["pg_index_build_s"] = r["upsert"]["index_build_s"]
+        for sel, f in r.get("filtered", {}).items():
+            row[f"filter{sel}_p50_ms"] = f["p50_ms"]
+            row[f"filter{sel}_p99_ms"] = f["p99_ms"]
+            row[f"filter{sel}_recall"] = f["recall_at_10"]
         if "reload" in r:
             row.update(
                 {
@@ -526,6 +651,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1000, help="vectors per direct upsert call")
     p.add_argument("--queries", type=int, default=500, help="queries for latency/QPS")
     p.add_argument("--recall-queries", type=int, default=200, help="queries for recall@10")
+    p.add_argument("--filter-queries", type=int, default=200, help="queries per filtered-search selectivity")
+    p.add_argument(
+        "--no-reload",
+        action="store_true",
+        help="skip the reload probe (a fresh process rebuilding the index)",
+    )
+    p.add_argument(
+        "--pg-build-workers", type=int, default=1, help="parallel workers for the pgvector HNSW build"
+    )
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="threads for the concurrent-search QPS")
     p.add_argument("--http-concurrency", type=int, default=8, help="clients for HTTP QPS and upsert")

@@ -7,6 +7,11 @@ the processes run as an unprivileged user (``LLAVE_TEST_PG_USER``, default ``lla
 when that user exists - the Makefile creates it - else ``nobody``) through ``setpriv``,
 and the data directory is owned by that user (and, as the venv may be out of that user's
 reach, the installation is copied into the temporary directory first).
+
+``PostgresServer(standby_of=primary)`` is a hot standby of a running ``primary``: its data
+directory is ``pg_basebackup -R`` of the primary's (streaming replication over loopback;
+initdb's default pg_hba.conf trusts local replication connections), and
+``wait_replayed`` waits, boundedly, until it has replayed the primary's WAL.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def _run_as() -> pwd.struct_passwd | None:
 class PostgresServer:
     """``initdb`` once, then ``start``/``kill``/``stop`` the postmaster on one port."""
 
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, *, standby_of: PostgresServer | None = None) -> None:
         self.bin = pg_bin_dir()
         self.user = _run_as()
         self.base = Path(tempfile.mkdtemp(prefix="llave-pg-", dir=base))
@@ -76,10 +81,26 @@ class PostgresServer:
             if libs.is_dir():
                 shutil.copytree(libs, site / libs.name, symlinks=True)
             self.bin = site / package.name / "pginstall" / "bin"
-        self._cmd(
-            [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-            check=True,
-        )
+        if standby_of is None:
+            self._cmd(
+                [
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                ],
+                check=True,
+            )
+        else:  # a copy of the running primary that streams its WAL (-R: primary_conninfo + standby.signal)
+            self._cmd(
+                [str(self.bin / "pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
+                 "-p", str(standby_of.port), "-U", "postgres", "-X", "stream", "-R", "-c", "fast"],
+                check=True,
+            )  # fmt: skip
 
     def _prefix(self) -> list[str]:
         if self.user is None:
@@ -182,6 +203,23 @@ class PostgresServer:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def wait_replayed(self, primary: PostgresServer, timeout: float = 60.0) -> str:
+        """Wait until this standby has replayed everything the primary has written so far
+        (its WAL position now); that position. TimeoutError after ``timeout`` s."""
+        import psycopg
+
+        with psycopg.connect(primary.url, autocommit=True) as conn:
+            (target,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while True:
+                (done,) = conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)).fetchone()
+                if done:
+                    return target
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"standby did not replay up to {target} in {timeout} s:\n{self.log()}")
+                time.sleep(0.02)
 
     def new_database(self, name: str) -> str:
         """Create database ``name`` (fresh: dropped first) and return its URL."""

@@ -11,8 +11,15 @@ never the name, appears in SQL: names cannot escape anything):
 a GIN index (``jsonb_path_ops``) on metadata that the filters (``@>``) use, and for
 approximate collections an HNSW (``vector_ip_ops``) or IVFFlat index on the unit vectors
 (inner product = cosine). Over pgvector's 2,000-dimension index limit (or with option
-``halfvec``) the index is an expression index on ``embedding::halfvec(dim)`` (4,000 at
-most); the full-precision vector is stored either way and gives the returned scores.
+``"precision": "halfvec"``) the index is an expression index on ``embedding::halfvec(dim)``
+(4,000 at most); the full-precision vector is stored either way: the halfvec index proposes
+``RESCORE_FACTOR`` x k candidates and their exact scores pick and order the k returned.
+
+Read replica (``read_url``, ``--store-read-url``): reads (searches, get, list, describe) go
+to a streaming-replication standby, writes to the primary. After each write the store
+notes the primary's WAL position; until the replica has replayed that far, this process's
+reads go to the primary (it sees its own writes at once), as they do when the replica
+cannot be reached.
 
 Writes: one transaction per call (all or nothing); the collection row is locked
 ``FOR UPDATE`` first, so writers of one collection - in any process - are serialised and
@@ -42,45 +49,55 @@ from service.storage.errors import (
     CollectionNotFoundError,
     DimensionMismatchError,
     DocumentNotFoundError,
-    InvalidFilterError,
     InvalidMetadataError,
     InvalidNameError,
     InvalidParameterError,
-    InvalidVectorError,
     StoreUnavailableError,
 )
+from service.storage.sources import (
+    LEGACY_SOURCE_OPTIONS,
+    Source,
+    Thumbnail,
+    ThumbnailNotFoundError,
+    check_include,
+    check_sources,
+    resolve_source_options,
+)
 from service.storage.validation import (
-    _ABSENT,
-    _FORBIDDEN_CHARS,
-    _SURROGATES,
     MAX_DIM,
-    MAX_FILTER_KEY_CHARS,
-    MAX_FILTER_KEYS,
-    MAX_FILTER_VALUES,
+    MAX_K,
     RANGE_OPS,
     check_collection_name,
     check_doc_id,
+    check_k,
     check_upsert_batch,
-    filter_operators,
+    parse_filter,
+    resolve_index_options,
+    search_one,
     shown,
 )
 
 logger = logging.getLogger("llave.store.postgres")
 
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+
 PG_MAX_DIM = 16000  # pgvector's vector type
 INDEX_MAX_DIM = 2000  # vector indexes; halfvec indexes go to 4000
 HALFVEC_MAX_DIM = 4000
 # Vectors up to this size stay in the table row (8 KB pages; the id and metadata can still
 # be TOASTed); larger ones (LLaVE-7B: 3,584) are stored out of line by TOAST.
 PLAIN_MAX_DIM = 1500
+# precision "halfvec": the index holds 16-bit floats (half the size); the candidates it finds
+# are rescored against the full-precision column. Above INDEX_MAX_DIM it is halfvec anyway.
+PRECISIONS = ("float32", "halfvec")
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
-    "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 160, "halfvec": False},
+    "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 160, "precision": "float32"},
     # nlist None: chosen from the collection size (sqrt(rows)) when the IVFFlat index is
     # built, which happens once the collection holds min_train documents.
-    "ivf": {"nlist": None, "nprobe": None, "min_train": 1000, "halfvec": False},
+    "ivf": {"nlist": None, "nprobe": None, "min_train": 1000, "precision": "float32"},
 }
+# A halfvec index ranks; this many times k candidates (at least RESCORE_MIN) are rescored exactly.
+RESCORE_FACTOR, RESCORE_MIN = 4, 40
 # pgvector's bounds, checked here so a bad option is a 422, not a database error.
 _BOUNDS = {"m": (2, 100), "ef_construction": (4, 1000), "ef_search": (1, 1000), "nlist": (1, 32768)}
 _SCHEMA = """
@@ -91,6 +108,10 @@ CREATE TABLE IF NOT EXISTS llave_collections (
     ann_built boolean NOT NULL DEFAULT false);
 """
 _RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock
+# Sources (service/storage/sources.py): the collection's source options (jsonb; NULL for a
+# collection created before them) and, in each document row, its text and thumbnails
+# (bytea[] and their media types, TOASTed out of line). Added to earlier databases at open.
+_SOURCE_COLUMNS = "source_text text, thumbnails bytea[], thumbnail_types text[]"
 
 
 def _unavailable(exc: BaseException, action: str) -> StoreUnavailableError:
@@ -137,6 +158,21 @@ def _use_binary_vectors(conn: Any) -> None:
     conn.adapters.register_dumper(_Vec, VectorDumper)
 
 
+def _lsn(text: str) -> int:
+    """A pg_lsn ("16/B374D848") as a number."""
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def _source_params(source: Source | None) -> tuple[Any, Any, Any]:
+    """(source_text, thumbnails, thumbnail_types) of a document row."""
+    if source is None:
+        return None, None, None
+    if not source.thumbnails:
+        return source.text, None, None
+    return source.text, [t.data for t in source.thumbnails], [t.media_type for t in source.thumbnails]
+
+
 def _parse_vec(text: str) -> np.ndarray:
     return np.array(json.loads(text), np.float32)
 
@@ -144,71 +180,37 @@ def _parse_vec(text: str) -> np.ndarray:
 def compile_jsonb_filter(filter: Any) -> tuple[str, list[Any]]:
     """SQL condition on the documents table's ``metadata`` for the store's filter language.
 
-    The same semantics (and refusals) as ``store_validation.compile_filter``: type-aware
-    equality, ``null`` only matches an explicit null, numbers by value. Each value is a
-    jsonb containment ``metadata @> {"field": value}`` (served by the GIN index) plus a
-    check that the field is not an array (``@>`` would find a value inside one).
+    The filter is checked by ``validation.parse_filter`` (as for the embedded store), with
+    the same semantics as ``validation.compile_filter``: type-aware equality, ``null`` only
+    matches an explicit null, numbers by value. Each value is a jsonb containment
+    ``metadata @> {"field": value}`` (served by the GIN index) plus a check that the field
+    is not an array (``@>`` would find a value inside one).
     """
-    if filter is None:
-        return "", []
-    if not isinstance(filter, dict):
-        raise InvalidFilterError("filter must be an object of field -> value or list of values")
-    if len(filter) > MAX_FILTER_KEYS:
-        raise InvalidFilterError(f"filter has more than {MAX_FILTER_KEYS} fields")
     clauses: list[str] = []
     params: list[Any] = []
-    total = 0
-    for key, value in filter.items():
-        if (
-            not isinstance(key, str)
-            or not 0 < len(key) <= MAX_FILTER_KEY_CHARS
-            or _FORBIDDEN_CHARS.search(key)
-        ):
-            raise InvalidFilterError(f"invalid filter field {shown(key)}")
-        if isinstance(value, dict):
-            ranges, negated = filter_operators(key, value)
-            total += len(ranges) + (
-                0 if negated is _ABSENT else len(negated) if isinstance(negated, list) else 1
-            )
-            if total > MAX_FILTER_VALUES:
-                raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
-            if ranges:
-                conds = " AND ".join(f"(metadata ->> %s)::numeric {RANGE_OPS[op]} %s" for op in ranges)
-                clauses.append(f"(jsonb_typeof(metadata -> %s) = 'number' AND {conds})")
-                params.append(key)
-                for v in ranges.values():
-                    params += [key, v]
-            if negated is not _ABSENT:
-                sql, sub = compile_jsonb_filter({key: negated})
-                clauses.append(f"NOT coalesce(({sql}), false)")
-                params += sub
-            continue
-        if isinstance(value, list) and not value:
-            raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
-        values = value if isinstance(value, list) else [value]
-        total += len(values)
-        if total > MAX_FILTER_VALUES:
-            raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
+
+    def equality(key: str, values: list[Any]) -> str:
         ors = []
         for v in values:
-            if v is None or isinstance(v, bool):
-                pass
-            elif isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
-                pass
-            elif isinstance(v, str):
-                if _SURROGATES.search(v):
-                    raise InvalidFilterError(f"filter value for {key!r} holds a lone UTF-16 surrogate")
-                if "\x00" in v:  # jsonb cannot hold it, so no stored value has it
-                    ors.append("false")
-                    continue
-            else:
-                raise InvalidFilterError(
-                    f"filter value {shown(v)} for {key!r} is not a string, finite number, boolean or null"
-                )
+            if isinstance(v, str) and "\x00" in v:  # jsonb cannot hold it, so no stored value has it
+                ors.append("false")
+                continue
             ors.append("metadata @> %s::jsonb")
             params.append(json.dumps({key: v}, ensure_ascii=False))
-        clauses.append(f"(({' OR '.join(ors)}) AND jsonb_typeof(metadata -> %s) <> 'array')")
         params.append(key)
+        return f"(({' OR '.join(ors)}) AND jsonb_typeof(metadata -> %s) <> 'array')"
+
+    for key, equal, ranges, negated in parse_filter(filter):
+        if equal is not None:
+            clauses.append(equality(key, equal))
+        if ranges:
+            conds = " AND ".join(f"(metadata ->> %s)::numeric {RANGE_OPS[op]} %s" for op in ranges)
+            clauses.append(f"(jsonb_typeof(metadata -> %s) = 'number' AND {conds})")
+            params.append(key)
+            for v in ranges.values():
+                params += [key, v]
+        if negated is not None:
+            clauses.append(f"NOT coalesce(({equality(key, negated)}), false)")
     return " AND ".join(clauses), params
 
 
@@ -218,22 +220,25 @@ class PostgresCollectionStore:
     Thread-safe; a small pool of connections (``pool_size`` kept idle at most).
     """
 
+    precisions = PRECISIONS  # index precisions this backend offers (service.migrate maps them)
+
     backend = "postgres"
 
     def __init__(
         self,
         url: str,
         *,
-        max_k: int = 1000,
+        max_k: int = MAX_K,
         hnsw_m: int = 32,
         hnsw_ef_search: int = 128,
         ivf_nlist: int | None = None,
         max_metadata_bytes: int = 65536,
         pool_size: int = 8,
         connect_timeout: float = 10.0,
+        read_url: str | None = None,
         **_ignored: Any,  # CollectionStore's SQLite/FAISS-only knobs
     ) -> None:
-        self.url = url
+        self.url, self.read_url = url, read_url or None
         self.max_k, self.max_metadata_bytes = max_k, max_metadata_bytes
         self.pool_size, self.connect_timeout = pool_size, connect_timeout
         self._defaults = {
@@ -241,9 +246,13 @@ class PostgresCollectionStore:
             "hnsw": {**OPTION_DEFAULTS["hnsw"], "m": hnsw_m, "ef_search": min(hnsw_ef_search, 1000)},
             "ivf": {**OPTION_DEFAULTS["ivf"], "nlist": ivf_nlist},
         }
-        self._idle: list[Any] = []
+        self._idle: dict[str, list[Any]] = {url: [], **({read_url: []} if read_url else {})}
         self._lock = threading.Lock()
         self._open = False
+        # the primary's WAL position after this process's last write: a read goes to the
+        # replica only once it has replayed that far (a server sees its own writes at once)
+        self._written_lsn: str | None = None
+        self._replica_down_logged = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -266,6 +275,7 @@ class PostgresCollectionStore:
                     # one process at a time creates the schema (CREATE ... IF NOT EXISTS races)
                     conn.execute("SELECT pg_advisory_xact_lock(7305410242)")
                     conn.execute(_SCHEMA)
+                    self._migrate_sources(conn)
                 _use_binary_vectors(conn)
         except BaseException:
             self._open = False
@@ -274,7 +284,9 @@ class PostgresCollectionStore:
     def close(self) -> None:
         self._open = False
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle = [conn for pool in self._idle.values() for conn in pool]
+            for pool in self._idle.values():
+                pool.clear()
         for conn in idle:
             try:
                 conn.close()
@@ -291,24 +303,83 @@ class PostgresCollectionStore:
     def wait_for_maintenance(self, timeout: float | None = None) -> bool:
         return True  # PostgreSQL maintains its indexes inside each transaction
 
-    @contextmanager
-    def _conn(self, action: str) -> Iterator[Any]:
-        """A pooled connection (autocommit; use ``conn.transaction()``). A connection that
-        failed is discarded; database errors that are not bugs become StoreUnavailableError."""
+    def _connect(self, url: str) -> Any:
+        """A pooled or new autocommit connection to ``url``."""
         import psycopg
+
+        with self._lock:
+            pool = self._idle[url]
+            conn = pool.pop() if pool else None
+        if conn is None:
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout)))
+            if conn.execute("SELECT to_regtype('vector')").fetchone()[0] is not None:
+                _use_binary_vectors(conn)  # else open() creates the extension, then registers
+        return conn
+
+    def _release_conn(self, url: str, conn: Any) -> None:
         from psycopg import pq
+
+        if (
+            not conn.closed
+            and not conn.broken
+            and conn.info.transaction_status == pq.TransactionStatus.IDLE  # not cut off mid-query
+        ):
+            with self._lock:
+                if self._open and len(self._idle[url]) < self.pool_size:
+                    self._idle[url].append(conn)
+                    return
+        conn.close()
+
+    def _replica(self) -> Any | None:
+        """A connection to the read replica when it has replayed this process's last write;
+        None (use the primary) when it lags behind it or cannot be reached."""
+        import psycopg
+
+        assert self.read_url is not None
+        try:
+            conn = self._connect(self.read_url)
+        except psycopg.Error as exc:
+            if time.monotonic() - self._replica_down_logged > 60:
+                self._replica_down_logged = time.monotonic()
+                logger.warning("read replica %s unreachable, reading from the primary: %s",
+                               redacted(self.read_url), exc)  # fmt: skip
+            return None
+        lsn = self._written_lsn
+        try:
+            # NULL on a server that is not a standby: nothing to wait for
+            caught_up = (
+                lsn is None
+                or conn.execute(
+                    "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, true)", (lsn,)
+                ).fetchone()[0]
+            )
+        except psycopg.Error:
+            conn.close()
+            return None
+        if caught_up:
+            return conn
+        self._release_conn(self.read_url, conn)
+        return None
+
+    @contextmanager
+    def _conn(self, action: str, *, read: bool = False) -> Iterator[Any]:
+        """A pooled connection (autocommit; use ``conn.transaction()``): to the read replica
+        for ``read`` when one is configured and has caught up with this process's writes, else
+        to the primary. A connection that failed is discarded; database errors that are not
+        bugs become StoreUnavailableError."""
+        import psycopg
 
         if not self._open:
             raise StoreUnavailableError("the collection store is not open")
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
+        conn = None
+        url = self.url
         try:
+            if read and self.read_url is not None:
+                conn = self._replica()
+                if conn is not None:
+                    url = self.read_url
             if conn is None:
-                conn = psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))
-                )
-                if conn.execute("SELECT to_regtype('vector')").fetchone()[0] is not None:
-                    _use_binary_vectors(conn)  # else open() creates the extension, then registers
+                conn = self._connect(self.url)
             yield conn
         except psycopg.Error as exc:
             broken = conn is None or conn.broken or conn.closed
@@ -323,18 +394,8 @@ class PostgresCollectionStore:
                 raise _unavailable(exc, action) from exc
             raise
         finally:
-            if (
-                conn is not None
-                and not conn.closed
-                and not conn.broken
-                and conn.info.transaction_status == pq.TransactionStatus.IDLE  # not cut off mid-query
-            ):
-                with self._lock:
-                    if self._open and len(self._idle) < self.pool_size:
-                        self._idle.append(conn)
-                        conn = None
-                if conn is not None:
-                    conn.close()
+            if conn is not None:
+                self._release_conn(url, conn)
 
     def _write(self, action: str, body: Any) -> Any:
         """Run ``body(conn)`` in one transaction; retried on deadlock/serialization failure."""
@@ -342,8 +403,15 @@ class PostgresCollectionStore:
 
         for attempt in range(5):
             try:
-                with self._conn(action) as conn, conn.transaction():
-                    return body(conn)
+                with self._conn(action) as conn:
+                    with conn.transaction():
+                        result = body(conn)
+                    if self.read_url is not None:  # where the replica must be before it serves us
+                        (lsn,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+                        with self._lock:
+                            if self._written_lsn is None or _lsn(lsn) > _lsn(self._written_lsn):
+                                self._written_lsn = lsn
+                    return result
             except psycopg.Error as exc:
                 if exc.sqlstate in _RETRYABLE and attempt < 4:
                     time.sleep(0.01 * 2**attempt)
@@ -353,27 +421,9 @@ class PostgresCollectionStore:
     # --- collections ------------------------------------------------------------------------
 
     def _resolve_options(self, kind: str, options: dict[str, Any] | None) -> dict[str, Any]:
-        if kind not in INDEX_TYPES:
-            raise InvalidParameterError(
-                f"unknown index type {shown(kind)}; use one of {', '.join(INDEX_TYPES)}"
-            )
-        if options is not None and not isinstance(options, dict):
-            raise InvalidParameterError("index options must be an object")
-        resolved = dict(self._defaults[kind])
-        for key, value in (options or {}).items():
-            if key not in resolved:
-                raise InvalidParameterError(f"unknown option {shown(key)} for a {kind} index")
-            if key == "halfvec":
-                if not isinstance(value, bool):
-                    raise InvalidParameterError("option 'halfvec' must be true or false")
-            elif not (value is None and key in ("nlist", "nprobe")) and (
-                not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000
-            ):
-                raise InvalidParameterError(f"option {key!r} must be a positive integer")
-            elif key in _BOUNDS and value is not None and not _BOUNDS[key][0] <= value <= _BOUNDS[key][1]:
-                low, high = _BOUNDS[key]
-                raise InvalidParameterError(f"option {key!r} must be from {low} to {high} with pgvector")
-            resolved[key] = value
+        resolved = resolve_index_options(
+            kind, options, self._defaults, PRECISIONS, _BOUNDS, where=" with pgvector"
+        )
         if kind == "hnsw" and resolved["ef_construction"] < 2 * resolved["m"]:
             raise InvalidParameterError("option 'ef_construction' must be at least 2 * m with pgvector")
         return resolved
@@ -389,18 +439,41 @@ class PostgresCollectionStore:
 
     @staticmethod
     def _halfvec(dim: int, options: dict[str, Any]) -> bool:
-        return bool(options.get("halfvec")) or dim > INDEX_MAX_DIM
+        # ("halfvec": true: how collections created before the precision option say it)
+        return options.get("precision") == "halfvec" or bool(options.get("halfvec")) or dim > INDEX_MAX_DIM
+
+    @staticmethod
+    def _migrate_sources(conn: Any) -> None:
+        """Add the source columns to a database of an earlier version (in open's transaction,
+        under its advisory lock). Nothing is altered when they exist: no table lock taken."""
+        if not conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = 'llave_collections'::regclass "
+            "AND attname = 'source' AND NOT attisdropped"
+        ).fetchone():
+            conn.execute("ALTER TABLE llave_collections ADD COLUMN source jsonb")
+        for (serial,) in conn.execute(
+            "SELECT c.serial FROM llave_collections AS c "
+            "WHERE to_regclass('llave_docs_' || c.serial) IS NOT NULL AND NOT EXISTS ("
+            "SELECT 1 FROM pg_attribute AS a WHERE a.attrelid = to_regclass('llave_docs_' || c.serial) "
+            "AND a.attname = 'source_text' AND NOT a.attisdropped)"
+        ).fetchall():
+            columns = ", ".join(f"ADD COLUMN {col}" for col in _SOURCE_COLUMNS.split(", "))
+            conn.execute(f"ALTER TABLE llave_docs_{int(serial)} {columns}")
 
     def _row(self, conn: Any, name: str, lock: str = "") -> dict[str, Any] | None:
         row = conn.execute(
-            "SELECT serial, dim, index_type, options, created_at, count, ann_built "
+            "SELECT serial, dim, index_type, options, created_at, count, ann_built, source "
             f"FROM llave_collections WHERE name = %s {lock}",
             (name,),
         ).fetchone()
         if row is None:
             return None
-        keys = ("serial", "dim", "kind", "options", "created_at", "count", "ann_built")
-        return {"name": name, **dict(zip(keys, row, strict=True))}
+        keys = ("serial", "dim", "kind", "options", "created_at", "count", "ann_built", "source")
+        found = {"name": name, **dict(zip(keys, row, strict=True))}
+        found["source"] = (
+            LEGACY_SOURCE_OPTIONS if found["source"] is None else resolve_source_options(found["source"])
+        )
+        return found
 
     @staticmethod
     def _describe(row: dict[str, Any]) -> dict[str, Any]:
@@ -410,6 +483,7 @@ class PostgresCollectionStore:
             "dim": row["dim"],
             "index": row["kind"],
             "created_at": row["created_at"],
+            **row["source"],
         }
 
     def _require(self, conn: Any, name: str, lock: str = "") -> dict[str, Any]:
@@ -422,13 +496,21 @@ class PostgresCollectionStore:
     def _table(row: dict[str, Any]) -> str:
         return f"llave_docs_{int(row['serial'])}"
 
-    def _create(self, conn: Any, name: str, dim: int, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    def _create(
+        self,
+        conn: Any,
+        name: str,
+        dim: int,
+        kind: str,
+        options: dict[str, Any],
+        source: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Insert the collection row and create its table (inside the caller's transaction);
         None's counterpart: the existing row when another process created it first."""
         created = conn.execute(
-            "INSERT INTO llave_collections (name, dim, index_type, options, created_at) "
-            "VALUES (%s, %s, %s, %s::jsonb, %s) ON CONFLICT (name) DO NOTHING RETURNING serial",
-            (name, dim, kind, json.dumps(options), time.time()),
+            "INSERT INTO llave_collections (name, dim, index_type, options, created_at, source) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s, %s::jsonb) ON CONFLICT (name) DO NOTHING RETURNING serial",
+            (name, dim, kind, json.dumps(options), time.time(), json.dumps(resolve_source_options(source))),
         ).fetchone()
         row = self._require(conn, name, "FOR UPDATE")
         if created is None:
@@ -437,7 +519,8 @@ class PostgresCollectionStore:
         table = self._table(row)
         conn.execute(
             f"CREATE TABLE {table} (id text PRIMARY KEY, metadata jsonb, created_at double precision "
-            f"NOT NULL, updated_at double precision NOT NULL, embedding vector({dim}) NOT NULL)"
+            f"NOT NULL, updated_at double precision NOT NULL, embedding vector({dim}) NOT NULL, "
+            f"{_SOURCE_COLUMNS})"
         )
         if dim <= PLAIN_MAX_DIM:
             # in the row itself, not TOASTed: an exact scan reads ~2x faster (bench/README.md)
@@ -463,18 +546,23 @@ class PostgresCollectionStore:
         index: str = "flat",
         options: dict[str, Any] | None = None,
         exist_ok: bool = True,
+        *,
+        source: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """``CollectionStore.create_collection``: ``source`` options are set on a new collection
+        and changed on an existing one."""
         check_collection_name(name)
         if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
             raise InvalidParameterError(f"dim must be an integer from 1 to {MAX_DIM}")
         resolved = self._resolve_options(index, options)
         self._check_dim(dim, index, resolved)
+        resolve_source_options(source)
 
         def body(conn: Any) -> dict[str, Any]:
             row = self._row(conn, name)
             fresh = row is None
             if row is None:
-                row = self._create(conn, name, dim, index, resolved)
+                row = self._create(conn, name, dim, index, resolved, source)
                 fresh = row["options"] == resolved and row["count"] == 0 and row.get("created")
             if not fresh:
                 if (
@@ -487,25 +575,48 @@ class PostgresCollectionStore:
                         f"collection {name!r} exists (dim {row['dim']}, index {row['kind']}, "
                         f"options {row['options']})"
                     )
+                wanted = resolve_source_options(source, row["source"])
+                if wanted != row["source"]:
+                    conn.execute(
+                        "UPDATE llave_collections SET source = %s::jsonb WHERE name = %s",
+                        (json.dumps(wanted), name),
+                    )
+                    row["source"] = wanted
             return self._describe(row)
 
         return self._write("create the collection", body)
 
     def list_collections(self) -> list[dict[str, Any]]:
-        with self._conn("read the database") as conn:
+        with self._conn("read the database", read=True) as conn:
             rows = conn.execute(
-                'SELECT name, count, dim, index_type, created_at FROM llave_collections ORDER BY name COLLATE "C"'
+                "SELECT name, count, dim, index_type, created_at, source FROM llave_collections "
+                'ORDER BY name COLLATE "C"'
             ).fetchall()
-        return [{"name": n, "count": c, "dim": d, "index": k, "created_at": t} for n, c, d, k, t in rows]
+        return [
+            {
+                "name": n,
+                "count": c,
+                "dim": d,
+                "index": k,
+                "created_at": t,
+                **(LEGACY_SOURCE_OPTIONS if src is None else resolve_source_options(src)),
+            }
+            for n, c, d, k, t, src in rows
+        ]
+
+    def source_options(self, name: str) -> dict[str, Any]:
+        """The collection's source options (``service/storage/sources.py``)."""
+        with self._conn("read the database", read=True) as conn:
+            return dict(self._require(conn, name)["source"])
 
     def describe(self, name: str) -> dict[str, Any]:
         check_collection_name(name)
-        with self._conn("read the database") as conn:
+        with self._conn("read the database", read=True) as conn:
             return self._describe(self._require(conn, name))
 
     def collection_options(self, name: str) -> dict[str, Any]:
         """The collection's index options as stored (for migration)."""
-        with self._conn("read the database") as conn:
+        with self._conn("read the database", read=True) as conn:
             return dict(self._require(conn, name)["options"])
 
     def delete_collection(self, name: str) -> None:
@@ -526,11 +637,13 @@ class PostgresCollectionStore:
         metadata: Sequence[dict[str, Any] | None] | None = None,
         *,
         index: str | None = None,
+        sources: Sequence[Source | None] | None = None,
     ) -> list[str]:
-
+        """``CollectionStore.upsert``: sources in the same transaction, in each document's row."""
         ids, vectors, texts = check_upsert_batch(name, ids, vectors, metadata, self.max_metadata_bytes)
         if not ids:
             return []
+        kept = check_sources(sources, len(ids))
         for text in texts:
             if text is not None and "\\u0000" in text:
                 raise InvalidMetadataError("metadata strings cannot hold NUL (\\u0000) with PostgreSQL")
@@ -558,13 +671,17 @@ class PostgresCollectionStore:
                     )
             table = self._table(row)
             now = time.time()
+            keep = [src if row["source"]["store_source"] else None for src in kept]
             with conn.cursor() as cur:
                 cur.executemany(
-                    f"INSERT INTO {table} (id, metadata, created_at, updated_at, embedding) "
-                    f"VALUES (%s, %s::jsonb, %s, %s, %b) ON CONFLICT (id) DO UPDATE SET "
+                    f"INSERT INTO {table} (id, metadata, created_at, updated_at, embedding, source_text, "
+                    f"thumbnails, thumbnail_types) VALUES (%s, %s::jsonb, %s, %s, %b, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET "
                     "metadata = excluded.metadata, updated_at = excluded.updated_at, "
-                    "embedding = excluded.embedding RETURNING (xmax = 0)",
-                    [(ids[i], texts[i], now, now, _Vec(vectors[i])) for i in order],
+                    "embedding = excluded.embedding, source_text = excluded.source_text, "
+                    "thumbnails = excluded.thumbnails, thumbnail_types = excluded.thumbnail_types "
+                    "RETURNING (xmax = 0)",
+                    [(ids[i], texts[i], now, now, _Vec(vectors[i]), *_source_params(keep[i])) for i in order],
                     returning=True,
                 )
                 inserted = 0
@@ -611,20 +728,44 @@ class PostgresCollectionStore:
     def get(self, name: str, doc_id: str, *, with_vector: bool = False) -> dict[str, Any]:
         check_collection_name(name)
         check_doc_id(doc_id)
-        with self._conn("read the database") as conn:
+        with self._conn("read the database", read=True) as conn:
             row = self._require(conn, name)
             found = conn.execute(
-                f"SELECT metadata, created_at, updated_at, embedding::text FROM {self._table(row)} "
-                "WHERE id = %s",
+                f"SELECT metadata, created_at, updated_at, embedding::text, source_text, "
+                f"coalesce(cardinality(thumbnails), 0) FROM {self._table(row)} WHERE id = %s",
                 (doc_id,),
             ).fetchone()
         if found is None:
             raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
-        meta, created_at, updated_at, vector = found
-        doc = {"id": doc_id, "metadata": meta, "created_at": created_at, "updated_at": updated_at}
+        meta, created_at, updated_at, vector, text, thumbnails = found
+        doc = {
+            "id": doc_id,
+            "metadata": meta,
+            "created_at": created_at,
+            "updated_at": updated_at,
+            "text": text,
+            "thumbnails": thumbnails,
+        }
         if with_vector:
             doc["vector"] = _parse_vec(vector)
         return doc
+
+    def thumbnail(self, name: str, doc_id: str, index: int = 0) -> Thumbnail:
+        """The document's ``index``-th thumbnail (0: its first image's)."""
+        check_collection_name(name)
+        check_doc_id(doc_id)
+        position = int(index) + 1 if 0 <= int(index) < 2**31 - 1 else 0  # arrays are 1-based
+        with self._conn("read the database", read=True) as conn:
+            row = self._require(conn, name)
+            found = conn.execute(
+                f"SELECT thumbnails[%s], thumbnail_types[%s] FROM {self._table(row)} WHERE id = %s",
+                (position, position, doc_id),
+            ).fetchone()
+        if found is None:
+            raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
+        if found[0] is None:
+            raise ThumbnailNotFoundError(f"document {shown(doc_id)} has no thumbnail {index}")
+        return Thumbnail(found[1], bytes(found[0]))
 
     def delete(self, name: str, doc_id: str) -> None:
         check_doc_id(doc_id)
@@ -645,7 +786,7 @@ class PostgresCollectionStore:
             raise InvalidNameError("ids must be a list of strings, not one string")
         ids = [check_doc_id(doc_id) for doc_id in ids]
         check_collection_name(name)
-        with self._conn("read the database") as conn:
+        with self._conn("read the database", read=True) as conn:
             row = self._row(conn, name)
             if row is None or not ids:
                 return set()
@@ -657,54 +798,100 @@ class PostgresCollectionStore:
             }
 
     def list_documents(
-        self, name: str, cursor: str | None = None, limit: int = 100, *, with_vector: bool = False
+        self,
+        name: str,
+        cursor: str | None = None,
+        limit: int = 100,
+        *,
+        with_vector: bool = False,
+        with_source: bool = False,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Documents in id order (bytewise) after ``cursor``; the next cursor, or None at the end."""
+        """Documents in id order (bytewise) after ``cursor``; the next cursor, or None at the end.
+        ``with_source``: each has ``"source"``, a ``Source`` or None (for migration)."""
         if cursor is not None:
             check_doc_id(cursor)
-        with self._conn("read the database") as conn:
+        source = "source_text, thumbnails, thumbnail_types" if with_source else "NULL, NULL, NULL"
+        with self._conn("read the database", read=True) as conn:
             row = self._require(conn, name)
             rows = conn.execute(
-                f"SELECT id, metadata, created_at, updated_at, embedding::text FROM {self._table(row)} "
+                f"SELECT id, metadata, created_at, updated_at, embedding::text, {source} "
+                f"FROM {self._table(row)} "
                 'WHERE %s::text IS NULL OR id COLLATE "C" > %s ORDER BY id COLLATE "C" LIMIT %s',
                 (cursor, cursor, limit + 1),
             ).fetchall()
         docs = []
-        for doc_id, meta, created_at, updated_at, vector in rows[:limit]:
+        for doc_id, meta, created_at, updated_at, vector, text, thumbs, types in rows[:limit]:
             doc = {"id": doc_id, "metadata": meta, "created_at": created_at, "updated_at": updated_at}
             if with_vector:
                 doc["vector"] = _parse_vec(vector)
+            if with_source:
+                pairs = zip(thumbs or (), types or (), strict=True)
+                found = Source(text, tuple(Thumbnail(t, bytes(d)) for d, t in pairs))
+                doc["source"] = None if found.empty else found
             docs.append(doc)
         return docs, (docs[-1]["id"] if len(rows) > limit else None)
 
     # --- search --------------------------------------------------------------------------------
 
     def search(
-        self, name: str, query: Any, k: int = 10, filter: dict[str, Any] | None = None
+        self,
+        name: str,
+        query: Any,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        *,
+        include: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
-        if isinstance(query, np.ndarray) and query.ndim == 2:
-            if query.shape[0] != 1:
-                raise InvalidVectorError("search takes one query vector; use search_many for several")
-            return self.search_many(name, query, k, filter)[0]
-        return self.search_many(name, [query], k, filter)[0]
+        return search_one(self.search_many, name, query, k, filter, include=include)
 
     def search_many(
-        self, name: str, queries: Any, k: int = 10, filter: dict[str, Any] | None = None
+        self,
+        name: str,
+        queries: Any,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        *,
+        include: Sequence[str] = (),
     ) -> list[list[dict[str, Any]]]:
         from service.storage.vector_index import normalised_rows
 
+        include = check_include(include)
         check_collection_name(name)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_k:
-            raise InvalidParameterError(f"k must be an integer from 1 to {self.max_k}")
+        check_k(k, self.max_k)
         q = normalised_rows(queries, what="query vector")
         where, params = compile_jsonb_filter(filter)
-        with self._conn("search") as conn, conn.transaction():
+        with self._conn("search", read=True) as conn, conn.transaction():
             row = self._require(conn, name)
             if q.shape[1] != row["dim"]:
                 raise DimensionMismatchError(
                     f"collection {name!r} holds {row['dim']}-d vectors, the query is {q.shape[1]}-d"
                 )
-            return [self._search_one(conn, row, vec, k, where, params) for vec in q]
+            results = [self._search_one(conn, row, vec, k, where, params) for vec in q]
+            if include:
+                self._add_sources(conn, row, results, include)
+            return results
+
+    def _add_sources(
+        self, conn: Any, row: dict[str, Any], results: list[list[dict[str, Any]]], include: tuple[str, ...]
+    ) -> None:
+        """Each hit's text and/or first thumbnail, read after ranking (never for every scanned row)."""
+        ids = list({hit["id"] for hits in results for hit in hits})
+        found = {
+            doc_id: (text, data, media_type)
+            for doc_id, text, data, media_type in conn.execute(
+                f"SELECT id, {'source_text' if 'text' in include else 'NULL'}, "
+                f"{'thumbnails[1], thumbnail_types[1]' if 'thumbnail' in include else 'NULL, NULL'} "
+                f"FROM {self._table(row)} WHERE id = ANY(%s)",
+                (ids,),
+            ).fetchall()
+        }
+        for hits in results:
+            for hit in hits:
+                text, data, media_type = found.get(hit["id"], (None, None, None))
+                if "text" in include:
+                    hit["text"] = text
+                if "thumbnail" in include:
+                    hit["thumbnail"] = None if data is None else Thumbnail(media_type, bytes(data))
 
     def _search_one(
         self, conn: Any, row: dict[str, Any], q: np.ndarray, k: int, where: str, params: list[Any]
@@ -714,25 +901,28 @@ class PostgresCollectionStore:
         qv = _Vec(q)
         approximate = row["kind"] == "hnsw" or (row["kind"] == "ivf" and row["ann_built"])
         if approximate:
+            half = self._halfvec(dim, options)
+            # halfvec ranks candidates; their exact scores (full-precision column) pick the k best
+            want = min(1000, max(RESCORE_FACTOR * k, RESCORE_MIN)) if half else k
             if row["kind"] == "hnsw":
-                conn.execute(f"SET LOCAL hnsw.ef_search = {int(min(1000, max(k, options['ef_search'])))}")
+                conn.execute(f"SET LOCAL hnsw.ef_search = {int(min(1000, max(want, options['ef_search'])))}")
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             else:
                 lists = int(options.get("lists_built") or 1)
                 probes = options.get("nprobe") or max(1, int(math.sqrt(lists)))
                 conn.execute(f"SET LOCAL ivfflat.probes = {int(min(probes, lists))}")
                 conn.execute("SET LOCAL ivfflat.iterative_scan = relaxed_order")
-            if self._halfvec(dim, options):
+            if half:
                 order = f"embedding::halfvec({dim}) <#> %b::halfvec({dim})"
             else:
                 order = "embedding <#> %b::vector"
             rows = conn.execute(
                 f"SELECT id, metadata, -(embedding <#> %b::vector) FROM {table} {cond} "
                 f"ORDER BY {order} LIMIT %s",
-                [qv, *params, qv, k],
+                [qv, *params, qv, want],
             ).fetchall()
             if len(rows) >= k:
-                return self._hits(rows)
+                return self._hits(rows)[:k]
             # too few: a selective filter starved the index scan -> exact scan of the matches
         # exact: "+ 0" keeps the planner off the vector index (a sequential or GIN bitmap scan)
         rows = conn.execute(
@@ -745,7 +935,7 @@ class PostgresCollectionStore:
     @staticmethod
     def _hits(rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
         hits = [{"id": doc_id, "score": float(score), "metadata": meta} for doc_id, meta, score in rows]
-        hits.sort(key=lambda h: -h["score"])  # relaxed order / halfvec ranking -> exact order
+        hits.sort(key=lambda h: (-h["score"], h["id"]))  # relaxed order / halfvec ranking -> exact order
         return hits
 
     # --- checks --------------------------------------------------------------------------------

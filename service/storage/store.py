@@ -38,24 +38,37 @@ from service.storage.errors import (
     DocumentNotFoundError,
     InvalidNameError,
     InvalidParameterError,
-    InvalidVectorError,
     StoreUnavailableError,
 )
 from service.storage.maintenance import IndexMaintenance, _Collection, _is_bug
+from service.storage.sources import (
+    LEGACY_SOURCE_OPTIONS,
+    Source,
+    Thumbnail,
+    ThumbnailNotFoundError,
+    check_include,
+    check_sources,
+    resolve_source_options,
+)
 from service.storage.validation import (
     MAX_DIM,
+    MAX_K,
     check_collection_name,
     check_doc_id,
+    check_k,
     check_upsert_batch,
     compile_filter,
+    resolve_index_options,
+    search_one,
     shown,
 )
 from service.storage.vector_index import (
-    INDEX_TYPES,
     OPTION_DEFAULTS,
+    PRECISIONS,
     LiveIndex,
     new_index,
     normalised_rows,
+    rescore,
 )
 
 logger = logging.getLogger("llave.store")
@@ -74,6 +87,22 @@ CREATE TABLE IF NOT EXISTS documents (
 -- covering index for metadata filters: they never read the (page-sized) vector rows
 CREATE INDEX IF NOT EXISTS documents_metadata ON documents (collection, metadata);
 """
+# Sources (service/storage/sources.py), added to databases of earlier versions at open:
+# the collection's source options (JSON; NULL for a collection created before them), and
+# per document (by row_id) its text and thumbnails, outside the documents table so that
+# index rebuilds and filters never read them. The trigger drops them with their document
+# in the same transaction (replace, delete, collection delete).
+_SOURCE_COLUMN = "ALTER TABLE collections ADD COLUMN source TEXT"
+_SOURCE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS document_sources (row_id INTEGER PRIMARY KEY, text TEXT);
+CREATE TABLE IF NOT EXISTS document_thumbnails (
+    row_id INTEGER NOT NULL, idx INTEGER NOT NULL, media_type TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (row_id, idx));
+CREATE TRIGGER IF NOT EXISTS documents_source_gone AFTER DELETE ON documents BEGIN
+    DELETE FROM document_sources WHERE row_id = old.row_id;
+    DELETE FROM document_thumbnails WHERE row_id = old.row_id;
+END;
+"""
 
 
 def _unavailable(exc: BaseException, action: str) -> StoreUnavailableError:
@@ -89,11 +118,13 @@ class CollectionStore(IndexMaintenance):
     ``max_db_bytes`` caps the database file (writes past it fail as on a full disk).
     """
 
+    precisions = PRECISIONS  # index precisions this backend offers (service.migrate maps them)
+
     def __init__(
         self,
         data_dir: str | Path,
         *,
-        max_k: int = 1000,
+        max_k: int = MAX_K,
         hnsw_m: int = 32,
         hnsw_ef_search: int = 128,
         ivf_nlist: int | None = None,
@@ -121,6 +152,8 @@ class CollectionStore(IndexMaintenance):
         }
         self._write_lock = threading.Lock()  # serialises every write; taken before any collection lock
         self._collections: dict[str, _Collection] = {}
+        self._source_options: dict[str, dict[str, Any]] = {}  # per collection (sources.py)
+        self._has_sources = False  # the database has the source tables (read-only: maybe not)
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []  # every read-only connection opened
         self._idle_readers: list[sqlite3.Connection] = []  # the pool: one per concurrent reader at most
@@ -144,11 +177,19 @@ class CollectionStore(IndexMaintenance):
             self._writer = self._connect(read_only=self.read_only)
             if not self.read_only:
                 self._writer.executescript(_SCHEMA)
+                self._migrate_sources(self._writer)
+            self._has_sources = self._source_schema_present(self._writer)
+            source_column = "source" if self._has_sources else "NULL"
             with self._write_lock:
-                for name, dim, kind, options, created_at in self._writer.execute(
-                    "SELECT name, dim, index_type, options, created_at FROM collections"
+                for name, dim, kind, options, created_at, source in self._writer.execute(
+                    f"SELECT name, dim, index_type, options, created_at, {source_column} FROM collections"
                 ).fetchall():
                     options = json.loads(options)
+                    self._source_options[name] = (
+                        LEGACY_SOURCE_OPTIONS
+                        if source is None
+                        else resolve_source_options(json.loads(source))
+                    )
                     index = self._load_snapshot(name, dim, kind, options) or self._load_index(
                         name, dim, kind, options
                     )
@@ -205,6 +246,7 @@ class CollectionStore(IndexMaintenance):
                 logger.exception("closing a SQLite connection failed")
         self._readers, self._idle_readers, self._writer = [], [], None
         self._collections.clear()
+        self._source_options.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -240,6 +282,26 @@ class CollectionStore(IndexMaintenance):
                 page_size = conn.execute("PRAGMA page_size").fetchall()[0][0]
                 conn.execute(f"PRAGMA max_page_count = {max(1, self.max_db_bytes // page_size)}")
         return conn
+
+    @staticmethod
+    def _migrate_sources(conn: sqlite3.Connection) -> None:
+        """Add the source column and tables to a database of an earlier version (idempotent)."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(collections)").fetchall()}
+        if "source" not in columns:
+            conn.execute(_SOURCE_COLUMN)
+        conn.executescript(_SOURCE_SCHEMA)
+
+    @staticmethod
+    def _source_schema_present(conn: sqlite3.Connection) -> bool:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(collections)").fetchall()}
+        tables = {
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name IN ('document_sources', 'document_thumbnails')"
+            ).fetchall()
+        }
+        return "source" in columns and len(tables) == 2
 
     def _check_open(self) -> sqlite3.Connection:
         if self._writer is None:
@@ -293,23 +355,7 @@ class CollectionStore(IndexMaintenance):
     # --- collections ------------------------------------------------------------------------
 
     def _resolve_options(self, kind: str, options: dict[str, Any] | None) -> dict[str, Any]:
-        if kind not in INDEX_TYPES:
-            raise InvalidParameterError(
-                f"unknown index type {shown(kind)}; use one of {', '.join(INDEX_TYPES)}"
-            )
-        if options is not None and not isinstance(options, dict):
-            raise InvalidParameterError("index options must be an object")
-        resolved = dict(self._defaults[kind])
-        for key, value in (options or {}).items():
-            if key not in resolved:
-                raise InvalidParameterError(f"unknown option {shown(key)} for a {kind} index")
-            nullable = key in ("nlist", "nprobe")
-            if not (value is None and nullable) and (
-                not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000
-            ):
-                raise InvalidParameterError(f"option {key!r} must be a positive integer")
-            resolved[key] = value
-        return resolved
+        return resolve_index_options(kind, options, self._defaults, PRECISIONS)
 
     def _get(self, name: str) -> _Collection:
         self._check_open()
@@ -325,13 +371,19 @@ class CollectionStore(IndexMaintenance):
         index: str = "flat",
         options: dict[str, Any] | None = None,
         exist_ok: bool = True,
+        *,
+        source: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Create a collection; an existing one is returned if dim, type and given options agree."""
+        """Create a collection; an existing one is returned if dim, type and given options agree.
+
+        ``source``: source options (``service/storage/sources.py``); on an existing collection
+        the ones given are changed (they do not concern the index)."""
         self._check_open()
         check_collection_name(name)
         if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
             raise InvalidParameterError(f"dim must be an integer from 1 to {MAX_DIM}")
         resolved = self._resolve_options(index, options)
+        resolve_source_options(source)  # checked before anything is written
         with self._write_lock:
             coll = self._collections.get(name)
             if coll is not None:
@@ -345,31 +397,60 @@ class CollectionStore(IndexMaintenance):
                         f"collection {name!r} exists (dim {coll.dim}, index {coll.kind}, "
                         f"options {coll.options})"
                     )
-                return coll.describe()
+                current = self._source_options.get(name, LEGACY_SOURCE_OPTIONS)
+                wanted = resolve_source_options(source, current)
+                if wanted != current:
+                    if not self._has_sources:
+                        raise StoreUnavailableError("this read-only database has no source tables")
+                    with self._transaction("change the source options") as conn:
+                        conn.execute(
+                            "UPDATE collections SET source = ? WHERE name = ?", (json.dumps(wanted), name)
+                        )
+                        conn.execute("COMMIT")
+                    self._source_options[name] = wanted
+                return self.describe(name)
             with self._transaction("create the collection") as conn:
-                coll = self._insert_collection(conn, name, dim, index, resolved)
+                coll = self._insert_collection(conn, name, dim, index, resolved, source)
                 conn.execute("COMMIT")
             self._collections[name] = coll
-            return coll.describe()
+            return self.describe(name)
 
     def _insert_collection(
-        self, conn: sqlite3.Connection, name: str, dim: int, kind: str, options: dict[str, Any]
+        self,
+        conn: sqlite3.Connection,
+        name: str,
+        dim: int,
+        kind: str,
+        options: dict[str, Any],
+        source: dict[str, Any] | None = None,
     ) -> _Collection:
         now = time.time()
+        sources = resolve_source_options(source)
         conn.execute(
-            "INSERT INTO collections (name, dim, index_type, options, created_at) VALUES (?, ?, ?, ?, ?)",
-            (name, dim, kind, json.dumps(options), now),
+            "INSERT INTO collections (name, dim, index_type, options, created_at, source) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (name, dim, kind, json.dumps(options), now, json.dumps(sources)),
         )
+        self._source_options[name] = sources  # a rolled-back create leaves no _collections entry
         index = new_index(dim, kind, options, tombstone_ratio=self.tombstone_rebuild_ratio)
         return _Collection(name, dim, kind, options, now, LiveIndex(index))
 
     def list_collections(self) -> list[dict[str, Any]]:
         self._check_open()
-        return [coll.describe() for coll in sorted(list(self._collections.values()), key=lambda c: c.name)]
+        return [
+            {**coll.describe(), **self._source_options.get(coll.name, LEGACY_SOURCE_OPTIONS)}
+            for coll in sorted(list(self._collections.values()), key=lambda c: c.name)
+        ]
 
     def describe(self, name: str) -> dict[str, Any]:
-        """``{"name", "count", "dim", "index", "created_at"}``."""
-        return self._get(name).describe()
+        """``{"name", "count", "dim", "index", "created_at"}`` and the source options
+        (``store_source``, ``thumbnail_size``, ``thumbnail_format``)."""
+        return {**self._get(name).describe(), **self._source_options.get(name, LEGACY_SOURCE_OPTIONS)}
+
+    def source_options(self, name: str) -> dict[str, Any]:
+        """The collection's source options (``service/storage/sources.py``)."""
+        self._get(name)
+        return dict(self._source_options.get(name, LEGACY_SOURCE_OPTIONS))
 
     def delete_collection(self, name: str) -> None:
         with self._write_lock:
@@ -381,6 +462,7 @@ class CollectionStore(IndexMaintenance):
                     conn.execute("COMMIT")
                     coll.live.retired = True
                     del self._collections[name]
+                    self._source_options.pop(name, None)
 
     # --- documents ---------------------------------------------------------------------------
 
@@ -392,16 +474,20 @@ class CollectionStore(IndexMaintenance):
         metadata: Sequence[dict[str, Any] | None] | None = None,
         *,
         index: str | None = None,
+        sources: Sequence[Source | None] | None = None,
     ) -> list[str]:
         """Store documents all or nothing; an existing id gets the new vector and metadata.
 
         Creates the collection with this batch's dimension (and ``index``, default flat) if
-        it does not exist. Returns the stored ids once they are durable.
+        it does not exist. ``sources``: one ``Source`` (or None) per document, kept when the
+        collection's ``store_source`` is on, in the same transaction; a replaced document
+        keeps only its new source. Returns the stored ids once they are durable.
         """
         self._check_open()
         ids, vectors, texts = check_upsert_batch(name, ids, vectors, metadata, self.max_metadata_bytes)
         if not ids:
             return []
+        kept = check_sources(sources, len(ids))
         if index is not None:
             self._resolve_options(index, None)
         dim = vectors.shape[1]
@@ -439,6 +525,8 @@ class CollectionStore(IndexMaintenance):
                         for label, doc_id, text, vector in zip(labels, ids, texts, vectors, strict=True)
                     ],
                 )
+                if self._source_options.get(name, LEGACY_SOURCE_OPTIONS)["store_source"]:
+                    self._insert_sources(conn, labels, kept)
                 with coll.live.lock.write():
                     conn.execute("COMMIT")
                     self._apply_committed(coll, removed, labels, vectors)
@@ -446,6 +534,17 @@ class CollectionStore(IndexMaintenance):
                 self._collections[name] = coll
             self._maybe_rebuild(coll)
         return ids
+
+    @staticmethod
+    def _insert_sources(conn: sqlite3.Connection, labels: np.ndarray, sources: list[Source | None]) -> None:
+        rows = [(int(label), src) for label, src in zip(labels, sources, strict=True) if src is not None]
+        conn.executemany(
+            "INSERT INTO document_sources (row_id, text) VALUES (?, ?)", [(r, src.text) for r, src in rows]
+        )
+        conn.executemany(
+            "INSERT INTO document_thumbnails (row_id, idx, media_type, data) VALUES (?, ?, ?, ?)",
+            [(r, i, t.media_type, t.data) for r, src in rows for i, t in enumerate(src.thumbnails)],
+        )
 
     def _existing_rows(
         self, conn: sqlite3.Connection, name: str, ids: list[str]
@@ -478,25 +577,55 @@ class CollectionStore(IndexMaintenance):
             coll.live.replace(self._load_index(coll.name, coll.dim, coll.kind, coll.options))
 
     def get(self, name: str, doc_id: str, *, with_vector: bool = False) -> dict[str, Any]:
-        """``{"id", "metadata", "created_at", "updated_at"}`` plus ``"vector"`` (unit norm) if asked."""
+        """``{"id", "metadata", "created_at", "updated_at", "text", "thumbnails"}`` (the source's
+        text or None, and how many thumbnails it has) plus ``"vector"`` (unit norm) if asked."""
         coll = self._get(name)
         check_doc_id(doc_id)
+        source = (
+            "(SELECT text FROM document_sources AS s WHERE s.row_id = d.row_id), "
+            "(SELECT count(*) FROM document_thumbnails AS t WHERE t.row_id = d.row_id)"
+            if self._has_sources
+            else "NULL, 0"
+        )
         rows = self._read(
-            "SELECT metadata, created_at, updated_at, vector FROM documents WHERE collection = ? AND id = ?",
+            f"SELECT d.metadata, d.created_at, d.updated_at, d.vector, {source} FROM documents AS d "
+            "WHERE d.collection = ? AND d.id = ?",
             (name, doc_id),
         )
         if not rows:
             raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
-        meta, created_at, updated_at, blob = rows[0]
+        meta, created_at, updated_at, blob, text, thumbnails = rows[0]
         doc = {
             "id": doc_id,
             "metadata": None if meta is None else json.loads(meta),
             "created_at": created_at,
             "updated_at": updated_at,
+            "text": text,
+            "thumbnails": thumbnails,
         }
         if with_vector:
             doc["vector"] = np.frombuffer(blob, np.float32).reshape(coll.dim).copy()
         return doc
+
+    def thumbnail(self, name: str, doc_id: str, index: int = 0) -> Thumbnail:
+        """The document's ``index``-th thumbnail (0: its first image's)."""
+        self._get(name)
+        check_doc_id(doc_id)
+        if self._has_sources:
+            rows = self._read(
+                "SELECT t.media_type, t.data FROM documents AS d LEFT JOIN document_thumbnails AS t "
+                "ON t.row_id = d.row_id AND t.idx = ? WHERE d.collection = ? AND d.id = ?",
+                (int(index), name, doc_id),
+            )
+        else:
+            rows = self._read(
+                "SELECT NULL, NULL FROM documents WHERE collection = ? AND id = ?", (name, doc_id)
+            )
+        if not rows:
+            raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
+        if rows[0][0] is None:
+            raise ThumbnailNotFoundError(f"document {shown(doc_id)} has no thumbnail {index}")
+        return Thumbnail(rows[0][0], bytes(rows[0][1]))
 
     def delete(self, name: str, doc_id: str) -> None:
         check_doc_id(doc_id)
@@ -540,19 +669,28 @@ class CollectionStore(IndexMaintenance):
         return found
 
     def list_documents(
-        self, name: str, cursor: str | None = None, limit: int = 100, *, with_vector: bool = False
+        self,
+        name: str,
+        cursor: str | None = None,
+        limit: int = 100,
+        *,
+        with_vector: bool = False,
+        with_source: bool = False,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Documents in id order (bytewise) after ``cursor``; the next cursor, or None at the end."""
+        """Documents in id order (bytewise) after ``cursor``; the next cursor, or None at the end.
+        ``with_source``: each has ``"source"``, a ``Source`` or None (for migration)."""
         coll = self._get(name)
         if cursor is not None:
             check_doc_id(cursor)
         rows = self._read(
-            "SELECT id, metadata, created_at, updated_at, vector FROM documents "
+            "SELECT id, metadata, created_at, updated_at, vector, row_id FROM documents "
             "WHERE collection = ? AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
             (name, cursor, cursor, limit + 1),
         )
+        more, rows = len(rows) > limit, rows[:limit]
+        sources = self._sources_of([row[5] for row in rows]) if with_source else {}
         docs = []
-        for doc_id, meta, created_at, updated_at, blob in rows[:limit]:
+        for doc_id, meta, created_at, updated_at, blob, row_id in rows:
             doc = {
                 "id": doc_id,
                 "metadata": None if meta is None else json.loads(meta),
@@ -561,8 +699,31 @@ class CollectionStore(IndexMaintenance):
             }
             if with_vector:
                 doc["vector"] = np.frombuffer(blob, np.float32).reshape(coll.dim).copy()
+            if with_source:
+                doc["source"] = sources.get(row_id)
             docs.append(doc)
-        return docs, (docs[-1]["id"] if len(rows) > limit else None)
+        return docs, (docs[-1]["id"] if more else None)
+
+    def _sources_of(self, row_ids: list[int]) -> dict[int, Source]:
+        """The sources of these rows (one read: a consistent snapshot)."""
+        if not self._has_sources or not row_ids:
+            return {}
+        marks = ", ".join("?" * len(row_ids))
+        texts: dict[int, str | None] = {}
+        thumbs: dict[int, list[Thumbnail]] = {}
+        for kind, row_id, text, _idx, media_type, data in self._read(
+            f"SELECT 0, row_id, text, 0, NULL, NULL FROM document_sources WHERE row_id IN ({marks}) "
+            f"UNION ALL SELECT 1, row_id, NULL, idx, media_type, data FROM document_thumbnails "
+            f"WHERE row_id IN ({marks}) ORDER BY 1, 2, 4",
+            [*row_ids, *row_ids],
+        ):
+            if kind == 0:
+                texts[row_id] = text
+            else:
+                thumbs.setdefault(row_id, []).append(Thumbnail(media_type, bytes(data)))
+        return {
+            row_id: Source(texts.get(row_id), tuple(thumbs.get(row_id, ()))) for row_id in {*texts, *thumbs}
+        }
 
     def collection_options(self, name: str) -> dict[str, Any]:
         """The collection's index options as stored (for migration)."""
@@ -571,22 +732,32 @@ class CollectionStore(IndexMaintenance):
     # --- search --------------------------------------------------------------------------------
 
     def search(
-        self, name: str, query: Any, k: int = 10, filter: dict[str, Any] | None = None
+        self,
+        name: str,
+        query: Any,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        *,
+        include: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
-        """Up to ``k`` hits ``{"id", "score", "metadata"}``, best first; score = cosine similarity."""
-        if isinstance(query, np.ndarray) and query.ndim == 2:
-            if query.shape[0] != 1:
-                raise InvalidVectorError("search takes one query vector; use search_many for several")
-            return self.search_many(name, query, k, filter)[0]
-        return self.search_many(name, [query], k, filter)[0]
+        """Up to ``k`` hits ``{"id", "score", "metadata"}``, best first; score = cosine similarity.
+        ``include`` ``"text"``: each hit has its source's ``"text"`` (or None); ``"thumbnail"``:
+        its first ``Thumbnail`` (or None)."""
+        return search_one(self.search_many, name, query, k, filter, include=include)
 
     def search_many(
-        self, name: str, queries: Any, k: int = 10, filter: dict[str, Any] | None = None
+        self,
+        name: str,
+        queries: Any,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        *,
+        include: Sequence[str] = (),
     ) -> list[list[dict[str, Any]]]:
         """``search`` for each row of ``queries`` (n, dim), with one filter for all."""
+        include = check_include(include)
         coll = self._get(name)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_k:
-            raise InvalidParameterError(f"k must be an integer from 1 to {self.max_k}")
+        check_k(k, self.max_k)
         q = normalised_rows(queries, what="query vector")
         if q.shape[1] != coll.dim:
             raise DimensionMismatchError(
@@ -602,19 +773,52 @@ class CollectionStore(IndexMaintenance):
                     f"SELECT d.row_id FROM documents AS d WHERE d.collection = ? AND {where}", [name, *params]
                 )
                 allowed = np.fromiter((row[0] for row in rows), np.int64, len(rows))
-            scores, labels = coll.live.index.search(q, k, allowed)
-            return self._hits(scores, labels)
+            index = coll.live.index
+            scores, labels = index.search(q, index.candidates(k), allowed)
+            if index.reduced:  # sq8: exact cosine of the candidates from SQLite's float32 vectors
+                scores, labels = rescore(q, labels, k, self._stored_vectors)
+            return self._hits(scores, labels, include)
 
-    def _hits(self, scores: np.ndarray, labels: np.ndarray) -> list[list[dict[str, Any]]]:
+    def _stored_vectors(self, labels: np.ndarray) -> np.ndarray:
+        """The float32 vectors of rows ``labels`` (sorted, all present: the caller holds the read lock)."""
+        found: dict[int, bytes] = {}
+        for start in range(0, len(labels), 500):
+            chunk = [int(x) for x in labels[start : start + 500]]
+            for row_id, blob in self._read(
+                f"SELECT row_id, vector FROM documents WHERE row_id IN ({', '.join('?' * len(chunk))})", chunk
+            ):
+                found[row_id] = blob
+        return np.frombuffer(b"".join(found[int(x)] for x in labels), np.float32).reshape(len(labels), -1)
+
+    def _hits(
+        self, scores: np.ndarray, labels: np.ndarray, include: tuple[str, ...] = ()
+    ) -> list[list[dict[str, Any]]]:
         wanted = sorted({int(label) for label in labels.ravel() if label >= 0})
         docs: dict[int, tuple[str, str | None]] = {}
+        extra: dict[int, dict[str, Any]] = {}
+        sources = self._has_sources and bool(include)
+        columns = (
+            "d.row_id, d.id, d.metadata, s.text, t.media_type, t.data FROM documents AS d "
+            "LEFT JOIN document_sources AS s ON s.row_id = d.row_id "
+            "LEFT JOIN document_thumbnails AS t ON t.row_id = d.row_id AND t.idx = 0"
+            if sources
+            else "d.row_id, d.id, d.metadata, NULL, NULL, NULL FROM documents AS d"
+        )
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
-            for row_id, doc_id, meta in self._read(
-                f"SELECT row_id, id, metadata FROM documents WHERE row_id IN ({', '.join('?' * len(chunk))})",
-                chunk,
+            for row_id, doc_id, meta, text, media_type, data in self._read(
+                f"SELECT {columns} WHERE d.row_id IN ({', '.join('?' * len(chunk))})", chunk
             ):
                 docs[row_id] = (doc_id, meta)
+                if include:
+                    extra[row_id] = {
+                        **({"text": text} if "text" in include else {}),
+                        **(
+                            {"thumbnail": None if data is None else Thumbnail(media_type, bytes(data))}
+                            if "thumbnail" in include
+                            else {}
+                        ),
+                    }
         results = []
         for row_scores, row_labels in zip(scores, labels, strict=True):
             hits = []
@@ -626,6 +830,7 @@ class CollectionStore(IndexMaintenance):
                             "id": doc[0],
                             "score": float(score),
                             "metadata": None if doc[1] is None else json.loads(doc[1]),
+                            **extra.get(int(label), {}),
                         }
                     )
             results.append(hits)

@@ -1,24 +1,28 @@
-"""Validation of what callers hand the collection store: collection names, document
-ids, metadata and metadata filters (compiled to SQL). Pure functions; they raise the
-typed errors of ``service/storage/errors.py``."""
+"""Validation of what callers hand the collection store, shared by both backends:
+collection names, document ids, metadata, upsert batches, metadata filters (checked once
+here, then compiled to each backend's SQL), ``k`` and index options. Pure functions; they
+raise the typed errors of ``service/storage/errors.py``."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+from service.limits import MAX_DIM, MAX_ID_CHARS, MAX_K  # noqa: F401  (MAX_DIM re-exported)
 from service.storage.errors import (
     DuplicateIdError,
     InvalidFilterError,
     InvalidMetadataError,
     InvalidNameError,
+    InvalidParameterError,
     InvalidVectorError,
 )
 
-MAX_DIM = 65536
-MAX_ID_CHARS = 512
 MAX_FILTER_KEYS, MAX_FILTER_KEY_CHARS, MAX_FILTER_VALUES = 32, 256, 1024
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
@@ -45,6 +49,9 @@ def check_doc_id(doc_id: Any) -> str:
             f"invalid document id {shown(doc_id)}: use a non-empty string of at most "
             f"{MAX_ID_CHARS} characters without control characters"
         )
+    if doc_id.endswith("/thumbnail"):
+        # .../documents/{id}/thumbnail is the HTTP API's thumbnail route.
+        raise InvalidNameError(f"invalid document id {shown(doc_id)}: an id must not end in '/thumbnail'")
     return doc_id
 
 
@@ -66,6 +73,16 @@ def metadata_json(metadata: Any, max_bytes: int) -> str | None:
 RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
+def check_unique_ids(ids: Sequence[str]) -> list[str]:
+    """``ids`` as a list; DuplicateIdError naming the first id that appears twice."""
+    seen: set[str] = set()
+    for doc_id in ids:
+        if doc_id in seen:
+            raise DuplicateIdError(f"document id {shown(doc_id)} appears more than once in the request")
+        seen.add(doc_id)
+    return list(ids)
+
+
 def check_upsert_batch(
     name: Any, ids: Any, vectors: Any, metadata: Any, max_metadata_bytes: int
 ) -> tuple[list[str], Any, list[str | None]]:
@@ -73,17 +90,12 @@ def check_upsert_batch(
     name, each id, no id twice, one finite non-zero vector (L2-normalised here) and one
     metadata entry per id. Returns (ids, vectors, metadata as JSON text); ids is empty (and
     vectors None) for an empty batch."""
-    from service.storage.vector_index import normalised_rows
+    from service.vectors import normalised_rows
 
     check_collection_name(name)
     if isinstance(ids, str):
         raise InvalidNameError("ids must be a list of strings, not one string")
-    ids = [check_doc_id(doc_id) for doc_id in ids]
-    seen: set[str] = set()
-    for doc_id in ids:
-        if doc_id in seen:
-            raise DuplicateIdError(f"document id {shown(doc_id)} appears more than once in the request")
-        seen.add(doc_id)
+    ids = check_unique_ids([check_doc_id(doc_id) for doc_id in ids])
     if not ids:
         return [], None, []
     rows = normalised_rows(vectors)
@@ -123,24 +135,38 @@ def filter_operators(key: str, value: dict[Any, Any]) -> tuple[dict[str, Any], A
 _ABSENT = object()
 
 
-def compile_filter(filter: Any) -> tuple[str, list[Any]]:
-    """SQL condition on ``documents AS d`` for ``{"field": value | [any-of values] | {operators}}``;
-    "" for none.
+def check_filter_value(key: str, v: Any) -> None:
+    """An equality value: a string, a finite number (int64 range), a boolean or null."""
+    if v is None or isinstance(v, bool):
+        return
+    if isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
+        return
+    if isinstance(v, str):
+        if _SURROGATES.search(v):  # SQLite cannot bind it, jsonb cannot hold it: no stored value has one
+            raise InvalidFilterError(f"filter value for {key!r} holds a lone UTF-16 surrogate")
+        return
+    raise InvalidFilterError(
+        f"filter value {shown(v)} for {key!r} is not a string, finite number, boolean or null"
+    )
 
-    Matching is type-aware: ``true`` never matches ``1``, ``null`` matches only an explicit
-    null (not a missing field), and numbers compare by value (``1`` matches ``1.0``).
-    Operators: ``{"gte": 10, "lt": 20}`` (numbers only: a field holding a string or nothing
-    does not match) and ``{"not": value | [values]}`` (every document the equality would not
-    match, a missing field included); they combine with AND.
+
+FilterClause = tuple[str, "list[Any] | None", dict[str, Any], "list[Any] | None"]
+
+
+def parse_filter(filter: Any) -> list[FilterClause]:
+    """Check a filter ``{"field": value | [any-of values] | {operators}}``; one clause per field:
+    ``(field, equality values or None, {range operator: number}, not-values or None)``.
+
+    Every backend compiles these clauses to its own SQL; this is the one place that decides
+    what a valid filter is (the limits, the field names, the value types).
     """
     if filter is None:
-        return "", []
+        return []
     if not isinstance(filter, dict):
         raise InvalidFilterError("filter must be an object of field -> value or list of values")
     if len(filter) > MAX_FILTER_KEYS:
         raise InvalidFilterError(f"filter has more than {MAX_FILTER_KEYS} fields")
-    clauses: list[str] = []
-    params: list[Any] = []
+    clauses: list[FilterClause] = []
     total = 0
     for key, value in filter.items():
         if (
@@ -149,52 +175,120 @@ def compile_filter(filter: Any) -> tuple[str, list[Any]]:
             or _FORBIDDEN_CHARS.search(key)
         ):
             raise InvalidFilterError(f"invalid filter field {shown(key)}")
+        equal: list[Any] | None = None
+        ranges: dict[str, Any] = {}
+        negated: list[Any] | None = None
         if isinstance(value, dict):
-            ranges, negated = filter_operators(key, value)
-            total += len(ranges) + (
-                0 if negated is _ABSENT else len(negated) if isinstance(negated, list) else 1
-            )
-            if total > MAX_FILTER_VALUES:
-                raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
-            if ranges:
-                conds = " AND ".join(f"j.atom {RANGE_OPS[op]} ?" for op in ranges)
-                clauses.append(
-                    "EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? "
-                    f"AND j.type IN ('integer', 'real') AND {conds})"
-                )
-                params += [key, *ranges.values()]
-            if negated is not _ABSENT:
-                sql, sub = compile_filter({key: negated})
-                clauses.append(f"NOT ({sql})")
-                params += sub
-            continue
-        if isinstance(value, list) and not value:
-            raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
-        values = value if isinstance(value, list) else [value]
-        total += len(values)
+            ranges, raw = filter_operators(key, value)
+            if raw is not _ABSENT:
+                negated = raw if isinstance(raw, list) else [raw]
+        else:
+            if isinstance(value, list) and not value:
+                raise InvalidFilterError(f"filter field {key!r} has an empty list of values")
+            equal = value if isinstance(value, list) else [value]
+        total += len(ranges) + len(equal or ()) + len(negated or ())
         if total > MAX_FILTER_VALUES:
             raise InvalidFilterError(f"filter has more than {MAX_FILTER_VALUES} values")
+        for v in [*(equal or ()), *(negated or ())]:
+            check_filter_value(key, v)
+        clauses.append((key, equal, ranges, negated))
+    return clauses
+
+
+def compile_filter(filter: Any) -> tuple[str, list[Any]]:
+    """SQLite condition on ``documents AS d`` for a filter (``parse_filter``); "" for none.
+
+    Matching is type-aware: ``true`` never matches ``1``, ``null`` matches only an explicit
+    null (not a missing field), and numbers compare by value (``1`` matches ``1.0``).
+    Operators: ``{"gte": 10, "lt": 20}`` (numbers only: a field holding a string or nothing
+    does not match) and ``{"not": value | [values]}`` (every document the equality would not
+    match, a missing field included); they combine with AND.
+    """
+    clauses: list[str] = []
+    params: list[Any] = []
+
+    def equality(key: str, values: list[Any]) -> str:
         kinds: dict[str, list[Any]] = {"null": [], "true": [], "false": [], "number": [], "text": []}
         for v in values:
             if v is None or isinstance(v, bool):
                 kinds[{None: "null", True: "true", False: "false"}[v]].append(v)
-            elif isinstance(v, int) and -(2**63) <= v < 2**63 or isinstance(v, float) and math.isfinite(v):
-                kinds["number"].append(v)
-            elif isinstance(v, str):
-                if _SURROGATES.search(v):  # SQLite cannot bind it (and no stored value holds one)
-                    raise InvalidFilterError(f"filter value for {key!r} holds a lone UTF-16 surrogate")
-                kinds["text"].append(v)
             else:
-                raise InvalidFilterError(
-                    f"filter value {shown(v)} for {key!r} is not a string, finite number, boolean or null"
-                )
+                kinds["text" if isinstance(v, str) else "number"].append(v)
         conds = [f"j.type = '{kind}'" for kind in ("null", "true", "false") if kinds[kind]]
         for kind, types in (("number", "'integer', 'real'"), ("text", "'text'")):
             if kinds[kind]:
                 conds.append(f"(j.type IN ({types}) AND j.atom IN ({', '.join('?' * len(kinds[kind]))}))")
+        params.extend([key, *kinds["number"], *kinds["text"]])
         # json_each decodes keys, so any key works (a '$."key"' path breaks on quotes/escapes).
-        clauses.append(
-            f"EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND ({' OR '.join(conds)}))"
-        )
-        params += [key, *kinds["number"], *kinds["text"]]
+        return f"EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND ({' OR '.join(conds)}))"
+
+    for key, equal, ranges, negated in parse_filter(filter):
+        if equal is not None:
+            clauses.append(equality(key, equal))
+        if ranges:
+            conds = " AND ".join(f"j.atom {RANGE_OPS[op]} ?" for op in ranges)
+            clauses.append(
+                "EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? "
+                f"AND j.type IN ('integer', 'real') AND {conds})"
+            )
+            params.extend([key, *ranges.values()])
+        if negated is not None:
+            clauses.append(f"NOT ({equality(key, negated)})")
     return " AND ".join(clauses), params
+
+
+# --- search and index options (both backends) ------------------------------------------------
+
+
+def check_k(k: Any, max_k: int = MAX_K) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
+        raise InvalidParameterError(f"k must be an integer from 1 to {max_k}")
+    return k
+
+
+def search_one(
+    search_many: Any, name: str, query: Any, k: int, filter: Any, **options: Any
+) -> list[dict[str, Any]]:
+    """``store.search``: one query (a vector, or a 1 x dim array) through ``store.search_many``."""
+    if isinstance(query, np.ndarray) and query.ndim == 2:
+        if query.shape[0] != 1:
+            raise InvalidVectorError("search takes one query vector; use search_many for several")
+        return search_many(name, query, k, filter, **options)[0]
+    return search_many(name, [query], k, filter, **options)[0]
+
+
+def resolve_index_options(
+    kind: Any,
+    options: Any,
+    defaults: dict[str, dict[str, Any]],
+    precisions: tuple[str, ...],
+    bounds: dict[str, tuple[int, int]] | None = None,
+    where: str = "",
+) -> dict[str, Any]:
+    """The options of a new ``kind`` index: ``defaults[kind]`` overridden by ``options``.
+
+    Integer options are positive (``nlist``/``nprobe`` may be null: chosen from the data),
+    within ``bounds`` when given; ``precision`` is one of ``precisions`` (the backend's)."""
+    if kind not in defaults:
+        raise InvalidParameterError(f"unknown index type {shown(kind)}; use one of {', '.join(defaults)}")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidParameterError("index options must be an object")
+    resolved = dict(defaults[kind])
+    for key, value in (options or {}).items():
+        if key not in resolved:
+            raise InvalidParameterError(f"unknown option {shown(key)} for a {kind} index")
+        if key == "precision":
+            if not isinstance(value, str) or value not in precisions:
+                raise InvalidParameterError(
+                    f"option 'precision' must be one of {', '.join(precisions)}{where}"
+                )
+        elif not (value is None and key in ("nlist", "nprobe")) and (
+            not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000
+        ):
+            raise InvalidParameterError(f"option {key!r} must be a positive integer")
+        elif bounds and key in bounds and value is not None and not bounds[key][0] <= value <= bounds[key][1]:
+            raise InvalidParameterError(
+                f"option {key!r} must be from {bounds[key][0]} to {bounds[key][1]}{where}"
+            )
+        resolved[key] = value
+    return resolved

@@ -20,18 +20,27 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.storage.errors import InvalidVectorError
+from service.limits import INDEX_TYPES  # noqa: F401  (re-exported)
+from service.vectors import normalised_rows  # noqa: F401  (re-exported: the one normalisation)
 
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+# precision "sq8": the approximate index keeps each vector as 8-bit codes (FAISS scalar
+# quantizer QT_8bit, one trained min/max per dimension): a quarter of the memory. It finds
+# candidates; ``rescore`` recomputes their exact scores from SQLite's float32 vectors.
+PRECISIONS = ("float32", "sq8")
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
     # ef_construction 160: a wider beam while building gives a better graph, so the default
     # ef_search keeps its recall on large clustered collections at the same search latency;
     # the price is slower builds and upserts (measured: bench/README.md, bench/hnsw_sweep.py).
-    "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 160},
+    "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 160, "precision": "float32"},
     # nlist/nprobe None: chosen from the collection size when the index is trained.
-    "ivf": {"nlist": None, "nprobe": None, "min_train": 1000},
+    "ivf": {"nlist": None, "nprobe": None, "min_train": 1000, "precision": "float32"},
 }
+# An sq8 HNSW index searches exactly (float32) until this many vectors train its quantizer.
+SQ8_MIN_TRAIN = 1000
+_SQ8_TRAIN_SAMPLE = 65536
+# Candidates an sq8 index returns for exact rescoring: this many times k, at least RESCORE_MIN.
+RESCORE_FACTOR, RESCORE_MIN = 4, 40
 # A filter matching at most this many documents is answered exactly on the subset: cheap,
 # and approximate indexes lose recall on very selective filters.
 EXACT_SUBSET_MAX = 2048
@@ -46,24 +55,27 @@ class BuildCancelled(Exception):
     """A background rebuild was told to stop (the store is closing)."""
 
 
-def normalised_rows(vectors: Any, *, what: str = "vector") -> np.ndarray:
-    """(n, dim) float32 rows scaled to unit L2 norm; InvalidVectorError for NaN/inf/zero rows."""
-    try:
-        with np.errstate(over="ignore"):
-            arr = np.asarray(vectors, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidVectorError(f"{what}s must be numeric arrays of equal length") from exc
-    if arr.ndim != 2 or arr.shape[1] == 0:
-        raise InvalidVectorError(f"{what}s must form a non-empty 2-D array, got shape {arr.shape}")
-    with np.errstate(over="ignore"):
-        arr = arr.astype(np.float32).astype(np.float64)  # values beyond float32's range become inf
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise InvalidVectorError(f"{what} {int(np.flatnonzero(bad)[0])} holds NaN or infinite values")
-    norms = np.linalg.norm(arr, axis=1)
-    if (norms == 0).any():
-        raise InvalidVectorError(f"{what} {int(np.flatnonzero(norms == 0)[0])} is all zeros")
-    return np.ascontiguousarray(arr / norms[:, None], dtype=np.float32)
+def rescore(
+    queries: np.ndarray, labels: np.ndarray, k: int, vectors_of: Callable[[np.ndarray], np.ndarray]
+) -> SearchResult:
+    """The ``k`` best of each row's candidate ``labels`` (-1: none) by exact inner product with
+    ``vectors_of(unique labels)`` (float32 rows in that order): exact scores, best first."""
+    nq = len(queries)
+    wanted = np.unique(labels[labels >= 0])
+    if not len(wanted):
+        return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
+    stored = vectors_of(wanted)
+    rows = np.searchsorted(wanted, np.maximum(labels, 0))
+    out_scores = np.full((nq, k), -np.inf, np.float32)
+    out_labels = np.full((nq, k), -1, np.int64)
+    for i in range(nq):
+        ok = labels[i] >= 0
+        cand = labels[i][ok]
+        exact = stored[rows[i][ok]] @ queries[i]
+        top = np.lexsort((cand, -exact))[:k]  # best first, ties by label
+        out_scores[i, : len(top)], out_labels[i, : len(top)] = exact[top], cand[top]
+    width = int((out_labels >= 0).sum(axis=1).max())
+    return out_scores[:, :width], out_labels[:, :width]
 
 
 def _empty(nq: int) -> SearchResult:
@@ -96,6 +108,11 @@ class FlatIndex:
     def needs_rebuild(self) -> bool:
         return False
 
+    reduced = False  # scores are exact; nothing to rescore
+
+    def candidates(self, k: int) -> int:
+        return k
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
         k = min(k, len(self) if allowed is None else len(allowed))
         if k <= 0:
@@ -112,8 +129,16 @@ class ApproximateIndex:
     FAISS's HNSW cannot remove entries and IVF removal is slow, so a removed label only
     clears its ``alive`` bit; searches exclude dead positions with a bitmap selector, and
     ``needs_rebuild`` asks for a compaction once they exceed ``tombstone_ratio``. The index
-    runs in an exact mode (``IndexFlatIP``) while an IVF collection is too small to train,
-    and after a reload from disk until the background build of the real index finishes.
+    runs in an exact mode (``IndexFlatIP``) while an IVF collection (or an sq8 one) is too
+    small to train, and after a reload from disk until the background build of the real index
+    finishes.
+
+    With ``precision: sq8`` the HNSW graph / IVF lists hold 8-bit codes (``IndexHNSWSQ``,
+    ``IndexIVFScalarQuantizer`` on raw vectors): searches return ``candidates(k)`` labels
+    with approximate scores for the caller to ``rescore``. The quantizer is trained once on
+    float32 vectors (the exact mode's, i.e. SQLite's); a rebuild from the index's own decoded
+    vectors keeps that training, so a compaction or IVF retraining re-encodes every vector
+    to the very same codes (decoding then encoding with one quantizer is the identity).
     """
 
     def __init__(
@@ -136,14 +161,46 @@ class ApproximateIndex:
         self._ascending = True  # labels were added in increasing order (the store's row ids are)
         self._trained_on = 0
         self._nprobe = 1
+        self.sq8 = options.get("precision") == "sq8"
+        self._sq_trained: np.ndarray | None = None  # the scalar quantizer's trained ranges
         self._index: Any
-        if kind == "hnsw" and not exact:
-            self._mode = "hnsw"
-            self._index = faiss.IndexHNSWFlat(dim, int(options["m"]), faiss.METRIC_INNER_PRODUCT)
-            self._index.hnsw.efConstruction = int(options["ef_construction"])
+        if kind == "hnsw" and not exact and not self.sq8:
+            self._make_hnsw(None)
         else:
             self._mode = "exact"
             self._index = faiss.IndexFlatIP(dim)
+
+    def _make_hnsw(self, train: np.ndarray | None) -> None:
+        m = int(self.options["m"])
+        if self.sq8:
+            index = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit, m, faiss.METRIC_INNER_PRODUCT)
+            self._train_sq(index, faiss.downcast_index(index.storage), train)
+        else:
+            index = faiss.IndexHNSWFlat(self.dim, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(self.options["ef_construction"])
+        self._index, self._mode = index, "hnsw"
+
+    def _train_sq(self, index: Any, sq_index: Any, train: np.ndarray | None) -> None:
+        """Train ``sq_index``'s quantizer on ``train``, or give it ``self._sq_trained``."""
+        if self._sq_trained is None:
+            assert train is not None and len(train)
+            if len(train) > _SQ8_TRAIN_SAMPLE:
+                rows = np.random.default_rng(0).choice(len(train), _SQ8_TRAIN_SAMPLE, replace=False)
+                train = train[np.sort(rows)]
+            sq_index.train(np.ascontiguousarray(train, np.float32))
+            self._sq_trained = faiss.vector_to_array(sq_index.sq.trained).copy()
+        else:
+            faiss.copy_array_to_vector(self._sq_trained, sq_index.sq.trained)
+        sq_index.is_trained = True
+        index.is_trained = True
+
+    @property
+    def reduced(self) -> bool:
+        """Scores are approximate (sq8 codes): rescore ``candidates(k)`` hits."""
+        return self.sq8 and self._mode != "exact"
+
+    def candidates(self, k: int) -> int:
+        return max(RESCORE_FACTOR * k, RESCORE_MIN) if self.reduced else k
 
     @classmethod
     def build(
@@ -156,11 +213,20 @@ class ApproximateIndex:
         *,
         tombstone_ratio: float = 0.2,
         should_stop: Callable[[], bool] = lambda: False,
+        like: ApproximateIndex | None = None,
     ) -> ApproximateIndex:
-        """A fresh index of the best mode for these vectors (slow: run it off the request path)."""
-        index = cls(dim, kind, options, tombstone_ratio=tombstone_ratio)
-        if kind == "ivf" and len(labels) >= int(options["min_train"]):
+        """A fresh index of the best mode for these vectors (slow: run it off the request path).
+
+        ``like``: the index being replaced; when its vectors are sq8 codes (``vectors`` are their
+        decoded values) its quantizer training is kept."""
+        index = cls(dim, kind, options, tombstone_ratio=tombstone_ratio, exact=True)
+        if like is not None and like.reduced:
+            index._sq_trained = like._sq_trained
+        n = len(labels)
+        if kind == "ivf" and n >= int(options["min_train"]):
             index._train_ivf(vectors)
+        elif kind == "hnsw" and (not index.sq8 or n >= SQ8_MIN_TRAIN or index._sq_trained is not None):
+            index._make_hnsw(vectors)
         for start in range(0, len(labels), _BUILD_CHUNK):
             if should_stop():
                 raise BuildCancelled
@@ -177,6 +243,7 @@ class ApproximateIndex:
             "ascending": self._ascending,
             "trained_on": self._trained_on,
             "nprobe": self._nprobe,
+            "sq8": self.sq8,
         }
         return self._index, self._labels[: self._size].copy(), self._alive[: self._size].copy(), facts
 
@@ -205,10 +272,18 @@ class ApproximateIndex:
         index = cls(dim, kind, options, tombstone_ratio=tombstone_ratio, exact=True)
         # ``faiss_index`` must be the object that owns the C++ index (as faiss.read_index returns
         # it, already of its concrete class): a downcast copy would not keep it alive.
-        expected = faiss.IndexHNSWFlat if mode == "hnsw" else faiss.IndexIVFFlat
+        expected = {
+            ("hnsw", False): faiss.IndexHNSWFlat,
+            ("hnsw", True): faiss.IndexHNSWSQ,
+            ("ivf", False): faiss.IndexIVFFlat,
+            ("ivf", True): faiss.IndexIVFScalarQuantizer,
+        }[mode, index.sq8]
         if not isinstance(faiss_index, expected):
             raise ValueError(f"snapshot holds a {type(faiss_index).__name__}, not a {expected.__name__}")
-        if isinstance(faiss_index, faiss.IndexIVFFlat):
+        if index.sq8:
+            sq_index = faiss.downcast_index(faiss_index.storage) if mode == "hnsw" else faiss_index
+            index._sq_trained = faiss.vector_to_array(sq_index.sq.trained).copy()
+        if mode == "ivf":
             faiss_index.make_direct_map()  # positions are sequential, so reconstruct() works
             index._trained_on, index._nprobe = int(facts["trained_on"]), int(facts["nprobe"])
         index._index, index._mode = faiss_index, mode
@@ -223,13 +298,24 @@ class ApproximateIndex:
         nlist = self.options["nlist"] or max(1, min(round(2 * math.sqrt(n)), n // 39))
         nlist = max(1, min(int(nlist), n))
         quantizer = faiss.IndexFlatIP(self.dim)
-        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if self.sq8:  # codes of the raw vectors (not residuals): the training survives retraining
+            ivf = faiss.IndexIVFScalarQuantizer(
+                quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
+            )
+        else:
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.cp.seed = 1234
         sample = vectors
         if n > 64 * nlist:  # k-means needs ~40 points per centroid; more only costs time
             rows = np.random.default_rng(0).choice(n, 64 * nlist, replace=False)
             sample = vectors[np.sort(rows)]
-        ivf.train(np.ascontiguousarray(sample))
+        if self.sq8 and self._sq_trained is not None:
+            ivf.train(np.ascontiguousarray(sample))  # the lists; then the kept quantizer ranges
+            self._train_sq(ivf, ivf, None)
+        else:
+            ivf.train(np.ascontiguousarray(sample))
+            if self.sq8:
+                self._sq_trained = faiss.vector_to_array(ivf.sq.trained).copy()
         ivf.make_direct_map()  # positions are sequential, so reconstruct() works
         self._quantizer, self._index, self._mode = quantizer, ivf, "ivf"
         self._trained_on = n
@@ -282,7 +368,7 @@ class ApproximateIndex:
         if self.tombstones and self.tombstones > self.tombstone_ratio * self._size:
             return True
         if self.kind == "hnsw":
-            return self._mode == "exact" and live > 0
+            return self._mode == "exact" and live >= (SQ8_MIN_TRAIN if self.sq8 else 1)
         if self._mode == "exact":
             return live >= int(self.options["min_train"])
         return live >= 4 * self._trained_on  # grown a lot since k-means: retrain
@@ -460,6 +546,7 @@ class LiveIndex:
                 vectors,
                 tombstone_ratio=old.tombstone_ratio,
                 should_stop=should_stop,
+                like=old,
             )
             del vectors
             with self.lock.write():

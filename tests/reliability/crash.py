@@ -7,6 +7,13 @@ some documents, then SIGKILL the server at a random moment and check the store d
 whole with the acknowledged version of its vectors, no batch is partly written or partly
 replaced, acknowledged deletes stayed deleted, and every stored document is its own
 nearest neighbour.
+
+The same rounds run on PostgreSQL (``store_url``: the server gets ``--store-url``), and with
+PostgreSQL as the victim (``postgres``: a ``tests.postgres.PostgresServer``): it is killed
+with SIGKILL while the server keeps taking upserts (answered 503 meanwhile), then restarted;
+the server must recover on its own, and the same checks hold (an upsert or delete answered
+503 may or may not have committed, since the kill can fall between the commit and its reply,
+but an upsert is still all or nothing).
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
-from service.storage.store import CollectionStore
+from service.storage import open_store
 from tests.service.conftest import start_server
 
 COLLECTION, BATCH, DIM = "crash", 8, 64  # 64: the tiny model's dimension (text documents share it)
@@ -46,8 +54,9 @@ class Ledger:
     attempted: dict[str, set[int]] = field(default_factory=dict)  # batch -> versions sent
     text_batches: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)  # acknowledged deletes (doc ids)
-    maybe_deleted: set[str] = field(default_factory=set)  # deletes cut off by the kill
+    maybe_deleted: set[str] = field(default_factory=set)  # deletes cut off by the kill (or 503)
     unexpected: list[str] = field(default_factory=list)
+    refused: int = 0  # 503s (PostgreSQL down), when tolerated
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -75,7 +84,9 @@ class CrashReport:
         }
 
 
-def _writer(url: str, ledger: Ledger, prefix: str, text: bool, stop: threading.Event, seed: int) -> None:
+def _writer(
+    url: str, ledger: Ledger, prefix: str, text: bool, stop: threading.Event, seed: int, tolerate_503: bool
+) -> None:
     rng = random.Random(seed)
     with httpx.Client(base_url=url, timeout=30) as client:
         b = 0
@@ -106,6 +117,10 @@ def _writer(url: str, ledger: Ledger, prefix: str, text: bool, stop: threading.E
             if response.status_code == 200:
                 with ledger.lock:
                     ledger.acked[name] = version
+            elif response.status_code == 503 and tolerate_503:
+                with ledger.lock:
+                    ledger.refused += 1
+                time.sleep(0.02)
             else:
                 ledger.unexpected.append(f"upsert {name}: {response.status_code} {response.text[:200]}")
             if not text and b % 4 == 3 and rng.random() < 0.7:
@@ -117,23 +132,55 @@ def _writer(url: str, ledger: Ledger, prefix: str, text: bool, stop: threading.E
                 except httpx.TransportError:
                     return
                 with ledger.lock:
-                    ledger.maybe_deleted.discard(victim)
+                    if response.status_code == 503 and tolerate_503:
+                        ledger.refused += 1  # may have committed before PostgreSQL died: stays "maybe"
+                    else:
+                        ledger.maybe_deleted.discard(victim)
                     if response.status_code == 200:
                         ledger.deleted.add(victim)
                     # 404: a batch number skipped by a replacement; a lost document shows as missing
             b += 1
 
 
+def _store_args(store_url: str | None) -> tuple[str, ...]:
+    return ("--store-url", store_url) if store_url else ()
+
+
+def _wait_for(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def crash_round(
-    checkpoint: Path, workdir: Path, round_no: int, ledger: Ledger, rng: random.Random, *, writers: int = 4
+    checkpoint: Path,
+    workdir: Path,
+    round_no: int,
+    ledger: Ledger,
+    rng: random.Random,
+    *,
+    writers: int = 4,
+    store_url: str | None = None,
+    postgres: Any = None,
 ) -> None:
-    """Start, write concurrently, SIGKILL after a random number of acknowledgements."""
-    server = start_server(checkpoint, workdir, "--max-batch-size", "8", "--preprocess-workers", "1")
+    """Start, write concurrently, SIGKILL after a random number of acknowledgements: the
+    server, or (``postgres`` given) PostgreSQL, which is then restarted under the live server."""
+    server = start_server(
+        checkpoint, workdir, "--max-batch-size", "8", "--preprocess-workers", "1", *_store_args(store_url)
+    )
     stop = threading.Event()
     threads = [
         threading.Thread(
             target=_writer,
-            args=(server.url, ledger, f"r{round_no}-w{w}", w == writers - 1, stop, rng.random()),
+            args=(
+                server.url,
+                ledger,
+                f"r{round_no}-w{w}",
+                w == writers - 1,
+                stop,
+                rng.random(),
+                postgres is not None,
+            ),
             daemon=True,
         )
         for w in range(writers)
@@ -143,24 +190,37 @@ def crash_round(
         for thread in threads:
             thread.start()
         wanted = rng.randint(2, 12)
-        deadline = time.monotonic() + 60
-        while len(ledger.acked) - start_acks < wanted and time.monotonic() < deadline:
-            time.sleep(0.005)
+        _wait_for(lambda: len(ledger.acked) - start_acks >= wanted)
         time.sleep(rng.uniform(0, 0.2))  # somewhere into the next writes
-        os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(timeout=30)
+        if postgres is None:
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+        else:
+            refused = ledger.refused
+            postgres.kill()
+            _wait_for(lambda: ledger.refused > refused, 30)  # the server notices: 503s
+            postgres.start()
+            restarted = len(ledger.acked)
+            _wait_for(lambda: len(ledger.acked) - restarted >= 3)  # and recovers on its own
+            assert len(ledger.acked) - restarted >= 3, (
+                f"no write acknowledged after the restart:\n{server.log()}"
+            )
+            assert ledger.refused > refused, "PostgreSQL was killed but no request got 503"
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
         server.stop()
-    assert server.proc.returncode == -signal.SIGKILL
+    if postgres is None:
+        assert server.proc.returncode == -signal.SIGKILL
+    else:
+        assert server.proc.returncode is not None and server.proc.returncode != -signal.SIGKILL
     assert len(ledger.acked) > start_acks, f"no write acknowledged in round {round_no}:\n{server.log()}"
 
 
-def verify_store(data_dir: Path, ledger: Ledger, report: CrashReport) -> None:
+def verify_store(location: Path | str, ledger: Ledger, report: CrashReport) -> None:
     """Open the store directly (the server is dead) and hold it to the ledger."""
-    with CollectionStore(data_dir, background_rebuild=False) as store:
+    with open_store(location, background_rebuild=False) as store:
         report.integrity_problems.update(store.integrity_check())
         stored: set[str] = set()
         for name, versions in ledger.attempted.items():
@@ -208,31 +268,50 @@ def verify_store(data_dir: Path, ledger: Ledger, report: CrashReport) -> None:
 
 
 def run_crash_rounds(
-    checkpoint: Path, workdir: Path, rounds: int, seed: int = 0
+    checkpoint: Path,
+    workdir: Path,
+    rounds: int,
+    seed: int = 0,
+    *,
+    store_url: str | None = None,
+    postgres: Any = None,
 ) -> tuple[CrashReport, Ledger]:
     rng = random.Random(seed)
     ledger = Ledger()
     report = CrashReport()
     for round_no in range(rounds):
-        crash_round(checkpoint, workdir, round_no, ledger, rng)
+        crash_round(checkpoint, workdir, round_no, ledger, rng, store_url=store_url, postgres=postgres)
         report.rounds += 1
         report.kills += 1
-        verify_store(workdir / "data", ledger, report)
+        verify_store(store_url or workdir / "data", ledger, report)
     return report, ledger
 
 
-def check_kill_9(checkpoint: Path, workdir: Path, rounds: int, seed: int = 0) -> dict:
-    """``rounds`` kills, each checked on the store; then the restarted server serves it all."""
-    report, ledger = run_crash_rounds(checkpoint, workdir, rounds, seed=seed)
+def check_kill_9(
+    checkpoint: Path,
+    workdir: Path,
+    rounds: int,
+    seed: int = 0,
+    *,
+    store_url: str | None = None,
+    postgres: Any = None,
+) -> dict:
+    """``rounds`` kills, each checked on the store; then the restarted server serves it all.
+
+    ``store_url``: the server keeps collections in PostgreSQL there; ``postgres`` (its
+    ``PostgresServer``): PostgreSQL is the one killed, and restarted, each round."""
+    report, ledger = run_crash_rounds(
+        checkpoint, workdir, rounds, seed=seed, store_url=store_url, postgres=postgres
+    )
     assert not ledger.unexpected, ledger.unexpected[:5]
     assert report.kills == rounds and report.acked_batches > 0
     assert not report.lost_acked_docs, sorted(report.lost_acked_docs)[:10]
     assert not report.partial_batches, sorted(report.partial_batches)
     assert not report.integrity_problems, sorted(report.integrity_problems)[:10]
 
-    with CollectionStore(workdir / "data", background_rebuild=False) as store:
+    with open_store(store_url or workdir / "data", background_rebuild=False) as store:
         count = store.describe(COLLECTION)["count"]
-    server = start_server(checkpoint, workdir)
+    server = start_server(checkpoint, workdir, *_store_args(store_url))
     try:
         with server.client() as client:
             assert client.get(f"/collections/{COLLECTION}").json()["count"] == count

@@ -28,6 +28,7 @@ from service.storage.store import CollectionStore
 from service.storage.vector_index import ApproximateIndex, LiveIndex
 
 TOL = 1e-5
+REDUCED_PRECISION = {"sqlite": "sq8", "postgres": "halfvec"}  # option "precision" of hnsw/ivf
 
 
 @pytest.fixture
@@ -473,9 +474,12 @@ def test_bad_filters(store, bad):
     "kind,options", [("hnsw", {"ef_search": 64}), ("ivf", {"min_train": 300, "nprobe": 8})]
 )
 @pytest.mark.parametrize("ratio", [0.2, 0.95])  # compacted vs left with many tombstones
-def test_approximate_recall_and_never_deleted(make_store, backend, kind, options, ratio):
+@pytest.mark.parametrize("reduced", [False, True])  # precision: FAISS sq8 / pgvector halfvec
+def test_approximate_recall_and_never_deleted(make_store, backend, kind, options, ratio, reduced):
     if backend == "postgres" and ratio != 0.2:
         pytest.skip("no tombstones in pgvector's indexes: one ratio is enough")
+    if reduced:  # the index ranks by 8/16-bit values; the scores checked below must still be exact
+        options = {**options, "precision": REDUCED_PRECISION[backend]}
     with make_store(background_rebuild=False, tombstone_rebuild_ratio=ratio) as store:
         x = random_data(1500, 32, 5, clustered=True)
         ids = ids_for(len(x))
@@ -494,6 +498,8 @@ def test_approximate_recall_and_never_deleted(make_store, backend, kind, options
         assert store.describe("c")["count"] == len(x) - len(gone)
         if backend == "sqlite":
             assert store._collections["c"].live.index.mode == kind  # trained / built, not the exact fallback
+            assert store._collections["c"].live.index.reduced == reduced
+        assert store.collection_options("c")["precision"] == options.get("precision", "float32")
         alive = np.array([i not in gone for i in range(len(x))])
         true = unit(x) @ unit(x[:40]).T
         recall = []
@@ -551,6 +557,28 @@ def test_rebuild_catches_up_with_writes_made_during_the_build():
     assert set(live.index.labels().tolist()) == expected and live.index.tombstones == 2
     _, labels = live.index.search(x[:1], 1)
     assert labels[0, 0] == 10**6  # x[0] lives on under its new label only
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_sq8_rebuild_keeps_the_codes(kind):
+    """A compaction/retraining rebuilds an sq8 index from its own decoded vectors: the kept
+    quantizer must encode them to the same codes (no drift over repeated rebuilds)."""
+    x = unit(random_data(3000, 16, 3, clustered=True)).astype(np.float32)
+    labels = np.arange(3000, dtype=np.int64) * 2 + 1
+    options = {**vector_index.OPTION_DEFAULTS[kind], "precision": "sq8"}
+    live = LiveIndex(ApproximateIndex.build(16, kind, options, labels, x))
+    assert live.index.reduced and live.index.candidates(10) > 10
+    before_labels, before = live.index.live_items()
+    assert 0 < np.abs(before - x).max() < 0.02  # 8-bit codes: close, not equal
+    live.index.remove(labels[::3])
+    for _ in range(3):
+        fresh = live.rebuild()
+        assert fresh is not None and fresh.reduced
+        got_labels, got = fresh.live_items()
+        keep = np.isin(before_labels, got_labels)
+        order = np.argsort(got_labels)
+        np.testing.assert_array_equal(got_labels[order], before_labels[keep])
+        np.testing.assert_array_equal(got[order], before[keep])
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
@@ -759,3 +787,214 @@ def test_concurrent_writes_and_searches(make_store, kind):
         assert store.integrity_check() == []
         hits = store.search("c", np.ones(dim), 1000)
         assert len(hits) == min(1000, expected) and not {h["id"] for h in hits} & deleted
+
+
+# --- sources: the text and thumbnails a document was made from ------------------------------------
+
+
+def _raw_sql(store, backend, statements: list[str]) -> None:
+    """Run SQL on the store's database behind its back (``{docs}``: the table of collection 'c')."""
+    if backend == "sqlite":
+        conn = sqlite3.connect(store.path, isolation_level=None)
+        try:
+            for sql in statements:
+                conn.execute(sql.format(docs="documents"))
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(store.url, autocommit=True) as conn:
+        serial = conn.execute("SELECT serial FROM llave_collections WHERE name = 'c'").fetchone()
+        for sql in statements:
+            conn.execute(sql.format(docs=f"llave_docs_{serial[0]}" if serial else "none"))
+
+
+def test_sources_round_trip_with_real_thumbnails(store):
+    from service.storage.sources import Source, ThumbnailNotFoundError, source_of_input
+    from tests.service.thumbnails import assert_thumbnail_of, image_with_corner, rotated_jpeg
+
+    wide, small, turned = image_with_corner(600, 300), image_with_corner(40, 90), rotated_jpeg(400, 200)
+    options = {"thumbnail_size": 128, "thumbnail_format": "webp"}
+    inputs = [
+        {
+            "content": [
+                {"type": "text", "text": "a"},
+                {"type": "image", "image": wide},
+                {"type": "text", "text": "b"},
+            ]
+        },
+        {"image": small, "text": "small", "instruction": "Represent the image:"},
+        {"image": turned},
+        {"text": "only text", "instruction": "not content"},
+    ]
+    sources = [source_of_input(inp, options) for inp in inputs]
+    assert [s.text for s in sources] == ["a\nb", "small", None, "only text"]
+    x = random_data(5, 8, 0)
+    store.upsert("c", ids_for(5), x, sources=[*sources, None])
+    assert store.describe("c")["store_source"] is True  # created by the upsert: the defaults
+    got = [store.get("c", doc_id) for doc_id in ids_for(5)]
+    assert [(g["text"], g["thumbnails"]) for g in got] == [
+        ("a\nb", 1), ("small", 1), (None, 1), ("only text", 0), (None, 0)
+    ]  # fmt: skip
+    # Decoded independently: size (never enlarged) and mean colour of the original.
+    assert_thumbnail_of(store.thumbnail("c", "doc-0", 0).data, wide, 128)
+    assert_thumbnail_of(store.thumbnail("c", "doc-1").data, small, 128)
+    upright = assert_thumbnail_of(store.thumbnail("c", "doc-2").data, turned, 128)
+    assert upright.size[1] > upright.size[0]  # EXIF orientation 6: a 400x200 photo stands upright
+    corner = np.asarray(upright, np.float64)
+    h, w = corner.shape[:2]
+    # rotated 90 degrees clockwise, the dark top-left block is now at the top right
+    assert corner[: h // 8, -w // 8 :].mean() < 60 < corner[: h // 8, : w // 8].mean()
+    assert store.thumbnail("c", "doc-0").media_type == "image/webp"
+    with pytest.raises(ThumbnailNotFoundError):
+        store.thumbnail("c", "doc-0", 1)
+    with pytest.raises(ThumbnailNotFoundError):
+        store.thumbnail("c", "doc-3", 0)
+    with pytest.raises(DocumentNotFoundError):
+        store.thumbnail("c", "nope", 0)
+
+    hits = store.search("c", x[0], 5, include=["text", "thumbnail"])
+    assert hits[0]["id"] == "doc-0" and hits[0]["text"] == "a\nb"
+    assert hits[0]["thumbnail"].data == store.thumbnail("c", "doc-0").data
+    by_id = {h["id"]: h for h in hits}
+    assert by_id["doc-3"]["thumbnail"] is None and by_id["doc-4"]["text"] is None
+    assert set(store.search("c", x[0], 1)[0]) == {"id", "score", "metadata"}  # nothing unasked
+    assert set(store.search("c", x[0], 1, include=["text"])[0]) == {"id", "score", "metadata", "text"}
+    with pytest.raises(InvalidParameterError):
+        store.search("c", x[0], 1, include=["vector"])
+
+    docs, _ = store.list_documents("c", with_source=True)
+    assert [d["source"] for d in docs] == [*sources, None]
+
+    # Replacing a document replaces its source (none given: none kept); deleting drops it.
+    store.upsert("c", ["doc-0"], x[:1])
+    assert (store.get("c", "doc-0")["text"], store.get("c", "doc-0")["thumbnails"]) == (None, 0)
+    store.delete("c", "doc-1")
+    with pytest.raises(DocumentNotFoundError):
+        store.thumbnail("c", "doc-1")
+    store.upsert("c", ["doc-1"], x[1:2], sources=[Source("back")])
+    assert (store.get("c", "doc-1")["text"], store.get("c", "doc-1")["thumbnails"]) == ("back", 0)
+    assert store.integrity_check() == []
+
+
+def test_store_source_false_keeps_none_and_options_change(store):
+    from service.storage.sources import Source, make_thumbnail
+    from tests.service.thumbnails import image_with_corner
+
+    thumb = make_thumbnail(image_with_corner(64, 64), 32, "jpeg")
+    info = store.create_collection("c", 4, source={"store_source": False})
+    assert (info["store_source"], info["thumbnail_size"], info["thumbnail_format"]) == (False, 256, "webp")
+    store.upsert("c", ["a"], np.eye(1, 4), sources=[Source("text", (thumb,))])
+    assert (store.get("c", "a")["text"], store.get("c", "a")["thumbnails"]) == (None, 0)
+    # The source options of an existing collection can change (the index ones cannot).
+    info = store.create_collection("c", 4, source={"store_source": True, "thumbnail_format": "jpeg"})
+    assert (info["store_source"], info["thumbnail_format"]) == (True, "jpeg")
+    assert store.describe("c")["thumbnail_format"] == "jpeg"
+    assert [c["store_source"] for c in store.list_collections()] == [True]
+    store.upsert("c", ["a"], np.eye(1, 4), sources=[Source("text", (thumb,))])
+    assert store.thumbnail("c", "a").media_type == "image/jpeg"
+    with pytest.raises(CollectionExistsError):
+        store.create_collection("c", 4, "hnsw", source={"store_source": False})
+    assert store.describe("c")["store_source"] is True
+    for bad in (
+        {"thumbnail_size": 8},
+        {"thumbnail_size": 4096},
+        {"thumbnail_size": True},
+        {"thumbnail_format": "png"},
+        {"store_source": "yes"},
+        {"colour": 1},
+    ):
+        with pytest.raises(InvalidParameterError):
+            store.create_collection("d", 4, source=bad)
+        assert "d" not in {c["name"] for c in store.list_collections()}
+
+
+def test_source_limits_refuse_the_whole_batch(store):
+    from service.storage.sources import (
+        MAX_SOURCE_TEXT_BYTES,
+        MAX_THUMBNAIL_BYTES_PER_DOCUMENT,
+        Source,
+        SourceTooLargeError,
+        Thumbnail,
+    )
+
+    store.upsert("c", ["keep"], np.eye(1, 4))
+    too_long = Source("é" * (MAX_SOURCE_TEXT_BYTES // 2 + 1))  # counted in UTF-8 bytes
+    with pytest.raises(SourceTooLargeError):
+        store.upsert("c", ["a", "b"], np.eye(2, 4), sources=[Source("fine"), too_long])
+    big = Thumbnail("image/webp", b"x" * (MAX_THUMBNAIL_BYTES_PER_DOCUMENT // 2 + 1))
+    with pytest.raises(SourceTooLargeError):
+        store.upsert("c", ["a"], np.eye(1, 4), sources=[Source(None, (big, big))])
+    with pytest.raises(InvalidParameterError):
+        store.upsert("c", ["a"], np.eye(1, 4), sources=[Source("one"), Source("two")])
+    for text in ("nul \x00 inside", "lone \ud800 surrogate"):  # neither backend could store them
+        with pytest.raises(InvalidParameterError):
+            store.upsert("c", ["a"], np.eye(1, 4), sources=[Source(text)])
+    assert store.existing_ids("c", ["a", "b"]) == set() and store.describe("c")["count"] == 1
+    from service.storage.sources import input_text
+
+    assert input_text(["a\x00b", None, "c"]) == "ab\nc" and input_text([None]) is None
+
+
+def test_source_and_vector_commit_together(store, backend):
+    """A failure while writing the source rolls back the vector: one transaction."""
+    from service.storage.sources import Source
+
+    store.upsert("c", ["before"], np.eye(1, 4), sources=[Source("kept")])
+    if backend == "sqlite":
+        poison = [
+            "CREATE TRIGGER poison BEFORE INSERT ON document_sources WHEN new.text = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+        ]
+    else:
+        poison = ["ALTER TABLE {docs} ADD CONSTRAINT poison CHECK (source_text IS DISTINCT FROM 'poison')"]
+    _raw_sql(store, backend, poison)
+    with pytest.raises(Exception):  # noqa: B017 (the backend's own error for a failed statement)
+        store.upsert("c", ["new", "before"], np.eye(2, 4), sources=[Source("fine"), Source("poison")])
+    assert store.existing_ids("c", ["new"]) == set() and store.describe("c")["count"] == 1
+    assert store.get("c", "before")["text"] == "kept"
+    assert [h["id"] for h in store.search("c", np.eye(1, 4)[0], 5)] == ["before"]
+
+
+def test_database_of_the_previous_version_opens_and_migrates(make_store, backend):
+    """A data dir / database written before sources existed: opened, migrated, nothing lost;
+    its collections keep no sources until asked to."""
+    from service.storage.sources import Source
+
+    x = random_data(6, 8, 3)
+    with make_store(background_rebuild=False) as store:
+        store.upsert("c", ids_for(6), x, [{"i": i} for i in range(6)])
+        if backend == "sqlite":
+            old = [
+                "DROP TRIGGER documents_source_gone",
+                "DROP TABLE document_sources",
+                "DROP TABLE document_thumbnails",
+                "ALTER TABLE collections DROP COLUMN source",
+            ]
+        else:
+            old = [
+                "ALTER TABLE {docs} DROP COLUMN source_text, DROP COLUMN thumbnails, DROP COLUMN thumbnail_types",
+                "ALTER TABLE llave_collections DROP COLUMN source",
+            ]
+    _raw_sql(store, backend, old)
+    if backend == "sqlite":  # read-only (service.migrate's source): opens without migrating
+        with make_store(read_only=True) as ro:
+            assert ro.get("c", "doc-1")["text"] is None and ro.describe("c")["store_source"] is False
+            assert ro.search("c", x[1], 1, include=["text", "thumbnail"])[0]["thumbnail"] is None
+            assert ro.list_documents("c", with_source=True)[0][0]["source"] is None
+    with make_store(background_rebuild=False) as store:
+        assert store.describe("c")["count"] == 6 and store.describe("c")["store_source"] is False
+        assert store.get("c", "doc-1") | {"created_at": 0, "updated_at": 0} == {
+            "id": "doc-1", "metadata": {"i": 1}, "created_at": 0, "updated_at": 0, "text": None, "thumbnails": 0
+        }  # fmt: skip
+        assert_exact(store.search("c", x[2], 3), ids_for(6), x, x[2], 3)
+        store.upsert("c", ["doc-1"], x[1:2], sources=[Source("ignored")])  # store_source is off
+        assert store.get("c", "doc-1")["text"] is None
+        store.create_collection("c", 8, source={"store_source": True})
+        store.upsert("c", ["doc-1"], x[1:2], sources=[Source("kept")])
+        store.upsert("new", ["a"], x[:1], sources=[Source("new")])
+        assert store.get("c", "doc-1")["text"] == "kept" and store.get("new", "a")["text"] == "new"
+    with make_store(background_rebuild=False) as store:  # and once more: the migration is idempotent
+        assert store.get("c", "doc-1")["text"] == "kept" and store.describe("new")["store_source"] is True
+        assert store.integrity_check() == []

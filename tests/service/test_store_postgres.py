@@ -63,12 +63,41 @@ def test_high_dimension_uses_halfvec_index_and_exact_scores(pg, postgres_url):
     assert "halfvec(2304)" in indexdef and "halfvec_ip_ops" in indexdef
     np.testing.assert_allclose(pg.get("big", "doc-3", with_vector=True)["vector"], unit(x[3:4])[0], atol=1e-7)
     # halfvec on request below the limit; and dimensions no pgvector index can take are refused
-    pg.create_collection("half", 64, "hnsw", {"halfvec": True})
+    pg.create_collection("half", 64, "hnsw", {"precision": "halfvec"})
+    with psycopg.connect(postgres_url) as conn:
+        defs = [r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname LIKE '%%_ann'")]
+    assert sum("halfvec(64)" in d for d in defs) == 1
+    with pytest.raises(InvalidParameterError):
+        pg.create_collection("sq8", 64, "hnsw", {"precision": "sq8"})  # the embedded store's
     with pytest.raises(InvalidParameterError):
         pg.create_collection("huge", 4096, "hnsw")
     with pytest.raises(InvalidParameterError):
         pg.create_collection("bad", 8, "hnsw", {"m": 200})
     pg.create_collection("wide-flat", 4096, "flat")  # exact scan has no such limit
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_halfvec_candidates_are_rescored_exactly(pg, kind):
+    """Cosines 1.5e-5 apart just below 1, where 16-bit floats are 4.9e-4 apart: the halfvec
+    index sees ties and picks candidates; the full-precision column must decide the top k."""
+    dim = 32
+    rng = np.random.default_rng(7)
+    qs = np.eye(dim)[:3]
+    x, ids = [], []
+    for j, q in enumerate(qs):
+        c = np.concatenate([1 - 1.5e-5 * rng.permutation(30), rng.uniform(0.5, 0.95, 70)])
+        w = rng.standard_normal((len(c), dim))
+        w[:, j] = 0
+        w = unit(w)
+        x.append(c[:, None] * q + np.sqrt(1 - c**2)[:, None] * w)
+        ids += [f"q{j}-{i}" for i in range(len(c))]
+    x = np.concatenate(x).astype(np.float32)
+    options = {"precision": "halfvec"}
+    options |= {"m": 16, "ef_construction": 64} if kind == "hnsw" else {"min_train": 100, "nprobe": 32}
+    pg.create_collection("h", dim, kind, options)
+    pg.upsert("h", ids, x)
+    for q in qs:
+        assert_exact(pg.search("h", q, 10), ids, x, q, 10)
 
 
 def test_selective_filter_still_returns_k_hits(pg):
@@ -309,6 +338,18 @@ def test_kill_9_loses_nothing_acknowledged(postgres_server, tmp_path, victim):
         _check(url, range(rnd + 1), acked, replaced, deleted, unconfirmed)
 
 
+@pytest.mark.parametrize("victim", ["server", "postgres"])
+def test_http_kill_9_loses_nothing_acknowledged(tiny_checkpoint, tmp_path, postgres_server, victim):
+    """Over HTTP (tests/reliability/crash.py on --store-url): SIGKILL of the server during
+    concurrent upserts, or of PostgreSQL under a live server that must recover once it is
+    back; every acknowledged write is there, every batch whole."""
+    from tests.reliability.crash import check_kill_9
+
+    url = postgres_server.new_database(f"http_crash_{victim}")
+    postgres = postgres_server if victim == "postgres" else None
+    print(victim, check_kill_9(tiny_checkpoint, tmp_path, 2, seed=11, store_url=url, postgres=postgres))
+
+
 def test_store_reconnects_after_postgres_restart(postgres_server):
     url = postgres_server.new_database("reconnect")
     with PostgresCollectionStore(url) as store:
@@ -351,3 +392,93 @@ def test_largest_in_row_vectors_with_the_longest_ids(pg):
     pg.upsert("wide", ids, x, [{"k": "v" * 5000}, None, {"a": 1}])
     assert pg.search("wide", x[0], 1)[0]["id"] == ids[0]
     np.testing.assert_allclose(pg.get("wide", ids[0], with_vector=True)["vector"], unit(x[:1])[0], atol=1e-7)
+
+
+# --- read replica (--store-read-url) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def primary_and_standby():
+    """A primary and its hot standby (streaming replication over loopback), for this module."""
+    if os.environ.get("LLAVE_TEST_POSTGRES", "1") == "0":
+        pytest.skip("PostgreSQL tests disabled by LLAVE_TEST_POSTGRES=0")
+    from tests.postgres import PostgresServer
+
+    primary = PostgresServer()
+    standby = None
+    try:
+        primary.start()
+        primary.new_database("rep")
+        standby = PostgresServer(standby_of=primary)
+        standby.start()
+        yield primary, standby
+    finally:
+        if standby is not None:
+            standby.cleanup()
+        primary.cleanup()
+
+
+def _db(server, name: str = "rep") -> str:
+    return server.url.rsplit("/", 1)[0] + "/" + name
+
+
+def _replay(standby_url: str, action: str) -> None:
+    with psycopg.connect(standby_url, autocommit=True) as conn:
+        conn.execute(f"SELECT pg_wal_replay_{action}()")
+
+
+def test_reads_go_to_the_replica_and_writes_to_the_primary(primary_and_standby):
+    primary, standby = primary_and_standby
+    x = random_data(40, 8, 0)
+    writer = PostgresCollectionStore(_db(primary), read_url=_db(standby))
+    reader = PostgresCollectionStore(_db(primary), read_url=_db(standby))  # another server: no writes
+    with writer, reader:
+        writer.upsert("c", ids_for(20), x[:20], [{"i": i} for i in range(20)])
+        standby.wait_replayed(primary)
+        assert_exact(reader.search("c", x[3], 5), ids_for(20), x[:20], x[3], 5)
+        # replay paused: the replica lags. The writer still sees its own write at once (its
+        # reads fall back to the primary until the replica has replayed that far); the other
+        # store reads the replica, which does not have it yet: reads really go there.
+        _replay(_db(standby), "pause")
+        try:
+            writer.upsert("c", ["new"], x[20:21], [{"i": 99}])
+            assert writer.search("c", x[20], 1)[0]["id"] == "new"
+            assert writer.get("c", "new")["metadata"] == {"i": 99}
+            assert reader.search("c", x[20], 1)[0]["id"] != "new"
+            assert reader.describe("c")["count"] == 20
+            assert writer.describe("c")["count"] == 21
+        finally:
+            _replay(_db(standby), "resume")
+        standby.wait_replayed(primary)  # bounded wait on the replay LSN, not a sleep
+        assert reader.search("c", x[20], 1)[0]["id"] == "new"
+        assert reader.describe("c")["count"] == 21
+        # writes never go to the replica: the reader's upsert lands on the primary
+        reader.upsert("c", ["from-reader"], x[21:22])
+        assert reader.get("c", "from-reader")["id"] == "from-reader"  # its own write: read at once
+        with psycopg.connect(_db(primary)) as conn:
+            (serial,) = conn.execute("SELECT serial FROM llave_collections WHERE name = 'c'").fetchone()
+            assert conn.execute(f"SELECT count(*) FROM llave_docs_{serial}").fetchone()[0] == 22
+
+
+def test_replica_down_falls_back_to_the_primary_and_primary_down_keeps_searches(primary_and_standby):
+    primary, standby = primary_and_standby
+    x = random_data(10, 4, 1)
+    with PostgresCollectionStore(_db(primary), read_url=_db(standby)) as store:
+        store.upsert("d", ids_for(10), x)
+        standby.wait_replayed(primary)
+        standby.stop()
+        try:
+            assert store.search("d", x[2], 1)[0]["id"] == "doc-2"  # served by the primary
+        finally:
+            standby.start()
+        standby.wait_replayed(primary)
+    with PostgresCollectionStore(_db(primary), read_url=_db(standby)) as store:
+        primary.stop()
+        try:
+            assert store.search("d", x[4], 1)[0]["id"] == "doc-4"  # served by the replica alone
+            with pytest.raises(StoreUnavailableError):
+                store.upsert("d", ["more"], x[:1])
+        finally:
+            primary.start()
+        store.upsert("d", ["more"], x[:1])
+        assert store.describe("d")["count"] == 11
