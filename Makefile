@@ -25,7 +25,15 @@ serve: venv
 # LLAVE_TEST_POSTGRES=0 skips those tests explicitly.
 PG_TEST_USER ?= llave-pg
 
+# The search page's browser tests (tests/service/test_page.py) drive Debian's Chromium through
+# Playwright; as root it is installed here when missing, otherwise those tests skip and say why.
+BROWSER_PACKAGES ?= chromium fonts-dejavu-core
+
 test: venv
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
+		else echo "chromium missing and not root: the browser tests will skip (apt-get install $(BROWSER_PACKAGES))"; fi; fi
 	@if [ "$$(id -u)" = 0 ] && ! id $(PG_TEST_USER) >/dev/null 2>&1; then \
 		useradd --system --no-create-home --shell /usr/sbin/nologin $(PG_TEST_USER) \
 		|| echo "no $(PG_TEST_USER) user: PostgreSQL tests run as nobody"; fi

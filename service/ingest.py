@@ -11,7 +11,8 @@ metadata ``{"path": ...}``). A JSON-lines file gives one document per line:
 ``image`` may be a file path (relative to the file's folder) or base64.
 
 Resumable: ids already in the collection are skipped, so an interrupted run can simply be
-started again. Talks to a running server (default) or, with ``--data-dir``, opens the
+started again. Documents keep their source (text, image thumbnails) as they do through the
+server, when the collection keeps sources (``store_source``, on by default). Talks to a running server (default) or, with ``--data-dir``, opens the
 store and embeds in-process (the server must not be running on that directory: the
 store takes a lock).
 """
@@ -186,7 +187,12 @@ def _raise_for(r: Any) -> None:
 
 
 class StoreTarget:
-    """Ingest straight into the store, embedding in-process (no server)."""
+    """Ingest straight into the store, embedding in-process (no server).
+
+    Takes the server's upsert path (``service/storage/documents.py``): the same vector
+    assembly and checks, vectors normalised once by the store, and the documents' sources
+    (text and thumbnails, ``service/storage/sources.py``) kept when the collection keeps
+    them, with the same image limits as the server's defaults (``service/limits.py``)."""
 
     def __init__(self, data_dir: Path | str, collection: str, model: str | None, device: str, dtype: str):
         from service.storage import open_store
@@ -201,20 +207,35 @@ class StoreTarget:
             if not self._model_id:
                 raise IngestError("--model is needed to embed documents without a server")
             from model import load_embedder
+            from service import limits
 
-            self._embedder = load_embedder(self._model_id, device=self._device, dtype=self._dtype)
-        return self._embedder.embed(inputs)
+            self._embedder = load_embedder(
+                self._model_id, device=self._device, dtype=self._dtype, **limits.image_limits()
+            )
+        return self._embedder.embed(inputs, normalize=False)  # the store normalises
+
+    def _source_options(self) -> dict[str, Any]:
+        from service.storage.errors import CollectionNotFoundError
+        from service.storage.sources import SOURCE_DEFAULTS
+
+        try:
+            return dict(self.store.source_options(self.collection))
+        except CollectionNotFoundError:
+            return dict(SOURCE_DEFAULTS)  # the upsert creates it with the defaults
 
     def existing(self, ids: list[str]) -> set[str]:
         return set(self.store.existing_ids(self.collection, ids))
 
     def upsert(self, rows: list[Row]) -> None:
-        import numpy as np
-
         from model.errors import LlaveError
+        from model.inputs import ImageLimits
+        from service import limits
+        from service.storage.documents import assemble_vectors, check_unique_ids
         from service.storage.errors import StoreError
+        from service.storage.sources import source_of_input
 
         try:
+            ids = check_unique_ids([r.id for r in rows])
             to_embed = [i for i, r in enumerate(rows) if r.doc.get("vector") is None]
             inputs = []
             for i in to_embed:
@@ -223,18 +244,20 @@ class StoreTarget:
                     inp["image"] = inp["image"].read_bytes()
                 inputs.append(inp)
             embedded = self._embed(inputs) if inputs else None
-            dims = {len(r.doc["vector"]) for r in rows if r.doc.get("vector") is not None}
-            dims |= {embedded.shape[1]} if embedded is not None else set()
-            if len(dims) != 1:
-                raise IngestError(f"documents have different dimensions: {sorted(dims)}")
-            vectors = np.zeros((len(rows), dims.pop()), dtype=np.float32)
-            for i, r in enumerate(rows):
-                if r.doc.get("vector") is not None:
-                    vectors[i] = np.asarray(r.doc["vector"], dtype=np.float64)
-            if embedded is not None:
-                vectors[to_embed] = embedded
+            vectors = assemble_vectors([r.doc.get("vector") for r in rows], embedded, to_embed)
+            sources: list[Any] = [None] * len(rows)
+            options = self._source_options()
+            if options["store_source"]:
+                kw = limits.image_limits()
+                image_limits = ImageLimits(
+                    max_pixels=kw["max_image_pixels"],
+                    max_images=kw["max_images_per_input"],
+                    max_bytes=kw["max_image_bytes"],
+                )
+                for i, inp in zip(to_embed, inputs, strict=True):
+                    sources[i] = source_of_input(inp, options, image_limits)
             self.store.upsert(
-                self.collection, [r.id for r in rows], vectors, [r.doc.get("metadata") for r in rows]
+                self.collection, ids, vectors, [r.doc.get("metadata") for r in rows], sources=sources
             )
         except (LlaveError, StoreError, ValueError, TypeError, OSError) as exc:
             raise IngestError(str(exc)) from exc

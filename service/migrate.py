@@ -3,12 +3,14 @@
     python -m service.migrate --from ./data --to postgresql://user@host/db
     python -m service.migrate --from postgresql://user@host/db --to ./data-back
 
-Each collection is created on the target with the source's dimension, index type and index
-options, then its documents (id, unit vector, metadata) are copied in id order, page by
-page; each page is one all-or-nothing upsert. Resumable: a page whose ids are all on the
+Each collection is created on the target with the source's dimension, index type, index
+options and source options (``store_source``, thumbnail size and format), then its documents
+(id, unit vector, metadata, and their sources: text and thumbnails, byte for byte) are
+copied in id order, page by page; each page is one all-or-nothing upsert. Resumable: a page whose ids are all on the
 target already is skipped, so a run that was interrupted (or repeated) picks up where it
-stopped. At the end every collection's count is compared and a sample of documents
-(vector and metadata) is read back from both sides; a mismatch is an error (exit 1).
+stopped. At the end every collection's count and options are compared and a sample of
+documents (vector, metadata, text and thumbnails) is read back from both sides; a mismatch is
+an error (exit 1).
 
 The source must not change meanwhile: stop the servers of a data directory (its lock
 enforces it) or of the PostgreSQL database you copy from.
@@ -31,36 +33,60 @@ class MigrationError(Exception):
     pass
 
 
+# Each backend's reduced precision: FAISS's 8-bit scalar quantizer, pgvector's halfvec. Both
+# rank candidates in reduced precision and rescore them exactly, so one maps to the other.
+REDUCED_PRECISION = {"sq8": "halfvec", "halfvec": "sq8"}
+
+
 def _target_options(source_options: dict[str, Any], kind: str, target: Any) -> dict[str, Any]:
-    """The source's options that the target knows (``halfvec``: PostgreSQL only; ``lists_built``:
-    bookkeeping of the PostgreSQL store)."""
+    """The source's options that the target knows (``lists_built``: bookkeeping of the
+    PostgreSQL store), with the reduced precision translated to the target's own."""
     known = set(target._defaults.get(kind, {}))
-    return {key: value for key, value in source_options.items() if key in known}
+    options = {key: value for key, value in source_options.items() if key in known}
+    if "precision" in options:
+        precision = options["precision"]
+        if precision not in target.precisions:
+            options["precision"] = REDUCED_PRECISION.get(precision, precision)
+    return options
 
 
 def copy_collection(source: Any, target: Any, name: str, *, page: int = 500) -> dict[str, Any]:
     info = source.describe(name)
     options = _target_options(source.collection_options(name), info["index"], target)
-    target.create_collection(name, info["dim"], info["index"], options)
+    target.create_collection(name, info["dim"], info["index"], options, source=_source_options(info))
     cursor: str | None = None
     copied = skipped = 0
     while True:
-        docs, cursor = source.list_documents(name, cursor, page, with_vector=True)
+        docs, cursor = source.list_documents(name, cursor, page, with_vector=True, with_source=True)
         if docs:
             ids = [d["id"] for d in docs]
             if len(target.existing_ids(name, ids)) == len(ids):
                 skipped += len(ids)
             else:
-                target.upsert(name, ids, np.stack([d["vector"] for d in docs]), [d["metadata"] for d in docs])
+                target.upsert(
+                    name,
+                    ids,
+                    np.stack([d["vector"] for d in docs]),
+                    [d["metadata"] for d in docs],
+                    sources=[d["source"] for d in docs],
+                )
                 copied += len(ids)
         if cursor is None:
             break
     return {"collection": name, "copied": copied, "skipped": skipped}
 
 
+def _source_options(info: dict[str, Any]) -> dict[str, Any]:
+    from service.storage.sources import SOURCE_DEFAULTS
+
+    return {key: info[key] for key in SOURCE_DEFAULTS}
+
+
 def verify_collection(source: Any, target: Any, name: str, *, sample: int = 200, seed: int = 0) -> None:
+    from service.storage.sources import SOURCE_DEFAULTS
+
     a, b = source.describe(name), target.describe(name)
-    for key in ("count", "dim", "index"):
+    for key in ("count", "dim", "index", *SOURCE_DEFAULTS):
         if a[key] != b[key]:
             raise MigrationError(
                 f"collection {name!r}: {key} {a[key]!r} on the source, {b[key]!r} on the target"
@@ -81,6 +107,13 @@ def verify_collection(source: Any, target: Any, name: str, *, sample: int = 200,
             raise MigrationError(f"collection {name!r}, document {doc_id!r}: metadata differs")
         if not np.allclose(x["vector"], y["vector"], atol=1e-6, rtol=0):
             raise MigrationError(f"collection {name!r}, document {doc_id!r}: vector differs")
+        if (x["text"], x["thumbnails"]) != (y["text"], y["thumbnails"]) or any(
+            source.thumbnail(name, doc_id, i) != target.thumbnail(name, doc_id, i)
+            for i in range(x["thumbnails"])
+        ):
+            raise MigrationError(
+                f"collection {name!r}, document {doc_id!r}: source (text or thumbnails) differs"
+            )
 
 
 def migrate(source: Any, target: Any, *, page: int = 500, sample: int = 200) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ it is one of its 36: ``ImageNet_1K`` is ``ImageNet-1K``). Without ``--image-root
 images are looked up in ``<dir>/eval_images`` (where MMEB-eval's ``images.zip`` unzips),
 else in ``<dir>``. Each dataset's distinct queries and candidates are embedded once, in
 batches, by the model core (``--model``) or a running server (``--server URL``, POST
-/embed), with a progress bar on stderr.
+/embed), with progress on stderr (a bar on a terminal, a line every 10% in a log).
 
 Output: a table on stdout (the paper's MMEB layout, ``training/mmeb.py``, when any dataset
 is one of MMEB's 36; datasets outside it are reported apart), optionally the difference to
@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # `python training/evaluate.py`
 
 from training import mmeb  # noqa: E402
 from training.data import BadRowError, LoadReport, Side, iter_rows, model_input, parse_side  # noqa: E402
+from training.progress import Progress  # noqa: E402
 from training.remote import ServerEmbedder  # noqa: E402
 
 DEFAULT_DATASET = "all"
@@ -272,15 +273,8 @@ def evaluate(
                 index.setdefault(side, len(index))
         plans.append((name, by_dataset[name], index))
 
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=sum(len(index) for *_, index in plans),
-        unit="input",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    # A bar on a terminal; in a log file, a line every 10% of the inputs or 30 s.
+    bar = Progress(sum(len(index) for *_, index in plans), "embed", "input", enabled=progress)
     datasets = {}
     try:
         for name, drows, index in plans:

@@ -79,6 +79,7 @@ from training.fsdp import (  # noqa: E402
     save_sharded,
     shard_model,
 )
+from training.progress import Progress  # noqa: E402
 from training.reporting import append_jsonl, plot_loss, truncate_jsonl, write_model_card  # noqa: E402
 from training.step import (  # noqa: E402
     ADAPTERS_FILE,
@@ -169,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-steps", type=int, default=0, help="resumable checkpoint every N steps (0 = none)")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (0 = all)")
     g.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in --output-dir")
-    g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="a log line every --logging-steps instead of the progress (a bar on a terminal; "
+        "elsewhere, e.g. into a log file, a line every 10%% of the steps or 30 s)",
+    )
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-data", default=None, help="MMEB-eval rows scored with Precision@1 (on rank 0)")
@@ -393,12 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # -- the loop
     progress = None
-    if ctx.is_main and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(
-            total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True
-        )
+    if ctx.is_main and not args.no_progress:  # a bar on a terminal, a line every 10% in a log
+        progress = Progress(total_steps, "train", "step", initial=state["step"], log=logger.info)
     start = tick = time.perf_counter()
     while state["step"] < total_steps:
         sampler.set_epoch(state["epoch"], skip=state["batch_in_epoch"])
@@ -447,10 +449,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         line["pairs_per_s"],
                     )
             if progress is not None:
-                progress.set_postfix(
-                    loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", pairs_s=f"{global_batch / seconds:.0f}"
+                progress.update(
+                    1, loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", pairs_s=f"{global_batch / seconds:.0f}"
                 )
-                progress.update(1)
             if args.eval_data and args.eval_steps and state["step"] % args.eval_steps == 0:
                 run_eval()
             if args.save_steps and state["step"] % args.save_steps == 0 and state["step"] < total_steps:

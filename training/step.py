@@ -54,6 +54,23 @@ def _chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def encode_distinct(encode, embedder, inputs: Sequence, keys: torch.Tensor, device) -> torch.Tensor:
+    """``encode(collate(inputs))`` computing each distinct input once: rows with the same
+    content key (same text and image) share one forward pass and, through the indexing,
+    sum their gradients, which is exactly the gradient of encoding every copy (the models
+    trained here have no dropout). Synthetic captions and MMEB's class-name targets repeat
+    a lot within a batch."""
+    slot: dict[int, int] = {}
+    index = [slot.setdefault(k, len(slot)) for k in keys.tolist()]
+    if len(slot) == len(inputs):
+        return encode(embedder.collate(inputs, device))
+    distinct: list = [None] * len(slot)
+    for item, j in zip(inputs, index, strict=True):
+        if distinct[j] is None:
+            distinct[j] = item
+    return encode(embedder.collate(distinct, device))[torch.tensor(index, device=device)]
+
+
 def train_step(
     batch: PairBatch, *, embedder, encode, ddp: nn.Module | None, device, config: StepConfig
 ) -> torch.Tensor:
@@ -76,8 +93,8 @@ def train_step(
         t_chunks = [embedder.collate(c, device) for c in _chunks(batch.targets, size)]
         n_chunks = [embedder.collate(c, device) for c in _chunks(batch.negatives, size)]
         return grad_cache_step(encode, q_chunks, t_chunks, loss_fn, model=ddp, negative_chunks=n_chunks)
-    q = encode(embedder.collate(batch.queries, device))  # (n, d)
-    t = encode(embedder.collate(batch.targets, device))  # (n, d)
+    q = encode_distinct(encode, embedder, batch.queries, batch.keys[:, 0], device)  # (n, d)
+    t = encode_distinct(encode, embedder, batch.targets, batch.keys[:, 1], device)  # (n, d)
     negatives = encode(embedder.collate(batch.negatives, device)) if with_negatives else None  # (n * k, d)
     loss = loss_fn(q, t, negatives)
     loss.backward()

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service import limits
+from service.storage import sources as source_limits
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -85,9 +88,75 @@ class EmbedResponse(BaseModel):
 # --- /v1/embeddings (OpenAI) -----------------------------------------------------------
 
 
+TOKEN_IDS_MESSAGE = (
+    "token ids are not accepted: ids from another tokenizer (an OpenAI client's tiktoken) mean "
+    "nothing to LLaVE, so send the text itself (LangChain: OpenAIEmbeddings(..., "
+    "check_embedding_ctx_length=False))"
+)
+
+
+def _is_token_ids(value: Any) -> bool:
+    """``[1, 2, 3]`` or ``[[1, 2], [3]]``: what OpenAI clients send after tokenising."""
+
+    def ints(items: Any) -> bool:
+        return isinstance(items, list) and bool(items) and all(type(i) is int for i in items)
+
+    return ints(value) or (isinstance(value, list) and bool(value) and all(ints(v) for v in value))
+
+
+class ChatImageURL(Strict):
+    url: str = Field(description="A data: URI, base64 image bytes, or an allow-listed http(s) URL.")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted and ignored.")
+
+
+class ChatTextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ChatImageURL
+
+
+ChatPart = Annotated[ChatTextPart | ChatImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(Strict):
+    """One user turn of vLLM's chat form; its parts become an interleaved ``content`` input."""
+
+    role: str
+    content: str | list[ChatPart]
+
+    @field_validator("role")
+    @classmethod
+    def _user_only(cls, value: str) -> str:
+        if value != "user":
+            raise ValueError(
+                f"must be 'user', not {value!r}: LLaVE embeds one user turn under its own fixed system prompt"
+            )
+        return value
+
+    def to_input(self) -> dict[str, Any]:
+        if isinstance(self.content, str):
+            return {"content": [{"type": "text", "text": self.content}]}
+        return {"content": [_chat_part(part) for part in self.content]}
+
+
+def _chat_part(part: ChatTextPart | ChatImagePart) -> dict[str, str]:
+    if isinstance(part, ChatTextPart):
+        return {"type": "text", "text": part.text}
+    return {"type": "image", "image": part.image_url.url}
+
+
 class OpenAIEmbeddingRequest(Strict):
-    input: str | list[str | InputObject] = Field(
-        description="A string, a list of strings, or a list of input objects (also mixed)."
+    input: str | list[str | InputObject] | None = Field(
+        None, description="A string, a list of strings, or a list of input objects (also mixed)."
+    )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        description="vLLM's chat form instead of 'input': one user message whose content is a string "
+        "or text and image_url parts; embedded as the same interleaved 'content' input (one vector).",
     )
     model: str | None = Field(None, description="Optional; must name the served model if given.")
     encoding_format: Literal["float", "base64"] = Field(
@@ -96,8 +165,35 @@ class OpenAIEmbeddingRequest(Strict):
     dimensions: int | None = Field(None, description="Optional; must equal the model's dimension.")
     user: str | None = Field(None, description="Accepted for compatibility and ignored.")
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        if _is_token_ids(value):
+            raise ValueError(TOKEN_IDS_MESSAGE)
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _one_user_message(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if value is not None and len(value) != 1:
+            raise ValueError(f"give exactly one user message (LLaVE embeds one user turn), not {len(value)}")
+        if value and isinstance(value[0].content, list) and not value[0].content:
+            raise ValueError("the message's content is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _input_or_messages(self) -> OpenAIEmbeddingRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError(
+                "give either 'input' or 'messages' (the chat form), not both or neither "
+                "(with the OpenAI client: input=openai.omit, extra_body={'messages': [...]})"
+            )
+        return self
+
     def to_inputs(self) -> list[dict[str, Any]]:
-        items = [self.input] if isinstance(self.input, str) else self.input
+        if self.messages is not None:
+            return [message.to_input() for message in self.messages]
+        items = [self.input] if isinstance(self.input, str) else (self.input or [])
         return [{"text": item} if isinstance(item, str) else item.to_input() for item in items]
 
 
@@ -197,6 +293,20 @@ OPENAI_EXAMPLES: dict[str, dict[str, Any]] = {
         "summary": "Input objects (images)",
         "value": {"input": [{"image": PNG_8X8}, {"text": "a red square"}]},
     },
+    "chat": {
+        "summary": "vLLM's chat form (one vector)",
+        "value": {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_8X8}},
+                        {"type": "text", "text": "Represent the given image."},
+                    ],
+                }
+            ]
+        },
+    },
 }
 
 
@@ -209,7 +319,7 @@ class DocumentIn(Strict):
     """A document: an ``id``, optional ``metadata``, and either a raw ``vector`` or the
     fields of an input object (embedded through the same batcher as ``/embed``)."""
 
-    id: str = Field(min_length=1, max_length=512)
+    id: str = Field(min_length=1, max_length=limits.MAX_ID_CHARS)
     metadata: dict[str, Any] | None = None
     vector: list[float] | None = Field(None, description="A precomputed embedding (normalised on upsert).")
     text: str | None = None
@@ -255,11 +365,34 @@ class UpsertResponse(BaseModel):
 
 
 class CreateCollectionRequest(Strict):
-    dim: int | None = Field(None, ge=1, le=65536, description="Defaults to the served model's dimension.")
+    dim: int | None = Field(
+        None, ge=1, le=limits.MAX_DIM, description="Defaults to the served model's dimension."
+    )
     index: Literal["flat", "hnsw", "ivf"] = "flat"
     options: dict[str, Any] | None = Field(
-        None, description="hnsw: m, ef_search, ef_construction; ivf: nlist, nprobe."
+        None,
+        description="hnsw: m, ef_search, ef_construction; ivf: nlist, nprobe, min_train; both: "
+        "precision ('float32'; 'sq8' on the embedded store, 'halfvec' on PostgreSQL: the index "
+        "ranks in reduced precision, the top candidates are rescored exactly).",
     )
+    store_source: bool | None = Field(
+        None,
+        description="Keep each document's text and image thumbnails (default true). Unlike the "
+        "index options, the source options of an existing collection can be changed.",
+    )
+    thumbnail_size: int | None = Field(
+        None,
+        ge=source_limits.MIN_THUMBNAIL_SIZE,
+        le=source_limits.MAX_THUMBNAIL_SIZE,
+        description=f"Longest side of a thumbnail in pixels (default "
+        f"{source_limits.SOURCE_DEFAULTS['thumbnail_size']}); smaller images are not enlarged.",
+    )
+    thumbnail_format: Literal["webp", "jpeg"] | None = Field(None, description="Default webp.")
+
+    def source_options(self) -> dict[str, Any]:
+        return self.model_dump(
+            include={"store_source", "thumbnail_size", "thumbnail_format"}, exclude_none=True
+        )
 
 
 class CollectionInfo(BaseModel):
@@ -268,6 +401,9 @@ class CollectionInfo(BaseModel):
     dim: int
     index: str
     created_at: float | None = None
+    store_source: bool = Field(description="Whether new documents keep their text and thumbnails.")
+    thumbnail_size: int
+    thumbnail_format: Literal["webp", "jpeg"]
 
 
 class CollectionList(BaseModel):
@@ -282,6 +418,15 @@ class DocumentOut(BaseModel):
     vector: list[float] | None = None
 
 
+class DocumentDetail(DocumentOut):
+    text: str | None = Field(
+        None, description="The input's text parts joined with newlines (null: none, or not kept)."
+    )
+    thumbnails: int = Field(
+        0, description="Thumbnails kept, one per image of the input: GET .../thumbnail?index=i."
+    )
+
+
 class DocumentPage(BaseModel):
     documents: list[DocumentOut]
     next_cursor: str | None = Field(
@@ -294,7 +439,7 @@ class Deleted(BaseModel):
 
 
 class IdsRequest(Strict):
-    ids: list[str] = Field(min_length=1, max_length=10_000)
+    ids: list[str] = Field(min_length=1, max_length=limits.MAX_IDS_PER_LOOKUP)
 
 
 class IdsResponse(BaseModel):
@@ -308,7 +453,7 @@ class VectorQuery(Strict):
 class SearchRequest(Strict):
     collection: str = "default"
     query: VectorQuery | InputObject = Field(description="An input object, or {'vector': [...]}.")
-    k: int = Field(10, ge=1, le=100_000)
+    k: int = Field(10, ge=1, le=limits.MAX_K)
     filter: (
         dict[str, MetadataValue | list[MetadataValue] | dict[str, MetadataValue | list[MetadataValue]]] | None
     ) = Field(
@@ -319,6 +464,11 @@ class SearchRequest(Strict):
         "Fields combine with AND.",
     )
     truncate: bool = True
+    include: list[Literal["text", "thumbnail"]] = Field(
+        default_factory=list,
+        description='Add to each hit its "text" and/or "thumbnail" (the first image\'s, as a data: '
+        "URI), when the collection keeps sources; null where the document has none.",
+    )
 
     @field_validator("filter")
     @classmethod
@@ -340,6 +490,12 @@ class Hit(BaseModel):
     id: str
     score: float = Field(description="Cosine similarity.")
     metadata: dict[str, Any] | None = None
+    text: str | None = Field(None, description='With "include": ["text"]: the document\'s text or null.')
+    thumbnail: str | None = Field(
+        None,
+        description='With "include": ["thumbnail"]: its first image\'s thumbnail as a data: URI '
+        "(data:image/webp;base64,... or image/jpeg), or null.",
+    )
 
 
 class SearchResponse(BaseModel):

@@ -29,6 +29,9 @@ from service.http.errors import (
 )
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+# The search page and its static files (service/http/routes/page.py): it asks for the key itself.
+PAGE_PATHS = frozenset({"/", "/page/index.html", "/page/app.js", "/page/style.css"})
+PUBLIC_PATHS = PUBLIC_PATHS | PAGE_PATHS
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 

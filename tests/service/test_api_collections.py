@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import math
 
@@ -10,7 +11,8 @@ import pytest
 
 from model import load_embedder
 from tests.conftest import b64, make_png
-from tests.service.conftest import start_server
+from tests.service.conftest import API_KEY, start_server
+from tests.service.thumbnails import assert_thumbnail_of, image_with_corner, rotated_jpeg
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -66,6 +68,18 @@ def test_upsert_inputs_and_search_equals_exact_search(srv, tiny_checkpoint):
             "dim": 64,
             "index": "flat",
             "created_at": info["created_at"],
+            "store_source": True,
+            "thumbnail_size": 256,
+            "thumbnail_format": "webp",
+        }
+        # Sources: the text parts (joined by newlines, the instruction left out), one thumbnail per image.
+        kept = {d["id"]: c.get(f"/collections/e2e/documents/{d['id']}").json() for d in docs}
+        assert {i: (doc["text"], doc["thumbnails"]) for i, doc in kept.items()} == {
+            "t-red": ("a red circle", 0),
+            "t-blue": ("a blue square", 0),
+            "i-red": (None, 1),
+            "i-mix": ("see", 1),
+            "t-instr": ("green", 0),
         }
 
         emb = load_embedder(tiny_checkpoint, device="cpu")
@@ -361,3 +375,145 @@ def test_range_and_not_filters_over_http(srv):
         assert sorted(int(h["id"][1:]) for h in r.json()["hits"]) == [11, 13, 15, 17, 19]
         for bad in ({"price": {"between": [1, 2]}}, {"price": {"gte": "1"}}, {"price": {}}):
             assert c.post("/search", json={**query, "filter": bad}).status_code == 422
+
+
+# --- sources: text and thumbnails kept with the documents ------------------------------------------
+
+
+def _data_uri_bytes(uri: str, media_type: str) -> bytes:
+    prefix = f"data:{media_type};base64,"
+    assert uri.startswith(prefix), uri[:40]
+    return base64.b64decode(uri[len(prefix) :])
+
+
+def test_sources_over_http_thumbnail_route_and_search_include(srv):
+    wide, tall = image_with_corner(300, 120), image_with_corner(50, 80, (230, 200, 20))
+    docs = [
+        {"id": "dir/wide.png", "image": b64(wide), "text": "a wide one", "metadata": {"n": 1}},
+        {"id": "both", "content": [{"type": "image", "image": b64(tall)}, {"type": "text", "text": "x"},
+                                   {"type": "image", "image": b64(wide)}]},
+        {"id": "plain", "text": "no image"},
+    ]  # fmt: skip
+    with srv.client() as c:
+        assert c.post("/collections/src/documents", json={"documents": docs}).status_code == 200
+        both = c.get("/collections/src/documents/both").json()
+        assert (both["text"], both["thumbnails"]) == ("x", 2)
+
+        # The thumbnail route: bytes decoded with Pillow against the original images.
+        r = c.get("/collections/src/documents/dir/wide.png/thumbnail")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
+        assert_thumbnail_of(r.content, wide, 256)  # 300 px wide: scaled down to 256
+        assert r.headers["cache-control"].startswith("private") and r.headers["etag"]
+        assert_thumbnail_of(
+            c.get("/collections/src/documents/both/thumbnail").content, tall, 256
+        )  # not enlarged
+        second = c.get("/collections/src/documents/both/thumbnail", params={"index": 1})
+        assert_thumbnail_of(second.content, wide, 256)
+        # Revalidation: 304 with no body while unchanged; a replaced document has a new ETag.
+        etag = r.headers["etag"]
+        again = c.get("/collections/src/documents/dir/wide.png/thumbnail", headers={"if-none-match": etag})
+        assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+        assert (
+            c.get(
+                "/collections/src/documents/dir/wide.png/thumbnail", headers={"if-none-match": '"other"'}
+            ).status_code
+            == 200
+        )
+        replaced = {"id": "dir/wide.png", "image": b64(tall)}
+        assert c.post("/collections/src/documents", json={"documents": [replaced]}).status_code == 200
+        new = c.get("/collections/src/documents/dir/wide.png/thumbnail", headers={"if-none-match": etag})
+        assert new.status_code == 200 and new.headers["etag"] != etag
+        assert_thumbnail_of(new.content, tall, 256)
+        assert (
+            c.get("/collections/src/documents/dir/wide.png").json()["text"] is None
+        )  # replaced, with its source
+
+        # 404 (JSON error) for a missing thumbnail, document or collection; 422 for a bad index.
+        for path, params in [
+            ("/collections/src/documents/plain/thumbnail", {}),
+            ("/collections/src/documents/both/thumbnail", {"index": 2}),
+            ("/collections/src/documents/nope/thumbnail", {}),
+            ("/collections/nope/documents/both/thumbnail", {}),
+        ]:
+            r = c.get(path, params=params)
+            assert r.status_code == 404, (path, r.text)
+            assert r.json()["error"]["type"] == "not_found" and r.json()["error"]["message"]
+        for index in (-1, 10**6, "x"):
+            r = c.get("/collections/src/documents/both/thumbnail", params={"index": index})
+            assert r.status_code == 422 and r.json()["error"]["message"]
+
+        # An id may not look like the thumbnail route: refused, so every path names one thing.
+        bad = c.post("/collections/src/documents", json={"documents": [{"id": "x/thumbnail", "text": "t"}]})
+        assert bad.status_code == 422 and "/thumbnail" in bad.json()["error"]["message"]
+        assert c.get("/collections/src/documents/x/thumbnail").status_code == 404  # no document "x"
+        assert c.delete("/collections/src/documents/both/thumbnail").status_code == 405
+
+        # /search include: text and the first image's thumbnail as a data: URI, null where none.
+        query = {"collection": "src", "query": {"text": "x"}, "k": 10}
+        plain_hits = c.post("/search", json=query).json()["hits"]
+        assert all(set(h) == {"id", "score", "metadata"} for h in plain_hits)
+        hits = {
+            h["id"]: h
+            for h in c.post("/search", json={**query, "include": ["text", "thumbnail"]}).json()["hits"]
+        }
+        assert set(hits) == {"dir/wide.png", "both", "plain"}
+        assert hits["plain"]["text"] == "no image" and hits["plain"]["thumbnail"] is None
+        assert_thumbnail_of(_data_uri_bytes(hits["both"]["thumbnail"], "image/webp"), tall, 256)
+        only_text = c.post("/search", json={**query, "include": ["text"]}).json()["hits"]
+        assert all("thumbnail" not in h and "text" in h for h in only_text)
+        assert c.post("/search", json={**query, "include": ["vector"]}).status_code == 422
+
+
+def test_source_options_store_source_false_and_jpeg(srv):
+    red = make_png(64, 64, (220, 0, 0))
+    turned = rotated_jpeg(200, 100)
+    with srv.client() as c:
+        r = c.put("/collections/nosrc", json={"store_source": False})
+        assert r.status_code == 200 and r.json()["store_source"] is False and r.json()["dim"] == 64
+        doc = {"id": "a", "image": b64(red), "text": "red"}
+        assert c.post("/collections/nosrc/documents", json={"documents": [doc]}).status_code == 200
+        got = c.get("/collections/nosrc/documents/a").json()
+        assert (got["text"], got["thumbnails"]) == (None, 0)
+        hit = c.post(
+            "/search",
+            json={"collection": "nosrc", "query": {"text": "red"}, "include": ["text", "thumbnail"]},
+        ).json()["hits"][0]
+        assert (hit["text"], hit["thumbnail"]) == (None, None)
+        assert c.get("/collections/nosrc/documents/a/thumbnail").status_code == 404
+
+        # Source options change on an existing collection (its dimension is kept); index options do not.
+        r = c.put(
+            "/collections/nosrc",
+            json={"store_source": True, "thumbnail_size": 64, "thumbnail_format": "jpeg"},
+        )
+        assert r.status_code == 200, r.text
+        assert {k: r.json()[k] for k in ("store_source", "thumbnail_size", "thumbnail_format", "count")} == {
+            "store_source": True, "thumbnail_size": 64, "thumbnail_format": "jpeg", "count": 1
+        }  # fmt: skip
+        assert c.get("/collections/nosrc").json()["thumbnail_format"] == "jpeg"
+        assert c.put("/collections/nosrc", json={"index": "hnsw"}).status_code == 409
+        assert (
+            c.post(
+                "/collections/nosrc/documents", json={"documents": [{"id": "t", "image": b64(turned)}]}
+            ).status_code
+            == 200
+        )
+        r = c.get("/collections/nosrc/documents/t/thumbnail")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        upright = assert_thumbnail_of(r.content, turned, 64, fmt="JPEG")
+        assert upright.height > upright.width  # EXIF orientation applied
+        for bad in ({"thumbnail_size": 8}, {"thumbnail_size": 100000}, {"thumbnail_format": "png"},
+                    {"store_source": "yes"}):  # fmt: skip
+            r = c.put("/collections/nosrc", json=bad)
+            assert r.status_code == 422 and r.json()["error"]["message"], bad
+        assert c.get("/collections/nosrc").json()["thumbnail_size"] == 64
+
+
+def test_thumbnail_route_needs_the_api_key(guarded_server):
+    with guarded_server.client(headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        doc = {"id": "k", "image": b64(make_png(32, 32))}
+        assert c.post("/collections/guarded/documents", json={"documents": [doc]}).status_code == 200
+        assert c.get("/collections/guarded/documents/k/thumbnail").status_code == 200
+    with guarded_server.client() as c:
+        r = c.get("/collections/guarded/documents/k/thumbnail")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"

@@ -49,6 +49,18 @@ def _wait_ready(proc, url, log_path, timeout=600):
     raise AssertionError("demo server not ready:\n" + log_path.read_text())
 
 
+def _wait_for_line(proc, log_path, text, timeout=60):
+    """The demo's watcher prints the addresses just after /ready turns 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = log_path.read_text()
+        if text in out:
+            return out
+        assert proc.poll() is None, out
+        time.sleep(0.2)
+    raise AssertionError(f"no {text!r} in the demo's output:\n" + log_path.read_text())
+
+
 def _stop(proc, log):
     proc.send_signal(signal.SIGTERM)
     try:
@@ -65,9 +77,13 @@ def test_demo_prepares_trains_indexes_serves_and_caches(tmp_path):
     proc, log = _start(tmp_path, port)
     try:
         _wait_ready(proc, url, tmp_path / f"demo-{port}.log")
-        out = (tmp_path / f"demo-{port}.log").read_text()
+        out = _wait_for_line(proc, tmp_path / f"demo-{port}.log", "[demo] API docs:")
         assert "Precision@1 on the held-out synthetic eval" in out
         assert "[demo] training:" in out and "curl -s" in out and f"127.0.0.1:{port}/search" in out
+        assert f"[demo] search page: {url}/\n" in out and f"{url}/docs" in out
+        # Written to a file, progress is plain lines (one per 10% of the steps), never a
+        # bar redrawn with carriage returns.
+        assert "\r" not in out and "train: 3/3 steps (100%)" in out
         info = httpx.get(url + "/collections/demo").json()
         assert info["count"] == 1600 and info["dim"] == 128
         hits = httpx.post(
@@ -83,7 +99,7 @@ def test_demo_prepares_trains_indexes_serves_and_caches(tmp_path):
     proc, log = _start(tmp_path, port)
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}", tmp_path / f"demo-{port}.log")
-        out = (tmp_path / f"demo-{port}.log").read_text()
+        out = _wait_for_line(proc, tmp_path / f"demo-{port}.log", "[demo] API docs:")
         assert "[demo] training:" not in out
         assert "(0 added now)" in out
     finally:

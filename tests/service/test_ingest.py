@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from model import load_embedder
-from service.ingest import Row, ServerTarget, StoreTarget, ingest
+from service.ingest import IngestError, Row, ServerTarget, StoreTarget, ingest
 from service.storage.store import CollectionStore
 from tests.conftest import make_png
 from tests.service.conftest import REPO, start_server
+from tests.service.thumbnails import assert_thumbnail_of
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,9 @@ def test_folder_through_server_is_resumable(srv, tiny_checkpoint, tmp_path):
         assert c.get("/collections/pics").json()["count"] == 3
         doc = c.get("/collections/pics/documents/sub/green.png")
         assert doc.status_code == 200 and doc.json()["metadata"] == {"path": "sub/green.png"}
+        assert (doc.json()["text"], doc.json()["thumbnails"]) == (None, 1)  # the server kept its source
+        thumb = c.get("/collections/pics/documents/sub/green.png/thumbnail")
+        assert_thumbnail_of(thumb.content, (folder / "sub" / "green.png").read_bytes(), 256)
         # The stored vector is the model's embedding of that file.
         vec = np.asarray(
             c.get("/collections/pics/documents/red.png", params={"with_vector": True}).json()["vector"]
@@ -113,14 +117,42 @@ def test_direct_store_mode(tiny_checkpoint, tmp_path):
         report = ingest(folder, target, progress=False)
         assert report.added == 3
         assert ingest(folder, target, progress=False).skipped == 3
-        target.upsert([Row("extra", "test", {"id": "extra", "text": "a caption"})])
+        # raw vectors and inputs to embed in one batch: the server's upsert path
+        raw = np.zeros(64)
+        raw[3] = 5.0
+        target.upsert(
+            [
+                Row("extra", "test", {"id": "extra", "text": "a caption", "instruction": "Describe:"}),
+                Row("raw", "test", {"id": "raw", "vector": raw.tolist()}),
+            ]
+        )
+        with pytest.raises(IngestError, match="dimensions"):
+            target.upsert(
+                [
+                    Row("short", "test", {"id": "short", "vector": [1.0, 0.0]}),
+                    Row("t", "t", {"id": "t", "text": "x"}),
+                ]
+            )
+        with pytest.raises(IngestError, match="float32|infinite"):
+            target.upsert([Row("huge", "test", {"id": "huge", "vector": [1e39] + [0.0] * 63})])
     finally:
         target.close()
     store = CollectionStore(data)
     store.open()
     try:
-        assert store.describe("direct")["count"] == 4
+        assert store.describe("direct")["count"] == 5 and store.describe("direct")["store_source"] is True
         assert store.integrity_check() == []
+        red = (folder / "red.png").read_bytes()
+        assert store.get("direct", "red.png")["thumbnails"] == 1
+        assert_thumbnail_of(store.thumbnail("direct", "red.png").data, red, 256)
+        assert store.get("direct", "extra")["text"] == "a caption"  # the instruction is not content
+        assert (store.get("direct", "raw")["text"], store.get("direct", "raw")["thumbnails"]) == (None, 0)
+        np.testing.assert_allclose(
+            store.get("direct", "raw", with_vector=True)["vector"], raw / 5.0, atol=1e-7
+        )
+        # normalised once, by the store: the model's unit embedding
+        ref = load_embedder(tiny_checkpoint, device="cpu").embed([{"image": red}])[0]
+        np.testing.assert_allclose(store.get("direct", "red.png", with_vector=True)["vector"], ref, atol=1e-5)
     finally:
         store.close()
 
@@ -138,6 +170,8 @@ def test_direct_postgres_store_mode(tiny_checkpoint, tmp_path, postgres_url):
     with PostgresCollectionStore(postgres_url) as store:
         assert store.describe("pgdirect")["count"] == 3
         assert store.integrity_check() == []
+        blue = (folder / "blue.png").read_bytes()
+        assert_thumbnail_of(store.thumbnail("pgdirect", "blue.png").data, blue, 256)
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
@@ -157,3 +191,23 @@ def test_missing_source_is_a_clear_error(tmp_path):
         text=True,
     )
     assert r.returncode == 1 and "no such folder or file" in r.stderr
+
+
+def test_one_upsert_path_assembles_vectors_in_document_order():
+    """``service/storage/documents.py``, used by the HTTP route and by ingest alike."""
+    from service.storage.documents import assemble_vectors, check_unique_ids
+    from service.storage.errors import DimensionMismatchError, DuplicateIdError, InvalidVectorError
+
+    embedded = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
+    out = assemble_vectors([None, [7.0, 8.0, 9.0], None], embedded, [0, 2])
+    np.testing.assert_array_equal(out, [[1, 2, 3], [7, 8, 9], [4, 5, 6]])
+    assert out.dtype == np.float32  # not normalised: the store does that, once
+    with pytest.raises(DimensionMismatchError, match=r"\[2, 3\]"):
+        assemble_vectors([None, [1.0, 2.0]], embedded[:1], [0])
+    with pytest.raises(InvalidVectorError, match="document 1"):
+        assemble_vectors([[1.0, 0.0], [3.5e38, 1e39]])  # beyond float32: refused, not stored as inf
+    with pytest.raises(InvalidVectorError):
+        assemble_vectors([None, None], embedded[:1], [0])  # a document with neither
+    assert check_unique_ids(["a", "b"]) == ["a", "b"]
+    with pytest.raises(DuplicateIdError, match="'a'"):
+        check_unique_ids(["a", "b", "a"])

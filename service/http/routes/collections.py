@@ -1,7 +1,13 @@
 """Collections of documents: upsert (embedding inputs through the shared batcher), get,
-delete, list, describe, drop. The store (SQLite + FAISS) does the validation that
-depends on stored state (dimensions, names, metadata); its errors map to 4xx in
-``service/http/errors.py``. Store calls are blocking, so they run in the thread pool."""
+thumbnails, delete, list, describe, drop. The store does the validation that depends on
+stored state (dimensions, names, metadata); its errors map to 4xx in
+``service/http/errors.py``. Store calls are blocking, so they run in the thread pool.
+
+An upsert takes the one path every writer takes (``service/storage/documents.py``): ids
+checked for repeats before any embedding is paid for, raw and embedded vectors assembled
+in document order, normalised once, by the store. Where the collection keeps sources, the
+documents' text and image thumbnails (``service/storage/sources.py``) are made in a worker
+thread while the engine embeds, and stored in the same transaction as the vectors."""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.convertors import PathConvertor, register_url_convertor
 
+from service import limits
 from service.http.errors import InvalidRequestError, UnavailableError
 from service.http.routes.common import (
     ERROR_RESPONSES,
@@ -26,14 +34,33 @@ from service.http.schemas import (
     CollectionList,
     CreateCollectionRequest,
     Deleted,
-    DocumentOut,
+    DocumentDetail,
     DocumentPage,
     IdsRequest,
     IdsResponse,
     UpsertRequest,
     UpsertResponse,
 )
-from service.storage.errors import DimensionMismatchError, DuplicateIdError
+from service.storage.documents import assemble_vectors, check_unique_ids
+from service.storage.errors import CollectionNotFoundError
+from service.storage.sources import (
+    MAX_THUMBNAILS_PER_DOCUMENT,
+    SOURCE_DEFAULTS,
+    Source,
+    Thumbnail,
+    source_of_input,
+)
+
+
+class DocIdConvertor(PathConvertor):
+    """A document id in a path: like ``path`` (ids may hold ``/``), but never ending in a
+    literal ``/thumbnail`` segment, which is the thumbnail route's; so each path has one
+    route, and a 405's ``Allow`` names only what that path serves."""
+
+    regex = r".*(?<!/thumbnail)"
+
+
+register_url_convertor("docid", DocIdConvertor())
 
 router = APIRouter(tags=["collections"])
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -54,25 +81,73 @@ async def _call(store: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     return await asyncio.to_thread(getattr(store, method), *args, **kwargs)
 
 
+def image_limits(request: Request) -> Any:
+    """The image limits in force (``service/limits.py``): a thumbnail is made only of an image
+    the model accepts."""
+    from model.inputs import ImageLimits
+
+    kw = limits.image_limits(get_settings(request))
+    return ImageLimits(
+        max_pixels=kw["max_image_pixels"],
+        max_images=kw["max_images_per_input"],
+        max_bytes=kw["max_image_bytes"],
+    )
+
+
 @router.put(
     "/collections/{name}",
     response_model=CollectionInfo,
     responses=RESPONSES,
-    summary="Create a collection explicitly (index type and options)",
+    summary="Create a collection explicitly (index type and options, source options)",
 )
 async def create_collection(request: Request, name: str, body: CreateCollectionRequest) -> dict[str, Any]:
     """Collections are also created on their first upsert (flat index, the upsert's
-    dimension). Create one explicitly to choose an approximate index (``hnsw``/``ivf``).
-    Repeating the same request is fine; different options give 409."""
+    dimension, the default source options). Create one explicitly to choose an approximate
+    index (``hnsw``/``ivf``) or the source options (``store_source``, ``thumbnail_size``,
+    ``thumbnail_format``). Repeating the same request is fine; different index options give
+    409. Source options given for an existing collection change it (for documents stored from
+    then on)."""
     store = get_store(request)
     dim = body.dim
     if dim is None:
-        engine = get_engine(request)
-        if not engine.ready:
-            raise InvalidRequestError("give 'dim': the model is not loaded yet")
-        dim = engine.dim
-    await _call(store, "create_collection", name, dim, index=body.index, options=body.options, exist_ok=True)
-    return await _call(store, "describe", name)  # type: ignore[no-any-return]
+        try:  # an existing collection: its own dimension (changing only source options)
+            dim = (await _call(store, "describe", name))["dim"]
+        except CollectionNotFoundError:
+            engine = get_engine(request)
+            if not engine.ready:
+                raise InvalidRequestError("give 'dim': the model is not loaded yet") from None
+            dim = engine.dim
+    return await _call(  # type: ignore[no-any-return]
+        store,
+        "create_collection",
+        name,
+        dim,
+        index=body.index,
+        options=body.options,
+        exist_ok=True,
+        source=body.source_options() or None,
+    )
+
+
+async def _source_options(store: Any, name: str) -> dict[str, Any]:
+    """The collection's source options; the defaults for one the upsert will create."""
+    try:
+        return await _call(store, "source_options", name)  # type: ignore[no-any-return]
+    except CollectionNotFoundError:
+        return dict(SOURCE_DEFAULTS)
+
+
+def _make_sources(
+    inputs: dict[int, dict[str, Any]], options: dict[str, Any], limits: Any
+) -> dict[int, Source]:
+    sources = {}
+    for row, inp in inputs.items():
+        try:
+            sources[row] = source_of_input(inp, options, limits)
+        except Exception as exc:
+            exc.input_index = row  # type: ignore[attr-defined]  (the error names the document)
+            raise
+    return sources
 
 
 @router.post(
@@ -87,41 +162,49 @@ async def upsert_documents(
     """Each document has an ``id``, optional ``metadata`` and either a ``vector`` or input
     fields (``text``, ``image``, ``instruction``, ``content``), embedded like ``/embed``.
     The whole request is stored in one transaction, or nothing is. An existing id is
-    replaced. Vectors are L2-normalised; scores are cosine similarities."""
-    settings = get_settings(request)
+    replaced (with its source). Vectors are L2-normalised; scores are cosine similarities.
+    When the collection keeps sources (``store_source``, the default), an input document's
+    text and a thumbnail of each image are stored with it; raw-vector documents have none."""
     store = get_store(request)
     docs = body.documents
-    check_input_count(settings, len(docs))
-    ids = [d.id for d in docs]
-    seen: set[str] = set()
-    for doc_id in ids:
-        if doc_id in seen:
-            raise DuplicateIdError(f"id {doc_id!r} appears more than once in this request")
-        seen.add(doc_id)
+    check_input_count(get_settings(request), len(docs))
+    ids = check_unique_ids([d.id for d in docs])  # before any embedding is paid for
 
-    to_embed = [i for i, d in enumerate(docs) if d.vector is None]
+    inputs = {row: d.to_input() for row, d in enumerate(docs) if d.vector is None}
     embedded = None
-    if to_embed:
+    sources: dict[int, Source] = {}
+    if inputs:
         engine = get_engine(request)
-        result = await cancel_on_disconnect(
-            request,
-            engine.embed([docs[i].to_input() for i in to_embed], truncate=body.truncate, normalize=True),
-        )
+        options = await _source_options(store, name)
+        thumbnails = None
+        if options["store_source"]:
+            fetcher = getattr(engine, "images", None)
+            if fetcher is not None:  # fetch allow-listed image URLs once, for the model and thumbnails
+                inputs = dict(zip(inputs, await fetcher.resolve_inputs(list(inputs.values())), strict=True))
+            thumbnails = asyncio.ensure_future(
+                asyncio.to_thread(_make_sources, inputs, options, image_limits(request))
+            )
+        try:
+            result = await cancel_on_disconnect(
+                request, engine.embed(list(inputs.values()), truncate=body.truncate, normalize=False)
+            )
+        except BaseException:
+            if thumbnails is not None:
+                thumbnails.cancel()
+            raise
         embedded = result.embeddings
-    dims = {len(d.vector) for d in docs if d.vector is not None}
-    if embedded is not None:
-        dims.add(int(embedded.shape[1]))
-    if len(dims) > 1:
-        raise DimensionMismatchError(f"documents in one request have different dimensions: {sorted(dims)}")
-    dim = dims.pop()
-    vectors = np.empty((len(docs), dim), dtype=np.float32)
-    for row, d in enumerate(docs):
-        if d.vector is not None:
-            # float64 first: an overflowing value becomes inf, which the store refuses
-            vectors[row] = np.asarray(d.vector, dtype=np.float64)
-    if embedded is not None:
-        vectors[to_embed] = embedded
-    stored = await _call(store, "upsert", name, ids, vectors, [d.metadata for d in docs])
+        if thumbnails is not None:
+            sources = await thumbnails
+    vectors = assemble_vectors([d.vector for d in docs], embedded, list(inputs))
+    stored = await _call(
+        store,
+        "upsert",
+        name,
+        ids,
+        vectors,
+        [d.metadata for d in docs],
+        sources=[sources.get(row) for row in range(len(docs))],
+    )
     info = await _call(store, "describe", name)
     return JSONResponse({"collection": name, "ids": list(stored), "count": info["count"]})
 
@@ -161,7 +244,7 @@ async def list_documents(
     request: Request,
     name: str,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Query(ge=1, le=limits.MAX_PAGE_SIZE)] = 100,
     with_vector: Annotated[bool, Query()] = False,
 ) -> dict[str, Any]:
     docs, next_cursor = await _call(
@@ -173,15 +256,65 @@ async def list_documents(
     return {"documents": docs, "next_cursor": next_cursor}
 
 
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match: ``*`` or a list of (possibly weak) entity tags."""
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def thumbnail_response(request: Request, thumb: Thumbnail) -> Response:
+    headers = {
+        "ETag": thumb.etag,
+        # private: the API key may protect it; no-cache: revalidate (a replaced document
+        # gets a new thumbnail at the same URL), answered 304 while it is unchanged
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+    }
+    match = request.headers.get("if-none-match")
+    if match is not None and _etag_matches(match, thumb.etag):
+        return Response(status_code=304, headers=headers)
+    return Response(thumb.data, media_type=thumb.media_type, headers=headers)
+
+
 @router.get(
-    "/collections/{name}/documents/{doc_id:path}",
-    response_model=DocumentOut,
+    "/collections/{name}/documents/{doc_id:path}/thumbnail",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "The thumbnail"},
+        304: {"description": "Not modified (If-None-Match matched the ETag)"},
+        **RESPONSES,
+    },
+    summary="A document's thumbnail (WebP or JPEG)",
+)
+async def get_thumbnail(
+    request: Request,
+    name: str,
+    doc_id: str,
+    index: Annotated[int, Query(ge=0, lt=MAX_THUMBNAILS_PER_DOCUMENT, description="Which image")] = 0,
+) -> Response:
+    """The thumbnail of the document's ``index``-th image, with an ``ETag`` (``If-None-Match``
+    gives 304) and ``Cache-Control: private``. 404 when the document or that thumbnail does
+    not exist.
+
+    Ids may contain ``/`` but never end in ``/thumbnail`` (the store refuses such ids), so
+    this path names exactly one thing.
+    """
+    thumb = await _call(get_store(request), "thumbnail", name, doc_id, index)
+    return thumbnail_response(request, thumb)
+
+
+@router.get(
+    "/collections/{name}/documents/{doc_id:docid}",
+    response_model=DocumentDetail,
     responses=RESPONSES,
-    summary="Get one document",
+    summary="Get one document (with its source's text and how many thumbnails it has)",
 )
 async def get_document(
     request: Request, name: str, doc_id: str, with_vector: Annotated[bool, Query()] = False
 ) -> dict[str, Any]:
+    """``text``: the input's text parts joined with newlines (null when it had none, or the
+    collection keeps no sources); ``thumbnails``: how many images have a thumbnail
+    (``.../thumbnail?index=i``)."""
     doc = await _call(get_store(request), "get", name, doc_id, with_vector=with_vector)
     if with_vector and doc.get("vector") is not None:
         doc["vector"] = np.asarray(doc["vector"], dtype=np.float32).tolist()
@@ -189,7 +322,7 @@ async def get_document(
 
 
 @router.delete(
-    "/collections/{name}/documents/{doc_id:path}",
+    "/collections/{name}/documents/{doc_id:docid}",
     response_model=Deleted,
     responses=RESPONSES,
     summary="Delete one document (gone from search at once)",

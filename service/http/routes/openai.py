@@ -46,9 +46,13 @@ def encode_base64(vector: np.ndarray) -> str:
 async def create_embeddings(
     request: Request, body: Annotated[OpenAIEmbeddingRequest, Body(openapi_examples=OPENAI_EXAMPLES)]
 ) -> JSONResponse:
-    """``input`` is a string, a list of strings or a list of input objects; ``model`` is
-    optional (when given it must name the served model); ``encoding_format: base64`` returns
-    each vector as base64 of its little-endian float32 bytes."""
+    """``input`` is a string, a list of strings or a list of input objects; or, instead,
+    vLLM's chat form ``messages``: one user message whose ``content`` is a string or a list
+    of ``text`` and ``image_url`` parts, embedded exactly as the interleaved ``content`` input
+    with the same parts (one vector). Token ids are refused: they come from another
+    tokenizer. ``model`` is optional (when given it must name the served model);
+    ``encoding_format: base64`` returns each vector as base64 of its little-endian float32
+    bytes."""
     settings = get_settings(request)
     engine = get_engine(request)
     if body.model is not None and not engine.accepts_model_name(body.model):

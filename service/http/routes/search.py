@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
 from service.http.routes.collections import RESPONSES, get_store
 from service.http.routes.common import cancel_on_disconnect, get_engine, timing_headers
 from service.http.schemas import SEARCH_EXAMPLES, SearchRequest, SearchResponse, VectorQuery
+from service.storage.sources import Thumbnail
 
 router = APIRouter(tags=["search"])
+
+
+def data_uri(thumb: Thumbnail | None) -> str | None:
+    if thumb is None:
+        return None
+    return f"data:{thumb.media_type};base64,{base64.b64encode(thumb.data).decode()}"
 
 
 @router.post("/search", response_model=SearchResponse, responses=RESPONSES, summary="Search a collection")
@@ -22,21 +29,28 @@ async def search(
 ) -> JSONResponse:
     """Best first, by cosine similarity; never more than ``k`` hits nor more than the
     collection holds, never a deleted or filtered-out document. ``filter``:
-    ``{"field": value}`` is equality, ``{"field": [v1, v2]}`` any of the values."""
+    ``{"field": value}`` is equality, ``{"field": [v1, v2]}`` any of the values.
+    ``include``: ``["text", "thumbnail"]`` adds each hit's stored text and its first image's
+    thumbnail (a ``data:`` URI), null where the document has none."""
     store = get_store(request)
     headers: dict[str, str] = {}
+    query: Any
     if isinstance(body.query, VectorQuery):
-        query = np.asarray(body.query.vector, dtype=np.float64).astype(np.float32)
+        query = body.query.vector  # the store reads it as float64 and refuses float32 overflow
     else:
         # Check the collection first: an unknown one should not cost a forward pass.
         await asyncio.to_thread(store.describe, body.collection)
         result = await cancel_on_disconnect(
             request,
-            get_engine(request).embed([body.query.to_input()], truncate=body.truncate, normalize=True),
+            # normalised once, by the store (service.vectors.normalised_rows)
+            get_engine(request).embed([body.query.to_input()], truncate=body.truncate, normalize=False),
         )
         query = result.embeddings[0]
         headers = timing_headers(result)
     hits: list[dict[str, Any]] = await asyncio.to_thread(
-        store.search, body.collection, query, k=body.k, filter=body.filter
+        store.search, body.collection, query, k=body.k, filter=body.filter, include=body.include
     )
+    if "thumbnail" in body.include:
+        for hit in hits:
+            hit["thumbnail"] = data_uri(hit["thumbnail"])
     return JSONResponse({"hits": hits, "collection": body.collection}, headers=headers)
