@@ -87,8 +87,9 @@ def _front_end(
     import uvicorn
 
     from service.http.app import create_app
-    from service.proctitle import set_role
+    from service.proctitle import exit_with_parent, set_role
 
+    exit_with_parent()
     set_role(f"api-{index}")
     configure_logging(settings.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor sends SIGTERM

@@ -26,6 +26,7 @@ bad inputs -> ``model.errors`` input errors with ``input_index``; failed forward
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import logging
 import os
@@ -110,6 +111,9 @@ class EngineClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.address)
         self._pool = ThreadPoolExecutor(self.config.preprocess_workers, thread_name_prefix="llave-preprocess")
+        # The preprocessor the engine sends once it is ready unpickles into the model core
+        # (torch, transformers): import those now, while the engine loads, not after it.
+        self._pool.submit(importlib.import_module, "model.embedder")
         self._tasks = [
             asyncio.create_task(self._receive(), name="llave-engine-replies"),
             asyncio.create_task(self._watch(), name="llave-engine-watch"),

@@ -58,9 +58,10 @@ def main(data_dir: str, index_snapshots: bool, address: str, log_level: str) -> 
     """Entry point of the store process."""
     import zmq
 
-    from service.proctitle import set_role
+    from service.proctitle import exit_with_parent, set_role
     from service.storage.store import CollectionStore
 
+    exit_with_parent()
     set_role("store")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the store stops

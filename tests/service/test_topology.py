@@ -172,3 +172,16 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_checkpoint, tmp_path):
         assert server.proc.wait(timeout=60) == 0
     finally:
         server.stop()
+
+
+def test_no_process_outlives_a_killed_server(tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint, tmp_path, "--api-workers", "2")
+    try:
+        children = [p for role, p in roles(server).items() if role != "server"]
+        assert len(children) == 4  # engine, store, api-0, api-1
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+    finally:
+        server.stop()
