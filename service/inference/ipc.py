@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from service.inference.errors import EngineOverloadedError
+
 # --- engine states ------------------------------------------------------------------------
 
 STARTING, LOADING, WARMING, READY, FAILED, DEAD, STOPPED, RESTARTING = range(8)
@@ -105,6 +107,16 @@ def put_pixels(
     if total == 0:
         return None, [None] * len(arrays)
     segment = shared_memory.SharedMemory(name=name, create=True, size=total)
+    try:
+        # Reserve the pages now: /dev/shm is a tmpfs, and writing past its size would kill
+        # this process with SIGBUS instead of raising (Docker's default is only 64 MB).
+        os.posix_fallocate(segment._fd, 0, total)  # type: ignore[attr-defined]
+    except OSError:
+        release(segment, unlink=True)
+        raise EngineOverloadedError(
+            "no shared memory left for this request's images (/dev/shm is full); retry later, "
+            "or give the server more (Docker: shm_size)"
+        ) from None
     slots: list[PixelSlot | None] = []
     offset = 0
     for array in arrays:
