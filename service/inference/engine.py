@@ -373,7 +373,10 @@ class EngineServer:
 
     async def _embed(self, ident: bytes, header: dict[str, Any]) -> None:
         request_id = header["id"]
-        segment = ipc.open_pixels(header["shm"]) if header.get("shm") else None
+        try:
+            segment = ipc.open_pixels(header["shm"]) if header.get("shm") else None
+        except FileNotFoundError:  # the front end gave up and unlinked it already
+            return
         try:
             if self.draining:
                 raise EngineUnavailableError("the model engine is shutting down")
