@@ -60,3 +60,23 @@ def test_the_status_board_is_shared_between_processes(tmp_path):
     assert board.read()[:3] == (ipc.READY, 7, 4321)
     assert board.count_restart() == 1
     assert ipc.StatusBoard(path).read()[3] == 1
+
+
+def test_a_full_dev_shm_refuses_the_request_and_leaves_no_segment(monkeypatch):
+    # A real full tmpfs cannot be made here without root mounts; the reservation call is
+    # made to fail as it does then (ENOSPC), everything else is real.
+    import errno
+    import os
+    from multiprocessing import shared_memory
+
+    from service.inference.errors import EngineOverloadedError
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    name = f"llave-test-full-{os.getpid()}"
+    with pytest.raises(EngineOverloadedError, match="shared memory"):
+        ipc.put_pixels([np.ones((1, 3, 4, 4), np.float32)], name)
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)
