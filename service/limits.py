@@ -15,6 +15,7 @@ MAX_IMAGES_PER_INPUT = 8
 MAX_IMAGE_PIXELS = 4096 * 4096  # width x height of one decoded image
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # encoded bytes of one image in a request
 IMAGE_URL_MAX_BYTES = 16 * 1024 * 1024
+IMAGE_URL_MAX_REDIRECTS = 3  # redirects followed when fetching one image URL
 MAX_QUEUE = 1024
 
 # --- stored data and API shapes (fixed) --------------------------------------------------
@@ -22,9 +23,17 @@ MAX_K = 1000  # hits one search may ask for
 MAX_DIM = 65536  # dimension of a collection's vectors
 MAX_ID_CHARS = 512  # characters in a document id
 MAX_COLLECTION_NAME_CHARS = 128
+# A collection name: a letter or digit, then letters, digits, "_", "." or "-".
+COLLECTION_NAME_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_COLLECTION_NAME_CHARS - 1}}}"
+MAX_METADATA_BYTES = 64 * 1024  # one document's metadata, as compact UTF-8 JSON
+# Metadata filters: fields in one filter, characters in a field name, values in all clauses.
+MAX_FILTER_KEYS, MAX_FILTER_KEY_CHARS, MAX_FILTER_VALUES = 32, 256, 1024
 MAX_IDS_PER_LOOKUP = 10_000  # ids in one POST /collections/{name}/existing
 MAX_PAGE_SIZE = 1000  # documents in one page of GET /collections/{name}/documents
 INDEX_TYPES = ("flat", "hnsw", "ivf")
+# A reduced-precision index (sq8 in FAISS, halfvec in pgvector) finds candidates and their
+# exact scores pick the k returned: RESCORE_FACTOR x k candidates, at least RESCORE_MIN.
+RESCORE_FACTOR, RESCORE_MIN = 4, 40
 # Documents' sources (service/storage/sources.py). Per document: the text as UTF-8, and all
 # its thumbnails together; a thumbnail of the largest side is at most a few hundred KB, so
 # these only stop abuse.

@@ -31,8 +31,7 @@ import httpcore
 import httpx
 
 from model.errors import ImageTooLargeError, InvalidInputError
-
-MAX_REDIRECTS = 3
+from service.limits import IMAGE_URL_MAX_REDIRECTS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (host, port) -> the host's addresses; the default asks the system (getaddrinfo).
@@ -128,7 +127,7 @@ class ImageFetcher:
 
     async def _fetch(self, url: str) -> bytes:
         first_host = None
-        for _ in range(MAX_REDIRECTS + 1):
+        for _ in range(IMAGE_URL_MAX_REDIRECTS + 1):
             host = self._check_url(url)
             if first_host is None:
                 first_host = host
@@ -160,7 +159,7 @@ class ImageFetcher:
                     return bytes(chunks)
             except httpx.HTTPError:
                 raise InvalidInputError("the image URL could not be fetched") from None
-        raise InvalidInputError(f"the image URL redirects more than {MAX_REDIRECTS} times")
+        raise InvalidInputError(f"the image URL redirects more than {IMAGE_URL_MAX_REDIRECTS} times")
 
     def _check_url(self, url: str) -> str:
         """The URL's host, if allow-listed; its addresses are checked when connecting."""

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from service.limits import RESCORE_FACTOR, RESCORE_MIN
 from service.storage.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
@@ -66,6 +67,7 @@ from service.storage.sources import (
 from service.storage.validation import (
     MAX_DIM,
     MAX_K,
+    MAX_METADATA_BYTES,
     RANGE_OPS,
     check_collection_name,
     check_doc_id,
@@ -96,10 +98,9 @@ OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     # built, which happens once the collection holds min_train documents.
     "ivf": {"nlist": None, "nprobe": None, "min_train": 1000, "precision": "float32"},
 }
-# A halfvec index ranks; this many times k candidates (at least RESCORE_MIN) are rescored exactly.
-RESCORE_FACTOR, RESCORE_MIN = 4, 40
 # pgvector's bounds, checked here so a bad option is a 422, not a database error.
 _BOUNDS = {"m": (2, 100), "ef_construction": (4, 1000), "ef_search": (1, 1000), "nlist": (1, 32768)}
+_EF_SEARCH_MAX = _BOUNDS["ef_search"][1]
 _SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS vector;
 CREATE TABLE IF NOT EXISTS llave_collections (
@@ -232,7 +233,7 @@ class PostgresCollectionStore:
         hnsw_m: int = 32,
         hnsw_ef_search: int = 128,
         ivf_nlist: int | None = None,
-        max_metadata_bytes: int = 65536,
+        max_metadata_bytes: int = MAX_METADATA_BYTES,
         pool_size: int = 8,
         connect_timeout: float = 10.0,
         read_url: str | None = None,
@@ -243,7 +244,11 @@ class PostgresCollectionStore:
         self.pool_size, self.connect_timeout = pool_size, connect_timeout
         self._defaults = {
             "flat": {},
-            "hnsw": {**OPTION_DEFAULTS["hnsw"], "m": hnsw_m, "ef_search": min(hnsw_ef_search, 1000)},
+            "hnsw": {
+                **OPTION_DEFAULTS["hnsw"],
+                "m": hnsw_m,
+                "ef_search": min(hnsw_ef_search, _EF_SEARCH_MAX),
+            },
             "ivf": {**OPTION_DEFAULTS["ivf"], "nlist": ivf_nlist},
         }
         self._idle: dict[str, list[Any]] = {url: [], **({read_url: []} if read_url else {})}
@@ -903,9 +908,11 @@ class PostgresCollectionStore:
         if approximate:
             half = self._halfvec(dim, options)
             # halfvec ranks candidates; their exact scores (full-precision column) pick the k best
-            want = min(1000, max(RESCORE_FACTOR * k, RESCORE_MIN)) if half else k
+            want = min(_EF_SEARCH_MAX, max(RESCORE_FACTOR * k, RESCORE_MIN)) if half else k
             if row["kind"] == "hnsw":
-                conn.execute(f"SET LOCAL hnsw.ef_search = {int(min(1000, max(want, options['ef_search'])))}")
+                conn.execute(
+                    f"SET LOCAL hnsw.ef_search = {int(min(_EF_SEARCH_MAX, max(want, options['ef_search'])))}"
+                )
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             else:
                 lists = int(options.get("lists_built") or 1)

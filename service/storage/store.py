@@ -53,6 +53,7 @@ from service.storage.sources import (
 from service.storage.validation import (
     MAX_DIM,
     MAX_K,
+    MAX_METADATA_BYTES,
     check_collection_name,
     check_doc_id,
     check_k,
@@ -129,7 +130,7 @@ class CollectionStore(IndexMaintenance):
         hnsw_ef_search: int = 128,
         ivf_nlist: int | None = None,
         tombstone_rebuild_ratio: float = 0.2,
-        max_metadata_bytes: int = 65536,
+        max_metadata_bytes: int = MAX_METADATA_BYTES,
         background_rebuild: bool = True,
         read_only: bool = False,
         max_db_bytes: int | None = None,

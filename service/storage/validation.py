@@ -13,7 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from service.limits import MAX_DIM, MAX_ID_CHARS, MAX_K  # noqa: F401  (MAX_DIM re-exported)
+from service.limits import (  # noqa: F401  (MAX_DIM, MAX_METADATA_BYTES re-exported)
+    COLLECTION_NAME_PATTERN,
+    MAX_COLLECTION_NAME_CHARS,
+    MAX_DIM,
+    MAX_FILTER_KEY_CHARS,
+    MAX_FILTER_KEYS,
+    MAX_FILTER_VALUES,
+    MAX_ID_CHARS,
+    MAX_K,
+    MAX_METADATA_BYTES,
+)
 from service.storage.errors import (
     DuplicateIdError,
     InvalidFilterError,
@@ -23,8 +33,7 @@ from service.storage.errors import (
     InvalidVectorError,
 )
 
-MAX_FILTER_KEYS, MAX_FILTER_KEY_CHARS, MAX_FILTER_VALUES = 32, 256, 1024
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_NAME_RE = re.compile(COLLECTION_NAME_PATTERN)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control chars, lone surrogates
 
@@ -37,7 +46,7 @@ def shown(value: Any) -> str:
 def check_collection_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidNameError(
-            f"invalid collection name {shown(name)}: use 1-128 characters from "
+            f"invalid collection name {shown(name)}: use 1-{MAX_COLLECTION_NAME_CHARS} characters from "
             "A-Z a-z 0-9 _ . -, starting with a letter or digit"
         )
     return name

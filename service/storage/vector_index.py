@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.limits import INDEX_TYPES  # noqa: F401  (re-exported)
+from service.limits import INDEX_TYPES, RESCORE_FACTOR, RESCORE_MIN  # noqa: F401  (INDEX_TYPES re-exported)
 from service.vectors import normalised_rows  # noqa: F401  (re-exported: the one normalisation)
 
 # precision "sq8": the approximate index keeps each vector as 8-bit codes (FAISS scalar
@@ -39,8 +39,6 @@ OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
 # An sq8 HNSW index searches exactly (float32) until this many vectors train its quantizer.
 SQ8_MIN_TRAIN = 1000
 _SQ8_TRAIN_SAMPLE = 65536
-# Candidates an sq8 index returns for exact rescoring: this many times k, at least RESCORE_MIN.
-RESCORE_FACTOR, RESCORE_MIN = 4, 40
 # A filter matching at most this many documents is answered exactly on the subset: cheap,
 # and approximate indexes lose recall on very selective filters.
 EXACT_SUBSET_MAX = 2048

@@ -62,3 +62,52 @@ def test_every_limit_of_the_api_shapes_comes_from_limits():
     assert search["maximum"] == limits.MAX_K
     doc_id = schemas.DocumentIn.model_json_schema()["properties"]["id"]
     assert doc_id["maxLength"] == limits.MAX_ID_CHARS
+
+
+def _numeric_constants(path: Path) -> list[str]:
+    """Module-level ``MAX_*``/``MIN_*``/``RESCORE_*`` names bound to number literals in ``path``."""
+    found: list[str] = []
+    for node in ast.parse(path.read_text()).body:
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            names = target.elts if isinstance(target, ast.Tuple) else [target]
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            for name, value in zip(names, values, strict=False):
+                literal = all(isinstance(n, ast.Constant | ast.BinOp | ast.operator) for n in ast.walk(value))
+                if (
+                    isinstance(name, ast.Name)
+                    and name.id.startswith(("MAX_", "MIN_", "RESCORE_"))
+                    and literal
+                ):
+                    found.append(f"{_module(path)}.{name.id}")
+    return found
+
+
+def test_every_limit_is_defined_in_limits_only():
+    # "Every limit defined once": a module of service/ that writes its own MAX_/MIN_/RESCORE_
+    # number keeps a second copy that can drift from the one /info and the docs show.
+    stray = [c for p in SERVICE.rglob("*.py") if p.name != "limits.py" for c in _numeric_constants(p)]
+    assert stray == []
+    assert _numeric_constants(SERVICE / "limits.py")  # the scan does see constants
+
+
+def test_stores_use_the_limits_of_limits():
+    import inspect
+
+    from service import limits
+    from service.storage import validation
+    from service.storage.store import CollectionStore
+
+    assert validation.MAX_FILTER_KEYS == limits.MAX_FILTER_KEYS
+    assert (
+        inspect.signature(CollectionStore).parameters["max_metadata_bytes"].default
+        == limits.MAX_METADATA_BYTES
+    )
+    try:
+        from service.storage.postgres import PostgresStore
+    except ImportError:  # psycopg missing: the SQLite store alone
+        return
+    assert (
+        inspect.signature(PostgresStore).parameters["max_metadata_bytes"].default == limits.MAX_METADATA_BYTES
+    )
