@@ -32,6 +32,14 @@ class TooManyImagesError(InvalidInputError):
     """An input holds more images than the configured limit."""
 
 
+class VideoDecodeError(InvalidInputError):
+    """Video bytes are not a supported container or codec, or are truncated or corrupt."""
+
+
+class VideoTooLargeError(InvalidInputError):
+    """A video is over a limit: bytes, duration, frames, frame size or pixels decoded."""
+
+
 class InputTooLongError(InvalidInputError):
     """An input is longer than the model's maximum length and truncation was not allowed
     (or the cut would fall inside an image)."""

@@ -127,36 +127,41 @@ def parse_input(obj: Any, limits: ImageLimits | None = None) -> ParsedInput:
     return ParsedInput(parts=parts, instruction=instruction, images=images, interleaved="content" in obj)
 
 
-def image_bytes(value: Any, limits: ImageLimits) -> bytes:
-    """Turn an image payload (base64 text, data URI or bytes) into raw bytes."""
+def payload_bytes(
+    value: Any, max_bytes: int, what: str, bad: type[Exception], too_large: type[Exception]
+) -> bytes:
+    """Turn a media payload (base64 text, data URI or bytes) into raw bytes, refusing
+    URLs (the service resolves those), bad base64 and more than ``max_bytes``."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
     elif isinstance(value, str):
         text = value.strip()
         if text[:8].lower().startswith(("http://", "https://")):
-            raise ImageDecodeError(
-                "remote image URLs must be resolved by the caller (the service's allow-list)"
-            )
+            raise bad(f"remote {what} URLs must be resolved by the caller (the service's allow-list)")
         match = _DATA_URI.match(text)
         if match:
             if not match.group("b64"):
-                raise ImageDecodeError("data: URIs must be base64-encoded")
+                raise bad("data: URIs must be base64-encoded")
             text = text[match.end() :]
-        if len(text) > limits.max_bytes * 4 // 3 + 4:
-            raise ImageTooLargeError(f"image payload is larger than {limits.max_bytes} bytes")
+        if len(text) > max_bytes * 4 // 3 + 4:
+            raise too_large(f"{what} payload is larger than {max_bytes} bytes")
         try:
             raw = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ImageDecodeError("image is not valid base64") from exc
+            raise bad(f"{what} is not valid base64") from exc
     else:
-        raise ImageDecodeError(
-            f"an image must be base64 text, a data: URI or bytes, got {type(value).__name__}"
-        )
+        article = "an" if what[0] in "aeiou" else "a"
+        raise bad(f"{article} {what} must be base64 text, a data: URI or bytes, got {type(value).__name__}")
     if not raw:
-        raise ImageDecodeError("image is empty")
-    if len(raw) > limits.max_bytes:
-        raise ImageTooLargeError(f"image is {len(raw)} bytes; the limit is {limits.max_bytes}")
+        raise bad(f"{what} is empty")
+    if len(raw) > max_bytes:
+        raise too_large(f"{what} is {len(raw)} bytes; the limit is {max_bytes}")
     return raw
+
+
+def image_bytes(value: Any, limits: ImageLimits) -> bytes:
+    """Turn an image payload (base64 text, data URI or bytes) into raw bytes."""
+    return payload_bytes(value, limits.max_bytes, "image", ImageDecodeError, ImageTooLargeError)
 
 
 def _open(value: Any, limits: ImageLimits) -> Image.Image:
