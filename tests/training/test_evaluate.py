@@ -216,6 +216,13 @@ def test_the_paper_numbers_are_consistent_and_cited():
         by_task = sum(s[k] * n[k] for k in mmeb.META_TASKS) / 36
         by_split = (s["IND"] * 20 + s["OOD"] * 16) / 36
         assert abs(by_task - s["overall"]) < 0.1 and abs(by_split - s["overall"]) < 0.1
+        scores = entry["datasets"]
+        if all(v is not None for v in scores.values()):  # LLaVE-7B: Table 7 of the paper
+            # Each average of Table 2 is the mean of its datasets' scores (to its rounding).
+            for key in mmeb.SUMMARY_KEYS:
+                members = mmeb.group_members(key)
+                assert abs(sum(scores[m] for m in members) / len(members) - s[key]) < 0.051, key
+    assert all(v is not None for v in paper["models"]["LLaVE-7B"]["datasets"].values())
 
 
 def test_the_paper_data_ships_with_the_package():
@@ -325,10 +332,14 @@ def test_comparison_with_the_paper_and_with_an_earlier_run():
     assert cmp["summary"]["overall"]["reference"] == pytest.approx(0.703)
     assert cmp["summary"]["overall"]["delta"] == pytest.approx(4.75 / 8 - 0.703)
     assert cmp["summary"]["vqa"]["delta"] == pytest.approx(0.5 - 0.654)
-    assert cmp["datasets"]["OVEN"] == {"run": 0.0, "reference": None, "delta": None}  # not published: null
-    assert "ImageNet-A" not in cmp["datasets"]  # in neither
+    assert cmp["datasets"]["OVEN"] == {"run": 0.0, "reference": pytest.approx(0.68), "delta": pytest.approx(-0.68)}
+    assert cmp["datasets"]["ImageNet-A"] == {"run": None, "reference": pytest.approx(0.516), "delta": None}
+    assert set(mmeb.DATASETS) <= set(cmp["datasets"])  # every published dataset, evaluated or not
     text = mmeb.format_comparison(cmp)
-    assert "| Overall | 59.4 | 70.3 | -10.9 |" in text and "| OVEN | 0.0 | – | – |" in text
+    assert "| Overall | 59.4 | 70.3 | -10.9 |" in text and "| OVEN | 0.0 | 68.0 | -68.0 |" in text
+    assert "| ImageNet-A | – | 51.6 | – |" in text
+    no_datasets = mmeb.compare(run, mmeb.paper_reference("LLaVE-0.5B"))  # summary only in the paper
+    assert no_datasets["datasets"]["OVEN"] == {"run": 0.0, "reference": None, "delta": None}
 
     earlier = _result({**{n: h / 4 for n, h in SYNTHETIC_HITS.items()}, "OVEN": 0.5, "ScienceQA": 0.25})
     cmp = mmeb.compare(run, mmeb.result_reference(earlier, "old.json"))
