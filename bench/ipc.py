@@ -174,7 +174,7 @@ def bench_pixels(megabytes: list[float], repeats: int) -> list[dict]:
                     sock.send_multipart([b"pickle", pickle.dumps(arr, protocol=5)])
                     sock.recv_multipart()
                 else:
-                    seg, slots = ipc.put_pixels([arr], f"llave-bench-{os.getpid()}-{mb}-{r}")
+                    seg, slots = ipc.put_pixels([arr], f"llave-bench-{os.getpid()}")
                     sock.send_multipart([b"shm", pickle.dumps((seg.name, slots[0].shape))])
                     sock.recv_multipart()
                     ipc.release(seg, unlink=True)

@@ -17,6 +17,17 @@ MAX_IMAGE_BYTES = 32 * 1024 * 1024  # encoded bytes of one image in a request
 IMAGE_URL_MAX_BYTES = 16 * 1024 * 1024
 IMAGE_URL_MAX_REDIRECTS = 3  # redirects followed when fetching one image URL
 MAX_QUEUE = 1024
+MAX_VECTOR_DOCUMENTS_PER_REQUEST = 10_000  # documents that bring their own vector (no inference)
+# Memory of one front end, bounded by bytes (429 with Retry-After when full):
+# - decoded pixels: float32 crops from decoding to the engine's answer (a request reserves
+#   its images' largest possible crops before decoding, then what they really took);
+MAX_PIXEL_BYTES = 2 * 1024 * 1024 * 1024
+# - request bodies held from their first byte until the answer is sent.
+MAX_BUFFERED_BODY_BYTES = 256 * 1024 * 1024
+# Searches: hits that carry sources ("include": text or thumbnail) and the bytes of those
+# sources in one answer (413 beyond either).
+MAX_K_WITH_SOURCES = 100
+MAX_SEARCH_RESPONSE_BYTES = 32 * 1024 * 1024
 
 # --- stored data and API shapes (fixed) --------------------------------------------------
 MAX_K = 1000  # hits one search may ask for

@@ -51,6 +51,20 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.pixel_bytes = Gauge(
+            "llave_pixel_bytes",
+            "Bytes of decoded image crops held for requests in flight (all front ends; each "
+            "front end holds at most --max-pixel-bytes)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.body_bytes = Gauge(
+            "llave_body_bytes",
+            "Bytes of request bodies held for requests in flight (all front ends; each front "
+            "end holds at most --max-buffered-body-bytes)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.batch_size = Histogram(
             "llave_batch_size", "Inputs per forward pass", buckets=_POW2, registry=self.registry
         )

@@ -153,8 +153,7 @@ def serve_many(settings: Settings, embedder_factory: str | None = None) -> int:
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
     sock.set_inheritable(True)
-    share = max(1, settings.max_queue // settings.api_workers)
-    link = EngineLink(engine.address, engine.board_path, queue_share=share)
+    link = EngineLink(engine.address, engine.board_path, queue_share=settings.front_end_queue_share)
     for i in range(settings.api_workers):
         children.append(
             Child(

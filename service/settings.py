@@ -172,11 +172,36 @@ class Settings(BaseSettings):
         description="Most inputs in one request (413). Left at its default, it is lowered to "
         "max-queue when that is smaller (with a warning).",
     )
+    max_vector_documents_per_request: int = Field(
+        limits.MAX_VECTOR_DOCUMENTS_PER_REQUEST,
+        ge=1,
+        description="Most documents in one upsert that bring their own vector (413); they cost "
+        "no inference, so they are not counted against max-inputs-per-request. Their bytes are "
+        "bounded by max-body-bytes.",
+    )
     max_images_per_input: int = Field(
         limits.MAX_IMAGES_PER_INPUT, ge=1, description="Most images in one input (413)."
     )
     max_image_pixels: int = Field(
         limits.MAX_IMAGE_PIXELS, ge=1, description="Most pixels (width x height) in one image (413)."
+    )
+    max_pixel_bytes: int = Field(
+        limits.MAX_PIXEL_BYTES,
+        ge=1,
+        description="Bytes of decoded image crops (float32) one front end holds at once, from "
+        "decoding until the engine answers. A request reserves its images' largest possible "
+        "crops before decoding: 429 when they do not fit now, 413 when they never could.",
+    )
+    max_buffered_body_bytes: int = Field(
+        limits.MAX_BUFFERED_BODY_BYTES,
+        ge=1,
+        description="Bytes of request bodies one front end holds at once, from their first byte "
+        "until the answer is sent; beyond it requests get 429.",
+    )
+    max_search_response_bytes: int = Field(
+        limits.MAX_SEARCH_RESPONSE_BYTES,
+        ge=1,
+        description="Most bytes of texts and thumbnails in one /search answer (413 beyond).",
     )
     max_input_tokens: int | None = Field(
         None,
@@ -227,6 +252,7 @@ class Settings(BaseSettings):
             engine_restarts=self.engine_restarts,
             request_timeout_s=self.request_timeout_s,
             preprocess_workers=self.preprocess_workers,
+            max_pixel_bytes=self.max_pixel_bytes,
             embedder_factory=embedder_factory,
         )
 
@@ -276,14 +302,46 @@ class Settings(BaseSettings):
                 f"max_queue ({self.max_queue}): a larger request could never be admitted"
             )
             self.max_inputs_per_request = self.max_queue
+        # A body of max_body_bytes must fit the bodies a front end holds at once.
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            if "max_buffered_body_bytes" in self.model_fields_set:
+                raise ValueError(
+                    f"max_buffered_body_bytes ({self.max_buffered_body_bytes}) must not be below "
+                    f"max_body_bytes ({self.max_body_bytes}): a body of the largest size could "
+                    "never be read"
+                )
+            self._adjustments.append(
+                f"max_buffered_body_bytes raised from its default {self.max_buffered_body_bytes} "
+                f"to max_body_bytes ({self.max_body_bytes}): a body of the largest size must fit"
+            )
+            self.max_buffered_body_bytes = self.max_body_bytes
+        if self.max_inputs_per_request > -(-self.max_queue // self.api_workers):
+            self._adjustments.append(
+                f"each of the {self.api_workers} front ends admits up to max_inputs_per_request "
+                f"({self.max_inputs_per_request}) inputs, more than its share of max_queue "
+                f"({self.max_queue} / {self.api_workers}), so any request within the limit is "
+                f"admitted; the engine still holds at most max_queue ({self.max_queue}) inputs and "
+                "answers 429 beyond it (raise --max-queue or lower --api-workers to avoid this)"
+            )
         return self
 
-    # Settings changed by ``_check_consistency``, one sentence each, logged at start-up.
+    @property
+    def front_end_queue_share(self) -> int:
+        """Inputs one front end admits at a time: its share of ``max_queue``, never below
+        ``max_inputs_per_request`` (a request within the advertised limit is never refused
+        forever because the server runs several front ends). The engine admits against the
+        whole ``max_queue`` again, so the server never holds more than ``max_queue``."""
+        share = -(-self.max_queue // self.api_workers)  # ceil
+        return min(self.max_queue, max(share, self.max_inputs_per_request))
+
+    # Settings changed, or combinations worth a warning, found by ``_check_consistency``: one
+    # sentence each, logged at start-up.
     _adjustments: list[str] = PrivateAttr(default_factory=list)
 
     @property
     def adjustments(self) -> list[str]:
-        """Defaults that were adapted to other settings, to log at start-up (a warning each)."""
+        """Defaults adapted to other settings, and combinations of settings that behave in a
+        way worth knowing, to log at start-up (a warning each)."""
         return list(self._adjustments)
 
     @property
@@ -292,7 +350,8 @@ class Settings(BaseSettings):
         return self.served_model_name or default_served_name(self.model)
 
     def limits(self) -> dict[str, object]:
-        """The request limits in force, as reported by ``/info``."""
+        """The request limits in force, as reported by ``/info`` (per front end where the
+        setting says so: ``front_end_queue_share``, pixels, buffered bodies)."""
         return {
             "max_body_bytes": self.max_body_bytes,
             "max_inputs_per_request": self.max_inputs_per_request,
@@ -300,6 +359,14 @@ class Settings(BaseSettings):
             "max_image_pixels": self.max_image_pixels,
             "max_input_tokens": self.max_input_tokens,
             "max_queue": self.max_queue,
+            "front_end_queue_share": self.front_end_queue_share,
+            "max_vector_documents_per_request": self.max_vector_documents_per_request,
+            "max_pixel_bytes": self.max_pixel_bytes,
+            "max_buffered_body_bytes": self.max_buffered_body_bytes,
+            "max_search_response_bytes": self.max_search_response_bytes,
+            "max_k": limits.MAX_K,
+            "max_k_with_sources": limits.MAX_K_WITH_SOURCES,
+            "max_metadata_bytes": limits.MAX_METADATA_BYTES,
             "request_timeout_s": self.request_timeout_s,
             "image_urls": bool(self.image_url_allow_hosts),
             "max_connections": self.max_connections,

@@ -211,7 +211,13 @@ def create_app(
     app.include_router(page.router)
 
     # add_middleware() wraps what is there: the last added is the outermost.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_buffered_bytes=settings.max_buffered_body_bytes,
+        retry_after_s=settings.retry_after_s,
+        gauge=metrics.body_bytes,
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
         _document_bearer_auth(app)

@@ -29,7 +29,7 @@ and the traceback in the log, never in the response.
 | schema violation (types, unknown fields)   | 422    | invalid_request           |
 | bad input (empty, bad base64, bad image)   | 422    | invalid_input             |
 | store: bad name/vector/filter/dim/dup id   | 422    | invalid_request           |
-| queue full                                 | 429    | overloaded (+Retry-After) |
+| queue full, pixel or body budget full      | 429    | overloaded (+Retry-After) |
 | client went away mid-request (logged only) | 499    | client_closed_request     |
 | a batch's forward pass failed              | 500    | inference_error           |
 | any other exception (a bug)                | 500    | internal_error            |
@@ -104,6 +104,13 @@ class ClientClosedRequestError(ApiError):
     status, type = 499, "client_closed_request"
 
 
+class OverloadedError(ApiError):
+    status, type = 429, "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class UnavailableError(ApiError):
     status, type = 503, "unavailable"
 
@@ -126,6 +133,7 @@ INFERENCE_ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (inference_errors.EngineUnavailableError, 503, "unavailable"),
     (inference_errors.EngineOverloadedError, 429, "overloaded"),
     (inference_errors.TooManyInputsError, 413, "payload_too_large"),
+    (inference_errors.PixelsTooLargeError, 413, "payload_too_large"),
     (inference_errors.NoInputsError, 422, "invalid_request"),
     (inference_errors.ForwardError, 500, "inference_error"),
 )

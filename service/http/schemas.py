@@ -467,7 +467,9 @@ class SearchRequest(Strict):
     include: list[Literal["text", "thumbnail"]] = Field(
         default_factory=list,
         description='Add to each hit its "text" and/or "thumbnail" (the first image\'s, as a data: '
-        "URI), when the collection keeps sources; null where the document has none.",
+        "URI), when the collection keeps sources; null where the document has none. With include, "
+        f"k is at most {limits.MAX_K_WITH_SOURCES} and the answer's texts and thumbnails at most "
+        "max_search_response_bytes (see /info); 413 beyond.",
     )
 
     @field_validator("filter")

@@ -7,7 +7,10 @@
   most ``max_body_bytes``: a larger ``Content-Length`` is refused at once, and the body
   stream is counted as it arrives (chunked bodies included), so an oversized body is
   refused (413) after at most ``max_body_bytes`` have been read and before any JSON
-  parsing. The body is then replayed to the app.
+  parsing. The body is then replayed to the app. The bodies one process holds at once
+  (from their first byte until the answer is sent) are bounded by ``max_buffered_bytes``:
+  a declared length is reserved before reading, a chunked body as it arrives; a request
+  that does not fit gets 429 with Retry-After.
 
 Their error responses come from ``service/http/errors.py`` (the one place statuses are mapped).
 """
@@ -16,12 +19,15 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.budget import ByteBudget
 from service.http.errors import (
     ApiError,
     BadRequestError,
+    OverloadedError,
     PayloadTooLargeError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
@@ -85,10 +91,28 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, non_json_prefixes: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_buffered_bytes: int | None = None,
+        retry_after_s: int = 1,
+        gauge: Any = None,
+        non_json_prefixes: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Bytes of bodies held by this process at once, from the first byte to the answer.
+        self.buffered = ByteBudget(max_buffered_bytes or max(max_body_bytes, 1), gauge)
+        self.retry_after_s = retry_after_s
         self._non_json = tuple(non_json_prefixes)
+
+    def _full(self) -> OverloadedError:
+        return OverloadedError(
+            "the server holds as many request bodies as it may; retry later",
+            retry_after_s=self.retry_after_s,
+        )
 
     def _too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"request body is larger than the limit of {self.max_body_bytes} bytes")
@@ -123,28 +147,51 @@ class BodyLimitMiddleware:
             )
             return
 
+        # A declared length is held before the first byte is read (the client is told at
+        # once); a chunked body is held as it comes.
+        held = int(declared) if declared is not None else 0
+        if not self.buffered.take(held):
+            await _refuse(self._full(), scope, receive, send)
+            return
+        try:
+            await self._buffer_and_run(scope, receive, send, held)
+        finally:
+            self.buffered.give_back(held)
+
+    async def _buffer_and_run(self, scope: Scope, receive: Receive, send: Send, declared: int) -> None:
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left mid-body: nobody to answer
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_body_bytes:
-                await _refuse(self._too_large(), scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        extra = 0  # bytes held beyond the declared length (chunked bodies)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client left mid-body: nobody to answer
+                body = message.get("body", b"")
+                size += len(body)
+                if size > self.max_body_bytes:
+                    await _refuse(self._too_large(), scope, receive, send)
+                    return
+                if size > declared + extra:
+                    if not self.buffered.take(size - declared - extra):
+                        await _refuse(self._full(), scope, receive, send)
+                        return
+                    extra = size - declared
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+            await self._run(scope, receive, send, chunks)
+        finally:
+            self.buffered.give_back(extra)
 
-        replayed = False
+    async def _run(self, scope: Scope, receive: Receive, send: Send, chunks: list[bytes]) -> None:
+        """Run the app with the buffered body replayed to it."""
+        body = [b"".join(chunks)]
+        chunks.clear()  # one copy of the body, not two
 
         async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            if body:
+                return {"type": "http.request", "body": body.pop(), "more_body": False}
             return await receive()  # after the body: waits for http.disconnect
 
         await self.app(scope, replay, send)

@@ -8,9 +8,13 @@ Routes embed through ``EngineClient.embed``::
     result.timings      # {"preprocess_ms", "queue_ms", "inference_ms"}
 
 ``inputs`` are input objects as plain dicts in the HTTP shapes. Flow of one call: admit
-its n inputs against this front end's share of ``max_queue`` (``EngineOverloadedError``
-at once when full) -> fetch image URLs -> decode, tile and tokenise each input in this
-process's thread pool -> put the pixels in shared memory -> one message to the engine,
+its n inputs against this front end's share of ``max_queue`` (never below
+``max_inputs_per_request``; the engine admits against the whole queue again) and its
+images' largest possible crops against the front end's pixel budget (``max_pixel_bytes``)
+(``EngineOverloadedError`` at once when either is full) -> fetch image URLs -> decode,
+tile and tokenise each input in this process's thread pool -> the pixel reservation
+shrinks to the crops' real size -> put the pixels in shared memory (under a random name)
+and drop this process's copy -> one message to the engine,
 which batches the inputs with every front end's -> raw pooled rows back -> normalised
 here (``service.vectors``). The whole call is bounded by ``request_timeout_s``; when it
 runs out or the caller is cancelled (the client went away) the engine is told to drop
@@ -19,7 +23,8 @@ the inputs not yet on the device.
 Errors (``service/inference/errors.py``; the HTTP layer maps them): not ready / engine
 dead / timed out / shutting down -> ``EngineUnavailableError``; queue full ->
 ``EngineOverloadedError``; more inputs than the queue holds -> ``TooManyInputsError``;
-bad inputs -> ``model.errors`` input errors with ``input_index``; failed forward ->
+images that could never fit the pixel budget -> ``PixelsTooLargeError``; bad inputs ->
+``model.errors`` input errors with ``input_index``; failed forward ->
 ``ForwardError``.
 """
 
@@ -39,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from service.budget import ByteBudget
 from service.inference import ipc
 from service.inference.config import EngineConfig
 from service.inference.engine import EngineInfo
@@ -47,6 +53,7 @@ from service.inference.errors import (
     EngineUnavailableError,
     ForwardError,
     NoInputsError,
+    PixelsTooLargeError,
     TooManyInputsError,
 )
 from service.inference.images import ImageFetcher
@@ -57,7 +64,6 @@ from service.vectors import normalised_rows
 logger = logging.getLogger("llave.client")
 
 WATCH_INTERVAL_S = 0.02  # how often the status board is read
-_segment_names = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class EngineClient:
         self.images = images
         self.metrics = metrics or Metrics()
         self.queue_share = queue_share or config.max_queue
+        self.pixels = ByteBudget(config.max_pixel_bytes, self.metrics.pixel_bytes)  # decoded crops held here
         self.served_names = set(served_names)
         self.engine: EngineInfo | None = None
         self._board: ipc.StatusBoard | None = None
@@ -269,21 +276,49 @@ class EngineClient:
             raise TooManyInputsError(f"{n} inputs in one call; the queue holds at most {c.max_queue}")
         if self._in_flight + n > self.queue_share:
             raise EngineOverloadedError("the server is at capacity; retry later")
+        pixels = self._pixel_bound(inputs)
+        if pixels > c.max_pixel_bytes:
+            raise PixelsTooLargeError(
+                f"the images of this request may decode to {pixels} bytes of pixels, more than a "
+                f"front end holds ({c.max_pixel_bytes}, --max-pixel-bytes); send fewer images per request"
+            )
+        if not self.pixels.take(pixels):
+            raise EngineOverloadedError("the server is decoding as many images as it holds; retry later")
+        held = [pixels]  # bytes of the pixel budget this call holds (shrinks after decoding)
         self._in_flight += n
         self.metrics.queue_inputs.inc(n)
         try:
             async with asyncio.timeout(c.request_timeout_s):
-                return await self._embed(inputs, truncate, normalize)
+                return await self._embed(inputs, truncate, normalize, held)
         except TimeoutError:
             raise EngineUnavailableError(
                 f"the request did not complete within {c.request_timeout_s:g} s; its work was dropped"
             ) from None
         finally:
+            self.pixels.give_back(held[0])
             self._in_flight -= n
             self.metrics.queue_inputs.dec(n)
 
+    def _pixel_bound(self, inputs: Sequence[Mapping[str, Any]]) -> int:
+        """The most bytes of float32 crops the images of ``inputs`` can decode to: each image
+        gives at most a base crop plus the largest grid of the model's pinpoints."""
+        pre = self.engine.preprocessor if self.engine is not None else None
+        crop, pinpoints = getattr(pre, "crop", None), getattr(pre, "grid_pinpoints", None)
+        if not crop or not pinpoints:
+            return 0  # a model without anyres images (test doubles): nothing to bound
+        crops = 1 + max((int(h) // crop) * (int(w) // crop) for h, w in pinpoints)
+        return count_images(inputs) * crops * 3 * crop * crop * 4
+
+    def _hold_exactly(self, held: list[int], nbytes: int) -> None:
+        """Shrink (or, were the bound ever short, grow) this call's pixel reservation."""
+        if nbytes <= held[0]:
+            self.pixels.give_back(held[0] - nbytes)
+        elif not self.pixels.take(nbytes - held[0]):
+            raise EngineOverloadedError("the server is decoding as many images as it holds; retry later")
+        held[0] = nbytes
+
     async def _embed(
-        self, inputs: Sequence[Mapping[str, Any]], truncate: bool, normalize: bool
+        self, inputs: Sequence[Mapping[str, Any]], truncate: bool, normalize: bool, held: list[int]
     ) -> EmbedResult:
         started = time.perf_counter()
         resolved = await self.images.resolve_inputs([dict(inp) for inp in inputs])
@@ -293,8 +328,12 @@ class EngineClient:
         if engine is None:
             self.check_ready()
         assert engine is not None
-        name = f"{self._segment_prefix}-{next(_segment_names)}"
-        segment, slots = ipc.put_pixels([p.pixel_values for p in prepared], name)
+        self._hold_exactly(
+            held, sum(int(p.pixel_values.nbytes) for p in prepared if p.pixel_values is not None)
+        )
+        segment, slots = ipc.put_pixels([p.pixel_values for p in prepared], self._segment_prefix)
+        for p in prepared:  # the engine reads the shared copy: free this process's one now
+            p.pixel_values = None
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
@@ -366,3 +405,18 @@ class EngineClient:
         prepared = engine.preprocessor.preprocess(inp, truncate=truncate)
         self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - started)
         return prepared
+
+
+def count_images(inputs: Sequence[Mapping[str, Any]]) -> int:
+    """Images in ``inputs`` (HTTP shapes: ``image``, or ``content`` parts of type image),
+    counted before anything is decoded; malformed inputs count none (preprocessing refuses
+    them with their own message)."""
+    total = 0
+    for inp in inputs:
+        if not isinstance(inp, Mapping):
+            continue
+        total += inp.get("image") is not None
+        content = inp.get("content")
+        if isinstance(content, list):
+            total += sum(1 for part in content if isinstance(part, Mapping) and part.get("type") == "image")
+    return total

@@ -32,6 +32,7 @@ class EngineConfig:
     # clients (front ends)
     request_timeout_s: float = 60.0
     preprocess_workers: int = 2
+    max_pixel_bytes: int = limits.MAX_PIXEL_BYTES  # per front end
     # "module:function" called in the engine process with this config instead of
     # model.load_embedder (tests and the simulated-device bench; not a server setting)
     embedder_factory: str | None = None

@@ -41,6 +41,10 @@ class TooManyInputsError(InferenceError):
     """More inputs in one call than the queue can ever hold."""
 
 
+class PixelsTooLargeError(InferenceError):
+    """A request whose images could decode to more pixel bytes than a front end ever holds."""
+
+
 class NoInputsError(InferenceError):
     """A call with no inputs."""
 

@@ -9,7 +9,7 @@ Three channels, each chosen for what it carries (measurements: bench/README.md,
   small); a reply carries the pooled vectors as one raw float32 frame (a few KB per
   input: one copy through the socket costs less than setting up shared memory).
 - **Pixels** in POSIX shared memory: a request with images puts all its crops in one
-  segment (``/dev/shm/llave-<run>-...``) and sends the segment's name and each input's
+  segment (``/dev/shm/llave-<run>-<pid>-<random>``) and sends the segment's name and each input's
   offset and shape; the engine maps the same pages (no pickled copy of megabytes of
   pixels) and the front end unlinks the segment when the reply arrives.
 - **Engine state** on a status board: a small memory-mapped file in the run directory
@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import secrets
 import struct
 import sys
 from collections.abc import Sequence
@@ -98,15 +99,38 @@ class PixelSlot:
     shape: tuple[int, ...]
 
 
+# Tries at a fresh name when a segment's name is taken (64 random bits: never by chance).
+SEGMENT_NAME_TRIES = 8
+
+
+def segment_name(prefix: str) -> str:
+    """A new segment's name: ``prefix`` and 64 random bits, so no local user can predict the
+    next one and create it first."""
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+def _create_segment(prefix: str, size: int) -> shared_memory.SharedMemory:
+    """A new segment under a random name; a name already taken (O_EXCL refuses it) is
+    replaced by another, never reported to the client."""
+    for _ in range(SEGMENT_NAME_TRIES):
+        try:
+            return shared_memory.SharedMemory(name=segment_name(prefix), create=True, size=size)
+        except FileExistsError:
+            continue
+    raise EngineOverloadedError(
+        f"no free shared-memory name found in {SEGMENT_NAME_TRIES} tries; retry later"
+    )
+
+
 def put_pixels(
-    arrays: Sequence[np.ndarray | None], name: str
+    arrays: Sequence[np.ndarray | None], prefix: str
 ) -> tuple[shared_memory.SharedMemory | None, list[PixelSlot | None]]:
-    """Copy each input's float32 crops into one new segment called ``name``."""
+    """Copy each input's float32 crops into one new segment named ``prefix``-<random>."""
     sizes = [0 if a is None else int(a.nbytes) for a in arrays]
     total = sum(sizes)
     if total == 0:
         return None, [None] * len(arrays)
-    segment = shared_memory.SharedMemory(name=name, create=True, size=total)
+    segment = _create_segment(prefix, total)
     try:
         # Reserve the pages now: /dev/shm is a tmpfs, and writing past its size would kill
         # this process with SIGBUS instead of raising (Docker's default is only 64 MB).

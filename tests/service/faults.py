@@ -7,7 +7,10 @@ batch holds an input whose text contains MARKER:
 
 - ``fail-batch``: the forward pass raises (that batch fails, the engine goes on);
 - ``kill-worker``: the device thread dies as on an unrecoverable device error (the
-  engine process exits and is restarted by its supervisor).
+  engine process exits and is restarted by its supervisor);
+- ``hold-batch``: the forward pass creates ``$TEST_LLAVE_GATE/entered``, then waits until
+  the test creates ``$TEST_LLAVE_GATE/open`` (at most ``HOLD_MAX_S``), then runs: the test
+  knows, without timing, that the request is in flight and when it may finish.
 
 Production code has no fault switches: this file is the only place they exist.
 """
@@ -15,10 +18,22 @@ Production code has no fault switches: this file is the only place they exist.
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 from service.inference.config import EngineConfig
 from service.inference.worker import FatalDeviceError
+
+HOLD_MAX_S = 120.0  # a test that never opens the gate fails, it does not hang the engine
+
+
+def _hold() -> None:
+    gate = Path(os.environ["TEST_LLAVE_GATE"])
+    (gate / "entered").touch()
+    deadline = time.monotonic() + HOLD_MAX_S
+    while not (gate / "open").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _faults() -> list[tuple[str, str]]:
@@ -45,6 +60,8 @@ class FaultyEmbedder:
                     raise FatalDeviceError("injected fault: kill-worker")
                 if kind == "fail-batch":
                     raise RuntimeError("injected fault: fail-batch")
+                if kind == "hold-batch":
+                    _hold()
         return self._real.forward(batch)
 
 

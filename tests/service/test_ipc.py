@@ -29,6 +29,7 @@ def test_pixels_written_by_one_process_are_read_by_another():
     rng = np.random.default_rng(0)
     arrays = [rng.random((2, 3, 8, 8), dtype=np.float32), None, rng.random((5, 3, 8, 8), dtype=np.float32)]
     segment, slots = ipc.put_pixels(arrays, f"llave-test-{mp.current_process().pid}")
+    assert segment.name.lstrip("/").startswith(f"llave-test-{mp.current_process().pid}-")
     assert slots[1] is None
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -75,8 +76,66 @@ def test_a_full_dev_shm_refuses_the_request_and_leaves_no_segment(monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    name = f"llave-test-full-{os.getpid()}"
+    names: list[str] = []
+    monkeypatch.setattr(ipc, "segment_name", lambda prefix: names.append(f"{prefix}-full") or names[-1])
     with pytest.raises(EngineOverloadedError, match="shared memory"):
-        ipc.put_pixels([np.ones((1, 3, 4, 4), np.float32)], name)
+        ipc.put_pixels([np.ones((1, 3, 4, 4), np.float32)], f"llave-test-{os.getpid()}")
+    assert len(names) == 1
     with pytest.raises(FileNotFoundError):
-        shared_memory.SharedMemory(name=name)
+        shared_memory.SharedMemory(name=names[0])
+
+
+def test_segment_names_are_random():
+    prefix = f"llave-test-{mp.current_process().pid}"
+    names = {ipc.segment_name(prefix) for _ in range(1000)}
+    assert len(names) == 1000
+    # 64 random bits after the prefix: the next name cannot be told from the previous ones.
+    assert all(len(n.removeprefix(prefix + "-")) == 16 for n in names)
+
+
+def test_a_taken_segment_name_is_replaced_by_a_fresh_one(monkeypatch):
+    # A local user creates the name a request would use first (a real segment, as an
+    # attacker would): the request takes another name and its pixels are intact, while the
+    # squatter's segment is left as it was.
+    from multiprocessing import shared_memory
+
+    prefix = f"llave-test-squat-{mp.current_process().pid}"
+    squatted = ipc.segment_name(prefix)
+    squatter = shared_memory.SharedMemory(name=squatted, create=True, size=64)
+    squatter.buf[:4] = b"mine"
+    tried: list[str] = []
+    real = ipc.segment_name
+
+    def predictable_then_random(p: str) -> str:
+        tried.append(squatted if not tried else real(p))
+        return tried[-1]
+
+    monkeypatch.setattr(ipc, "segment_name", predictable_then_random)
+    try:
+        pixels = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+        segment, slots = ipc.put_pixels([pixels], prefix)
+        try:
+            assert len(tried) == 2 and segment.name.lstrip("/") == tried[1].lstrip("/") != squatted
+            np.testing.assert_array_equal(ipc.view_pixels(segment, slots[0]), pixels)
+        finally:
+            ipc.release(segment, unlink=True)
+        assert bytes(squatter.buf[:4]) == b"mine"
+    finally:
+        squatter.close()
+        squatter.unlink()
+
+
+def test_a_name_taken_every_time_is_a_429_not_a_500(monkeypatch):
+    from multiprocessing import shared_memory
+
+    from service.inference.errors import EngineOverloadedError
+
+    prefix = f"llave-test-always-{mp.current_process().pid}"
+    squatter = shared_memory.SharedMemory(name=f"{prefix}-x", create=True, size=64)
+    monkeypatch.setattr(ipc, "segment_name", lambda p: f"{p}-x")
+    try:
+        with pytest.raises(EngineOverloadedError, match="shared-memory name"):
+            ipc.put_pixels([np.ones((1, 3, 4, 4), np.float32)], prefix)
+    finally:
+        squatter.close()
+        squatter.unlink()

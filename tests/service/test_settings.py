@@ -166,3 +166,29 @@ def test_gil_switch_interval_defaults_to_short_on_cuda_only():
     assert gil_switch_interval_s(ms, "cpu") == gil_switch_interval_s(ms, "cuda") == pytest.approx(0.0005)
     with pytest.raises(SystemExit):
         load_settings(["--model", "m", "--gil-switch-interval-ms", "0"])
+
+
+@pytest.mark.parametrize(
+    ("workers", "queue", "per_request", "share", "warned"),
+    [
+        (1, 1024, 128, 1024, False),
+        (8, 1024, 128, 128, False),
+        (8, 512, 100, 100, True),  # 512 / 8 = 64 would refuse a 100-input request forever
+        (2, 64, 64, 64, True),
+        (3, 10, 2, 4, False),  # ceil(10 / 3)
+    ],
+)
+def test_a_front_end_admits_at_least_one_request_of_the_advertised_size(
+    workers, queue, per_request, share, warned
+):
+    s = Settings(model="m", api_workers=workers, max_queue=queue, max_inputs_per_request=per_request)
+    assert s.front_end_queue_share == share
+    assert any("share of max_queue" in line for line in s.adjustments) == warned
+
+
+def test_buffered_bodies_hold_at_least_one_body_of_the_largest_size():
+    s = Settings(model="m", max_body_bytes=512 * 1024 * 1024)
+    assert s.max_buffered_body_bytes == 512 * 1024 * 1024
+    assert any("max_buffered_body_bytes raised" in line for line in s.adjustments)
+    with pytest.raises(ValidationError, match="max_buffered_body_bytes"):
+        Settings(model="m", max_body_bytes=1000, max_buffered_body_bytes=999)

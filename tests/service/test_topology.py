@@ -45,9 +45,28 @@ def wait_ready(server, timeout: float = 120.0) -> None:
 
 @pytest.fixture(scope="module")
 def multi(tiny_checkpoint, tmp_path_factory):
-    srv = start_server(tiny_checkpoint, tmp_path_factory.mktemp("multi"), "--api-workers", "2")
+    # A queue that the two front ends' shares (32 each) would split below the request limit.
+    srv = start_server(
+        tiny_checkpoint,
+        tmp_path_factory.mktemp("multi"),
+        "--api-workers", "2",
+        "--max-queue", "64",
+        "--max-inputs-per-request", "64",
+    )  # fmt: skip
     yield srv
     srv.stop()
+
+
+def test_a_request_within_the_advertised_limit_is_admitted_by_any_front_end(multi):
+    info = httpx.get(multi.url + "/info").json()
+    assert info["limits"]["max_inputs_per_request"] == 64
+    assert info["limits"]["front_end_queue_share"] == 64
+    body = {"inputs": [{"text": f"input {i}"} for i in range(40)]}
+    for _ in range(4):  # new connections: either front end answers
+        r = httpx.post(multi.url + "/embed", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["embeddings"]) == 40
+    assert "more than its share of max_queue (64 / 2)" in multi.log()
 
 
 def test_the_server_runs_its_roles_as_separate_processes(multi):

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from service import limits
-from service.http.errors import InvalidRequestError, UnavailableError
+from service.http.errors import InvalidRequestError, PayloadTooLargeError, UnavailableError
 from service.http.routes.common import (
     ERROR_RESPONSES,
     cancel_on_disconnect,
@@ -167,7 +167,14 @@ async def upsert_documents(
     text and a thumbnail of each image are stored with it; raw-vector documents have none."""
     store = get_store(request)
     docs = body.documents
-    check_input_count(get_settings(request), len(docs))
+    settings = get_settings(request)
+    check_input_count(settings, sum(1 for d in docs if d.vector is None))
+    vectors_given = sum(1 for d in docs if d.vector is not None)
+    if vectors_given > settings.max_vector_documents_per_request:
+        raise PayloadTooLargeError(
+            f"{vectors_given} documents with a vector in one request; the limit is "
+            f"{settings.max_vector_documents_per_request}"
+        )
     ids = check_unique_ids([d.id for d in docs])  # before any embedding is paid for
 
     inputs = {row: d.to_input() for row, d in enumerate(docs) if d.vector is None}

@@ -9,8 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
+from service import limits
+from service.http.errors import PayloadTooLargeError
 from service.http.routes.collections import RESPONSES, get_store
-from service.http.routes.common import cancel_on_disconnect, get_engine, timing_headers
+from service.http.routes.common import cancel_on_disconnect, get_engine, get_settings, timing_headers
 from service.http.schemas import SEARCH_EXAMPLES, SearchRequest, SearchResponse, VectorQuery
 from service.storage.sources import Thumbnail
 
@@ -23,6 +25,21 @@ def data_uri(thumb: Thumbnail | None) -> str | None:
     return f"data:{thumb.media_type};base64,{base64.b64encode(thumb.data).decode()}"
 
 
+def check_response_size(hits: list[dict[str, Any]], limit: int) -> None:
+    """413 when the hits' texts and thumbnails add up to more than ``limit`` bytes."""
+    size = 0
+    for hit in hits:
+        for field in ("text", "thumbnail"):
+            value = hit.get(field)
+            if value:
+                size += len(value.encode("utf-8")) if field == "text" else len(value)
+    if size > limit:
+        raise PayloadTooLargeError(
+            f"the {len(hits)} hits' texts and thumbnails are {size} bytes, over the limit of {limit} "
+            "per answer (--max-search-response-bytes); ask for fewer hits (k) or fewer include fields"
+        )
+
+
 @router.post("/search", response_model=SearchResponse, responses=RESPONSES, summary="Search a collection")
 async def search(
     request: Request, body: Annotated[SearchRequest, Body(openapi_examples=SEARCH_EXAMPLES)]
@@ -31,8 +48,15 @@ async def search(
     collection holds, never a deleted or filtered-out document. ``filter``:
     ``{"field": value}`` is equality, ``{"field": [v1, v2]}`` any of the values.
     ``include``: ``["text", "thumbnail"]`` adds each hit's stored text and its first image's
-    thumbnail (a ``data:`` URI), null where the document has none."""
+    thumbnail (a ``data:`` URI), null where the document has none. With ``include``, ``k``
+    is at most ``max_k_with_sources`` and the texts and thumbnails of one answer at most
+    ``max_search_response_bytes`` (both in ``/info``; 413 beyond either)."""
     store = get_store(request)
+    if body.include and body.k > limits.MAX_K_WITH_SOURCES:
+        raise PayloadTooLargeError(
+            f"k is {body.k}; with include {body.include} a search returns at most "
+            f"{limits.MAX_K_WITH_SOURCES} hits (ask without include for more ids and scores)"
+        )
     headers: dict[str, str] = {}
     query: Any
     if isinstance(body.query, VectorQuery):
@@ -53,4 +77,5 @@ async def search(
     if "thumbnail" in body.include:
         for hit in hits:
             hit["thumbnail"] = data_uri(hit["thumbnail"])
+    check_response_size(hits, get_settings(request).max_search_response_bytes)
     return JSONResponse({"hits": hits, "collection": body.collection}, headers=headers)
