@@ -6,6 +6,8 @@
         [--datasets NAME|GROUP ...] [--max-rows N] [--markdown table.md]
         [--compare results.json | --compare paper:LLaVE-7B]
     python -m training.evaluate --results new.json --compare old.json
+    python -m training.evaluate (--model M | --server URL) --video-retrieval msrvtt|msvd --data D
+        [--video-root V] [--compare paper:LLaVE-7B]     (training/video_retrieval.py)
 
 Rows (JSONL or Parquet) are ``{"qry_text", "qry_img_path", "tgt_text": [...],
 "tgt_img_path": [...], "dataset"?}``; the first target is the positive, ``<|image_1|>``
@@ -48,7 +50,7 @@ import numpy as np
 if __package__ in (None, ""):  # `python training/evaluate.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import mmeb  # noqa: E402
+from training import mmeb, video_retrieval  # noqa: E402
 from training.data import BadRowError, LoadReport, Side, iter_rows, model_input, parse_side  # noqa: E402
 from training.progress import Progress  # noqa: E402
 from training.remote import ServerEmbedder  # noqa: E402
@@ -387,7 +389,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--results", type=Path, default=None, help="report an earlier results file (no model)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--video-retrieval",
+        choices=video_retrieval.LAYOUTS,
+        default=None,
+        help="text-video retrieval (R@1/5/10) on MSR-VTT (--data: the test CSV) or MSVD (--data: its folder)",
+    )
+    parser.add_argument("--video-root", default=None, help="folder of the clips (--video-retrieval)")
     args = parser.parse_args(argv)
+    if args.video_retrieval:
+        _run_video(parser, args)
+        return
 
     datasets = [t for item in args.datasets or [] for t in item.split(",") if t.strip()] or None
     if args.max_rows is not None and args.max_rows < 1:
@@ -437,6 +449,59 @@ def _reference(parser: argparse.ArgumentParser, spec: str, model_name: str | Non
         parser.error(f"--compare {spec}: {exc}")
 
 
+def _open_embedder(parser: argparse.ArgumentParser, args: argparse.Namespace, reference: dict | None):
+    """The model core (--model) or a running server (--server), and its name."""
+    embedder: Any
+    if args.server:
+        try:
+            embedder = ServerEmbedder(args.server, api_key=args.api_key or os.environ.get("LLAVE_API_KEY"))
+        except Exception as exc:  # unreachable, refused, not this project's server
+            parser.error(f"--server {args.server}: {type(exc).__name__}: {exc}")
+        model_name = embedder.name
+        if args.compare and reference is None:
+            _reference(parser, args.compare, model_name)  # fails now, not after the run
+    else:
+        from model import load_embedder
+
+        embedder = load_embedder(args.model, device=args.device, dtype=args.dtype)
+        model_name = str(args.model)
+    return embedder, model_name
+
+
+def _run_video(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--video-retrieval: load the set, embed captions and clips, print R@K (and --compare)."""
+    if bool(args.model) == bool(args.server) or not args.data:
+        parser.error("--video-retrieval needs --data and one of --model or --server")
+    reference = None
+    if args.compare:
+        try:
+            reference = video_retrieval.paper_reference(args.compare, args.video_retrieval)
+        except ValueError as exc:
+            parser.error(f"--compare {args.compare}: {exc}")
+    try:
+        data = video_retrieval.load(args.video_retrieval, args.data, args.video_root)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(str(exc))
+    embedder, model_name = _open_embedder(parser, args, {})
+    bar = Progress(len(data.videos) + len(data.captions), "embed", "input", enabled=not args.no_progress)
+    try:
+        result = video_retrieval.evaluate(embedder, data, batch_size=args.batch_size, progress=bar)
+    finally:
+        bar.close()
+        if isinstance(embedder, ServerEmbedder):
+            embedder.close()
+    result["model"] = model_name
+    text = video_retrieval.format_report(result, reference)
+    if reference is not None:
+        result["comparison"] = reference
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    print(text)
+    print(json.dumps(result))
+
+
 def _run(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,
@@ -462,20 +527,7 @@ def _run(
     if not rows:
         parser.error(f"no usable rows in {args.data}")
 
-    embedder: Any
-    if args.server:
-        try:
-            embedder = ServerEmbedder(args.server, api_key=args.api_key or os.environ.get("LLAVE_API_KEY"))
-        except Exception as exc:  # unreachable, refused, not this project's server
-            parser.error(f"--server {args.server}: {type(exc).__name__}: {exc}")
-        model_name = embedder.name
-        if args.compare and reference is None:
-            _reference(parser, args.compare, model_name)  # fails now, not after the run
-    else:
-        from model import load_embedder
-
-        embedder = load_embedder(args.model, device=args.device, dtype=args.dtype)
-        model_name = str(args.model)
+    embedder, model_name = _open_embedder(parser, args, reference)
     try:
         result = evaluate(
             embedder, rows, image_root, batch_size=args.batch_size, progress=not args.no_progress

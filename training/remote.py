@@ -59,12 +59,19 @@ class ServerEmbedder:
 
     @staticmethod
     def _wire(item: dict[str, Any]) -> dict[str, Any]:
+        """Raw image or video bytes (in the shorthand or in content parts) as base64."""
+
+        def encode(value: Any) -> Any:
+            return base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
+
+        if "content" not in item:
+            return {k: encode(v) if k in ("image", "video") else v for k, v in item.items()}
         parts = []
         for part in item["content"]:
-            if part["type"] == "image" and isinstance(part["image"], bytes):
-                part = {"type": "image", "image": base64.b64encode(part["image"]).decode("ascii")}
+            if part["type"] in ("image", "video"):
+                part = {**part, part["type"]: encode(part[part["type"]])}
             parts.append(part)
-        return {"content": parts}
+        return {**item, "content": parts}
 
     def _post(self, inputs: list[dict[str, Any]]) -> np.ndarray:
         try:
