@@ -7,7 +7,6 @@ the device runs the previous batch, and so each stage can be timed on its own.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +15,12 @@ import numpy as np
 import torch
 
 from .errors import InputTooLongError
-from .inputs import ImageLimits, decode_image, image_size, parse_input
-from .onevision import ImageProcessor, count_image_tokens
-from .prompts import build_message, build_prompt
+from .inputs import ImageLimits, ParsedInput, decode_image, open_image, parse_input
+from .onevision import ImageProcessor, count_image_tokens, image_feature_limits
+from .prompts import Segment, chatml_segments, message_segments, render
+from .tokenization import PromptTokenizer
+
+IMAGE_FEATURE_LIMITS = "image_feature_limits"  # collate's key for images cut by the length limit
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -39,6 +41,9 @@ class PreparedInput:
     pixel_values: np.ndarray | None = None  # (crops, 3, H, W) float32, all images of the input
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image
     truncated: bool = False
+    # When the length cut falls inside the last image: how many of its features are kept
+    # (the authors splice every image's features, then cut the sequence).
+    cut_image_tokens: int | None = None
 
     @property
     def num_images(self) -> int:
@@ -82,16 +87,8 @@ class Preprocessor:
         self.grid_pinpoints = [list(p) for p in model_config.image_grid_pinpoints]
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
-        self._lock = threading.Lock()  # the tokenizer's truncation state is not thread-safe
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        # User text is always plain text: special strings in it never become special ids.
+        self.tokens = PromptTokenizer(tokenizer, self.image_token_id)
 
     @property
     def max_length(self) -> int:
@@ -112,19 +109,22 @@ class Preprocessor:
             vision_aspect_ratio=self.config.vision_aspect_ratio,
         )
 
+    @staticmethod
+    def _segments(parsed: ParsedInput) -> list[Segment]:
+        return chatml_segments(
+            message_segments(parsed.parts, parsed.instruction, interleaved=parsed.interleaved)
+        )
+
     def prompt(self, inp: Any) -> str:
         """The exact ChatML prompt for one input (``<image>`` not yet expanded)."""
-        parsed = parse_input(inp, self.limits)
-        return build_prompt(build_message(parsed.parts, parsed.instruction, interleaved=parsed.interleaved))
-
-    def _tokenize(self, prompt: str) -> list[int]:
-        with self._lock:
-            # verbose=False: the cut to the model's limit happens after image splicing
-            # (see _cut), so the tokenizer's length warning would be noise.
-            return self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        return render(self._segments(parse_input(inp, self.limits)))
 
     def _expand(self, ids: list[int], counts: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """Replace each ``<image>`` id by its feature count; return ids and image spans."""
+        if ids.count(self.image_token_id) != len(counts):  # a broken invariant, never user input
+            raise RuntimeError(
+                f"the prompt holds {ids.count(self.image_token_id)} image tokens for {len(counts)} images"
+            )
         out: list[int] = []
         spans: list[tuple[int, int]] = []
         it = iter(counts)
@@ -137,31 +137,41 @@ class Preprocessor:
                 out.append(tok)
         return out, spans
 
-    def _cut(self, ids: list[int], spans: list[tuple[int, int]], truncate: bool) -> tuple[list[int], bool]:
+    def _cut(
+        self, ids: list[int], spans: list[tuple[int, int]], truncate: bool
+    ) -> tuple[list[int], list[int], bool]:
+        """Cut the spliced sequence to the model's limit, as the authors do.
+
+        Returns the kept ids, how many features of each image are kept (all, some when the
+        cut falls inside it, 0 when it falls before it) and whether anything was cut.
+        """
         limit = self.max_length
         if len(ids) <= limit:
-            return ids, False
+            return ids, [end - start for start, end in spans], False
         if not truncate:
             raise InputTooLongError(
                 f"input is {len(ids)} tokens (image tokens included); the model's limit is {limit}"
             )
-        for start, end in spans:
-            if start < limit < end:
-                raise InputTooLongError(
-                    f"input is {len(ids)} tokens and the {limit}-token cut would fall inside an image; "
-                    "shorten the text before the image"
-                )
-        return ids[:limit], True
+        kept = [max(0, min(end, limit) - start) for start, end in spans]
+        return ids[:limit], kept, True
 
     def preprocess(self, inp: Any, *, truncate: bool = True) -> PreparedInput:
-        """Parse, decode and tile images, build the prompt and tokenise (thread-safe)."""
+        """Parse, decode and tile images, build the prompt and tokenise (thread-safe).
+
+        Image headers are read (and checked against the limits) first; only the images
+        whose features survive the length cut are decoded and tiled."""
         parsed = parse_input(inp, self.limits)
-        prompt = build_prompt(build_message(parsed.parts, parsed.instruction, interleaved=parsed.interleaved))
-        ids = self._tokenize(prompt)
+        ids = self.tokens.encode(self._segments(parsed))
+        opened = [open_image(v, self.limits) for v in parsed.images]
+        counts = [self.image_tokens(im.height, im.width) for im in opened]
+        ids, spans = self._expand(ids, counts)
+        ids, kept, truncated = self._cut(ids, spans, truncate)
+        keep = [im for im, n in zip(opened, kept, strict=True) if n > 0]
         pixel_values = None
         sizes: list[tuple[int, int]] = []
-        if parsed.images:
-            images = [decode_image(v, self.limits) for v in parsed.images]
+        cut_image_tokens = None
+        if keep:
+            images = [decode_image(im, self.limits) for im in keep]
             sizes = [(im.height, im.width) for im in images]
             # One sample per image: the processor then tiles each with anyres (base crop +
             # grid), as the authors do for every image; given them as one sample it would
@@ -170,24 +180,31 @@ class Preprocessor:
             pixel_values = np.concatenate(
                 [np.asarray(p, dtype=np.float32) for p in feats["pixel_values"]], axis=0
             )
-        counts = [self.image_tokens(h, w) for h, w in sizes]
-        ids, spans = self._expand(ids, counts)
-        ids, truncated = self._cut(ids, spans, truncate)
-        return PreparedInput(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes, truncated=truncated)
+            last = len(keep) - 1  # the kept images are a prefix: the cut drops a suffix
+            if kept[last] < counts[last]:
+                cut_image_tokens = kept[last]
+        return PreparedInput(
+            input_ids=ids,
+            pixel_values=pixel_values,
+            image_sizes=sizes,
+            truncated=truncated,
+            cut_image_tokens=cut_image_tokens,
+        )
 
     def estimate_cost(self, inp: Any) -> int:
         """Sequence length of an input from the text and the image headers only."""
         parsed = parse_input(inp, self.limits)
-        ids = self._tokenize(
-            build_prompt(build_message(parsed.parts, parsed.instruction, interleaved=parsed.interleaved))
-        )
-        extra = sum(self.image_tokens(*image_size(v, self.limits)) - 1 for v in parsed.images)
+        ids = self.tokens.encode(self._segments(parsed))
+        extra = sum(self.image_tokens(im.height, im.width) - 1 for im in map(self._open, parsed.images))
         return min(len(ids) + extra, self.max_length)
+
+    def _open(self, value: Any) -> Any:
+        return open_image(value, self.limits)
 
     def warmup_inputs(self, n: int, tokens: int) -> list[PreparedInput]:
         """``n`` prepared text inputs of about ``tokens`` tokens each, for a warm-up pass."""
-        base = len(self._tokenize(build_prompt("")))
-        ids = self._tokenize(build_prompt("hello " * max(0, tokens - base)))
+        base = len(self.tokens.encode(chatml_segments([])))
+        ids = self.tokens.encode(chatml_segments(["hello " * max(0, tokens - base)]))
         ids = ids[: max(base, min(tokens, self.max_length))]
         return [PreparedInput(input_ids=list(ids)) for _ in range(n)]
 
@@ -266,6 +283,13 @@ class Embedder:
             out["image_sizes"] = torch.tensor([s for p in batch for s in p.image_sizes], dtype=torch.long).to(
                 device
             )
+            if any(p.cut_image_tokens is not None for p in batch):
+                # Per image of the batch: how many of its features the cut keeps (None: all).
+                out[IMAGE_FEATURE_LIMITS] = [
+                    p.cut_image_tokens if i == p.num_images - 1 else None
+                    for p in batch
+                    for i in range(p.num_images)
+                ]
         return out
 
     def encode(self, tensors: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
@@ -274,11 +298,14 @@ class Embedder:
         Differentiable (no ``no_grad``). ``model`` runs the forward instead of
         ``self.model`` (e.g. the trainer's DDP wrapper, so its gradient hooks fire).
         """
+        tensors = dict(tensors)
+        limits = tensors.pop(IMAGE_FEATURE_LIMITS, None)
         if "pixel_values" in tensors:
-            tensors = dict(tensors, pixel_values=tensors["pixel_values"].to(self.model.dtype))
-        hidden = (model or self.model)(
-            **tensors, use_cache=False
-        ).last_hidden_state  # (n, L, dim), after the final norm
+            tensors["pixel_values"] = tensors["pixel_values"].to(self.model.dtype)
+        with image_feature_limits(self.model, limits):
+            hidden = (model or self.model)(
+                **tensors, use_cache=False
+            ).last_hidden_state  # (n, L, dim), after the final norm
         return last_token_pool(hidden, tensors["attention_mask"])
 
     def forward(self, batch: Sequence[PreparedInput]) -> torch.Tensor:

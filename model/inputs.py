@@ -178,12 +178,18 @@ def _open(value: Any, limits: ImageLimits) -> Image.Image:
         raise ImageDecodeError("image could not be decoded (unknown or corrupt format)") from exc
 
 
+def open_image(value: Any, limits: ImageLimits) -> Image.Image:
+    """Open an image payload lazily: the header is read and checked, no pixel is decoded
+    (``decode_image`` of the result decodes it)."""
+    img = _open(value, limits)
+    _check_geometry(img.width, img.height, limits)
+    return img
+
+
 def image_size(value: Any, limits: ImageLimits) -> tuple[int, int]:
     """Return (height, width) from the image header, without decoding pixels."""
-    img = _open(value, limits)
-    width, height = img.size
-    _check_geometry(width, height, limits)
-    return height, width
+    img = open_image(value, limits)
+    return img.height, img.width
 
 
 def _check_geometry(width: int, height: int, limits: ImageLimits) -> None:

@@ -8,7 +8,9 @@ the places handled here (docs/architecture.md, "Fidelity notes"):
    ``count_image_tokens`` (used to expand ``<image>`` placeholders) and
    ``pack_image_features`` (bound onto the loaded model) both truncate.
 2. Length. The authors cut the spliced sequence to ``tokenizer_model_max_length``; the
-   cut lives in ``model/embedder.py``.
+   cut lives in ``model/embedder.py``. Images after the cut are not even decoded there;
+   for an image the cut falls inside, ``image_feature_limits`` has the packing keep only
+   its first features, as the authors' splice-then-cut does.
 3. Image backend. ``LlavaOnevisionImageProcessorPil`` is used explicitly, so a machine
    with torchvision installed does not silently switch to the unverified fast backend.
 4. Several images in one input. The authors tile each like a lone image; transformers
@@ -18,10 +20,11 @@ the places handled here (docs/architecture.md, "Fidelity notes"):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +38,7 @@ __all__ = [
     "LLAVE_GRID",
     "ImageProcessor",
     "count_image_tokens",
+    "image_feature_limits",
     "install_authors_packing",
     "parse_grid_pinpoints",
 ]
@@ -144,6 +148,9 @@ def _pack_image_features(
             feats = feats[0]
             if image_newline is not None:
                 feats = torch.cat((feats, image_newline[None].to(feats)), dim=0)
+        limits = getattr(self, "_llave_feature_limits", None)
+        if limits is not None and limits[idx] is not None:
+            feats = feats[: limits[idx]]  # the length cut falls inside this image
         packed.append(feats)
         lengths.append(feats.shape[0])
     return packed, torch.tensor(lengths, dtype=torch.long, device=image_features[0].device)
@@ -153,3 +160,17 @@ def install_authors_packing(onevision_model: nn.Module) -> None:
     """Bind the truncating ``pack_image_features`` onto one ``LlavaOnevisionModel``
     instance (no global patching: other models in the process are untouched)."""
     onevision_model.pack_image_features = types.MethodType(_pack_image_features, onevision_model)
+
+
+@contextlib.contextmanager
+def image_feature_limits(onevision_model: nn.Module, limits: Sequence[int | None] | None) -> Iterator[None]:
+    """Within the block, the packing keeps only the first ``limits[i]`` features of image
+    ``i`` of the next forward (``None``: all of them). The model is used by one thread."""
+    if limits is None:
+        yield
+        return
+    onevision_model._llave_feature_limits = list(limits)
+    try:
+        yield
+    finally:
+        onevision_model._llave_feature_limits = None

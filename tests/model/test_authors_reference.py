@@ -77,7 +77,7 @@ def expected_row(name: str, attn: str) -> np.ndarray:
 
 
 def comparable_cases() -> list[str]:
-    return [c["name"] for c in reference()[0]["cases"] if c["name"] != CUT_INSIDE_IMAGE]
+    return [c["name"] for c in reference()[0]["cases"]]
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +141,6 @@ def test_prompts_and_token_counts_match_the_authors():
         inp = with_images(c["input"])
         own = "content" in c["input"] or c["matches_project_rule"]
         assert emb.prompt(inp) == (c["authors_prompt"] if own else c["project_rule_prompt"]), c["name"]
-        if c["name"] == CUT_INSIDE_IMAGE:
-            continue
         prep = emb.preprocess(inp)
         assert prep.cost == (c["sequence_length"] if own else c["project_rule_sequence_length"]), c["name"]
         ids = c["input_ids"] if own else c["project_rule_input_ids"]
@@ -162,14 +160,23 @@ def test_several_images_are_each_tiled_like_a_lone_one():
     assert prep.input_ids.count(emb.image_token_id) == c["image_feature_tokens"]
 
 
-def test_a_cut_inside_an_image_is_refused():
+def test_a_cut_inside_an_image_keeps_its_first_features_as_the_authors_do():
+    """The authors splice every image's features, then cut: an image the cut falls inside
+    keeps its first features, and the pooled token is the last one kept."""
+    c = case(CUT_INSIDE_IMAGE)
+    second = c["images"][1]
+    assert 0 < second["features_kept_after_cut"] < second["feature_tokens"]
     emb = embedder(str(CHECKPOINT), "eager")
-    assert (
-        case(CUT_INSIDE_IMAGE)["images"][1]["features_kept_after_cut"]
-        < case(CUT_INSIDE_IMAGE)["images"][1]["feature_tokens"]
+    prep = emb.preprocess(with_images(c["input"]))
+    assert prep.cut_image_tokens == second["features_kept_after_cut"]
+    assert prep.input_ids.count(emb.image_token_id) == sum(
+        im["features_kept_after_cut"] for im in c["images"]
     )
-    with pytest.raises(InputTooLongError, match="inside an image"):
-        emb.preprocess(with_images(case(CUT_INSIDE_IMAGE)["input"]))
+    assert prep.cost == c["sequence_length"]
+    got = emb.embed([with_images(c["input"])])[0]
+    assert np.abs(got - expected_row(CUT_INSIDE_IMAGE, "eager")).max() <= TOL
+    with pytest.raises(InputTooLongError):
+        emb.preprocess(with_images(c["input"]), truncate=False)
 
 
 def test_the_authors_config_is_read_without_unknown_fields(caplog):

@@ -135,11 +135,71 @@ def test_length_cut_mirrors_the_authors(tiny_checkpoint):
         emb.preprocess(long_text, truncate=False)
 
 
-def test_length_cut_inside_an_image_is_refused(tiny_checkpoint):
+def _state_at(embedder, prepared, position: int) -> np.ndarray:
+    """The normalised final hidden state at ``position`` of an uncut forward pass."""
+    with torch.no_grad():
+        hidden = embedder.model(**embedder.collate([prepared]), use_cache=False).last_hidden_state
+    return torch.nn.functional.normalize(hidden[0, position], dim=-1).numpy()
+
+
+def _content(*parts) -> dict:
+    return {
+        "content": [
+            {"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": b64(p)}
+            for p in parts
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "parts", "kept_images"),
+    [
+        # 1 image: moved to the front, so the text is what is cut.
+        ("text then one image", ("red green blue " * 30, make_png(64, 64)), 1),
+        # 2 images stay in place; the cut falls before both: neither is decoded.
+        (
+            "text then two images, cut before both",
+            ("red green blue " * 30, make_png(64, 64), make_png(70, 40)),
+            0,
+        ),
+        # The cut falls inside the first of two images.
+        ("cut inside the first image", ("a b c " * 3, make_png(128, 128), make_png(64, 64)), 1),
+        # The cut falls inside the second image.
+        ("cut inside the second image", ("a", make_png(64, 64), "b", make_png(128, 128)), 2),
+    ],
+)
+def test_cuts_after_and_inside_images_equal_the_uncut_state_at_the_limit(
+    tiny_checkpoint, name, parts, kept_images
+):
+    """The authors splice all image features, then cut the sequence. A causal model's state
+    at the last kept position does not depend on what follows, so the embedding of the cut
+    input must equal the uncut forward's state at position limit-1 (computed here with
+    transformers' own splicing of whole images, no cut logic of ours)."""
+    limit = 60
+    emb = load_embedder(tiny_checkpoint, device="cpu", max_length=limit)
+    full = load_embedder(tiny_checkpoint, device="cpu")
+    inp = _content(*parts)
+    uncut = full.preprocess(inp)
+    assert uncut.cost > limit, name
+    prep = emb.preprocess(inp)
+    assert prep.cost == limit and prep.truncated
+    assert prep.num_images == kept_images
+    assert prep.input_ids == uncut.input_ids[:limit]
+    np.testing.assert_allclose(emb.embed([inp])[0], _state_at(full, uncut, limit - 1), atol=1e-5)
+    # In a padded batch beside other inputs, the same vector.
+    batch = emb.embed([{"text": "x"}, inp, {"image": b64(make_png(64, 64))}], batch_size=3)
+    np.testing.assert_allclose(batch[1], _state_at(full, uncut, limit - 1), atol=1e-5)
+    with pytest.raises(InputTooLongError):
+        emb.preprocess(inp, truncate=False)
+
+
+def test_images_after_the_cut_are_never_decoded(tiny_checkpoint):
     emb = load_embedder(tiny_checkpoint, device="cpu", max_length=40)
-    img = b64(make_png(128, 128))  # 16 + 8*8 + 8 = 88 image tokens > 40
-    with pytest.raises(InputTooLongError, match="inside an image"):
-        emb.preprocess({"image": img, "text": "x"})
+    broken = b64(make_png(64, 64)[:60])  # a valid header, truncated pixel data
+    inp = _content("red green blue " * 30, make_png(64, 64), make_png(64, 64))
+    inp["content"][2] = {"type": "image", "image": broken}
+    prep = emb.preprocess(inp)  # decoding the image after the cut would raise
+    assert prep.num_images == 0 and prep.cost == 40
 
 
 def test_pil_backend_is_used(tiny_embedder, tiny_llava_checkpoint):
