@@ -14,6 +14,8 @@ summed over live processes, the ready/alive gauges are the live processes' maxim
   (longest input x batch size), what the device actually computes.
 - ``llave_stage_seconds{stage}``: ``preprocess`` (per input, in the worker pool),
   ``queue`` (per input, admission to the device), ``inference`` (per forward pass).
+- ``llave_forward_isolations_total``: forward passes that failed and were run again by
+  halves, so that only the failing inputs fail (``service/inference/engine.py``).
 - ``llave_ready``, ``llave_worker_alive``: 0/1 gauges for alerting.
 - ``llave_connections_open``: client connections open in this process (``--max-connections``).
 - ``llave_connections_closed_total{reason}``: connections the server's guards closed
@@ -79,6 +81,11 @@ class Metrics:
             "Time spent per stage: preprocess and queue per input, inference per forward pass",
             ["stage"],
             buckets=_SECONDS,
+            registry=self.registry,
+        )
+        self.forward_isolations = Counter(
+            "llave_forward_isolations",
+            "Failed forward passes run again by halves to isolate the failing inputs",
             registry=self.registry,
         )
         self.ready = Gauge(

@@ -136,6 +136,7 @@ INFERENCE_ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (inference_errors.PixelsTooLargeError, 413, "payload_too_large"),
     (inference_errors.NoInputsError, 422, "invalid_request"),
     (inference_errors.ForwardError, 500, "inference_error"),
+    (inference_errors.PreprocessError, 500, "inference_error"),
 )
 
 STORE_ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
@@ -356,7 +357,7 @@ async def _handle_inference_error(request: Request, exc: Exception) -> JSONRespo
         headers["Retry-After"] = retry_after
     if status >= 500:
         logger.error("%s %s -> %d %s", request.method, request.url.path, status, exc.message)
-    return error_response(status, kind, exc.message, headers)
+    return error_response(status, kind, _with_input_index(exc, exc.message), headers)
 
 
 async def _handle_store_error(request: Request, exc: Exception) -> JSONResponse:

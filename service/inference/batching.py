@@ -47,7 +47,9 @@ proportional curve waiting never pays; a lone request (nothing expected) never w
 Inputs admitted and not yet submitted (still being preprocessed by the caller) are
 waited for, up to ``max_wait_s``, as before.
 
-An exception from ``run_batch`` fails that batch's items only; the loop goes on.
+An exception from ``run_batch`` fails that batch's items only; the loop goes on. A result
+that is itself an ``Exception`` fails its own item only (``run_batch`` isolates a failing
+input that way).
 """
 
 from __future__ import annotations
@@ -552,7 +554,7 @@ class DynamicBatcher(Generic[P, R]):
             waited_s=waited_s,
         )
         self._idle_since = end
-        if error is None:
+        if error is None and not any(isinstance(value, Exception) for value in results):
             self.costs.observe(stats.size, max(item.cost for item in batch), stats.run_s)
         self.returns.completed(end, len(batch))
         if self._on_batch is not None:
@@ -566,5 +568,9 @@ class DynamicBatcher(Generic[P, R]):
                     item.future.set_exception(error)
             return
         for item, value in zip(batch, results, strict=True):
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(value, Exception):  # this item failed on its own
+                item.future.set_exception(value)
+            else:
                 item.future.set_result(Completed(value, item.dispatched_at - item.enqueued_at, stats))

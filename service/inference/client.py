@@ -54,6 +54,7 @@ from service.inference.errors import (
     ForwardError,
     NoInputsError,
     PixelsTooLargeError,
+    PreprocessError,
     TooManyInputsError,
 )
 from service.inference.images import ImageFetcher
@@ -340,7 +341,10 @@ class EngineClient:
         header = {
             "id": request_id,
             "shm": segment.name if segment is not None else None,
-            "items": [(p.input_ids, p.image_sizes, slot) for p, slot in zip(prepared, slots, strict=True)],
+            "items": [
+                (p.input_ids, p.image_sizes, slot, p.cut_image_tokens)
+                for p, slot in zip(prepared, slots, strict=True)
+            ],
         }
         try:
             await self._sock.send_multipart([ipc.EMBED, ipc.dump(header)])
@@ -383,26 +387,36 @@ class EngineClient:
         )
 
     async def _preprocess_all(self, inputs: Sequence[Mapping[str, Any]], truncate: bool) -> list[Any]:
+        """Preprocess every input in the pool; the first failure fails the call at once
+        (the inputs not started yet are cancelled)."""
         loop = asyncio.get_running_loop()
         futures = [loop.run_in_executor(self._pool, self._preprocess_one, inp, truncate) for inp in inputs]
         try:
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
             for f in futures:
                 f.cancel()
             raise
-        for index, result in enumerate(results):
-            if isinstance(result, BaseException):
-                result.input_index = index  # type: ignore[attr-defined]
-                raise result
-        return results
+        failed = [(i, f) for i, f in enumerate(futures) if f.done() and f.exception() is not None]
+        if failed:
+            for f in futures:
+                f.cancel()
+            index, fut = failed[0]
+            error = fut.exception()
+            assert error is not None
+            error.input_index = index  # type: ignore[attr-defined]
+            raise error
+        return [f.result() for f in futures]
 
     def _preprocess_one(self, inp: Mapping[str, Any], truncate: bool) -> Any:  # pool thread
         engine = self.engine
         if engine is None:
             raise EngineUnavailableError("the model engine stopped; it is being restarted")
         started = time.perf_counter()
-        prepared = engine.preprocessor.preprocess(inp, truncate=truncate)
+        try:
+            prepared = engine.preprocessor.preprocess(inp, truncate=truncate)
+        except BaseException as exc:
+            raise _preprocess_failure(exc) from None
         self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - started)
         return prepared
 
@@ -420,3 +434,21 @@ def count_images(inputs: Sequence[Mapping[str, Any]]) -> int:
         if isinstance(content, list):
             total += sum(1 for part in content if isinstance(part, Mapping) and part.get("type") == "image")
     return total
+
+
+def _preprocess_failure(exc: BaseException) -> Exception:
+    """What a failed preprocessing raises to the event loop, whatever ``exc`` was.
+
+    Input errors stay as they are (the caller's 4xx). Anything else is a bug: logged here
+    and replaced by a ``PreprocessError``, because some exceptions cannot cross into
+    asyncio at all: a ``StopIteration`` cannot be set on a future (the ``gather`` waiting
+    for it would never finish), and a ``BaseException`` such as ``KeyboardInterrupt`` or
+    ``SystemExit`` would stop the front end's event loop."""
+    from model.errors import InvalidInputError
+
+    if isinstance(exc, InvalidInputError):
+        return exc
+    logger.error("preprocessing an input failed unexpectedly", exc_info=exc)
+    return PreprocessError(
+        f"preprocessing this input failed unexpectedly ({type(exc).__name__}); the error was logged"
+    )

@@ -124,6 +124,7 @@ class EngineCore:
             on_batch=self._observe_batch,
         )
         self.metrics: Any = None  # service.metrics.Metrics, when the process exports metrics
+        self.isolations = 0  # failed batches run again by halves
 
     def _set_state(self, state: int) -> None:
         self.state = state
@@ -207,9 +208,30 @@ class EngineCore:
 
     # --- the forward pass ------------------------------------------------------------
 
-    async def _run_batch(self, batch: list[PreparedInput]) -> list[np.ndarray]:
-        rows = await self.device.run(self._forward, batch)
-        return list(rows)
+    async def _run_batch(self, batch: list[PreparedInput]) -> list[np.ndarray | Exception]:
+        """Rows for a batch; when its forward pass fails, its halves are run again (and so
+        on down to single inputs), so that only the inputs that fail on their own fail:
+        one poisoned input never costs the others batched with it their answer."""
+        try:
+            return list(await self.device.run(self._forward, batch))
+        except WorkerDeadError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                if not _is_input_error(exc):
+                    logger.error("the forward pass failed for one input", exc_info=exc)
+                return [exc]
+            self.isolations += 1
+            if self.metrics is not None:
+                self.metrics.forward_isolations.inc()
+            logger.warning(
+                "the forward pass of a batch of %d inputs failed (%s); running it again by halves "
+                "to find the inputs that fail",
+                len(batch),
+                type(exc).__name__,
+            )
+            half = len(batch) // 2
+            return await self._run_batch(batch[:half]) + await self._run_batch(batch[half:])
 
     def _forward(self, batch: list[PreparedInput]) -> np.ndarray:  # device thread
         emb = self.embedder
@@ -223,7 +245,6 @@ class EngineCore:
                 raise  # an input error, not a device failure: no trace in the log
             if _unrecoverable(exc):
                 raise FatalDeviceError(f"unrecoverable device error: {type(exc).__name__}") from exc
-            logger.exception("forward pass failed for a batch of %d inputs", len(batch))
             if type(exc).__name__ == "OutOfMemoryError":
                 torch = sys.modules.get("torch")
                 if torch is not None and torch.cuda.is_available():
@@ -263,7 +284,7 @@ class EngineCore:
                 raise EngineUnavailableError("the model engine is shutting down") from None
             if isinstance(exc, Exception) and not _is_input_error(exc):
                 raise ForwardError(
-                    "the forward pass of the batch holding this request failed; the error was logged"
+                    "the forward pass failed for an input of this request; the error was logged"
                 ) from None
             raise
         rows = np.stack([item.value for item in done]).astype(np.float32, copy=False)
@@ -282,9 +303,13 @@ def _prepared(header: dict[str, Any], segment: Any) -> list[PreparedInput]:
     from model.embedder import PreparedInput
 
     out = []
-    for ids, sizes, slot in header["items"]:
+    for ids, sizes, slot, cut_image_tokens in header["items"]:
         pixels = ipc.view_pixels(segment, slot) if slot is not None else None
-        out.append(PreparedInput(input_ids=ids, pixel_values=pixels, image_sizes=sizes))
+        out.append(
+            PreparedInput(
+                input_ids=ids, pixel_values=pixels, image_sizes=sizes, cut_image_tokens=cut_image_tokens
+            )
+        )
     return out
 
 

@@ -49,6 +49,11 @@ class NoInputsError(InferenceError):
     """A call with no inputs."""
 
 
+class PreprocessError(InferenceError):
+    """Preprocessing an input failed in a way no input should cause (a bug, logged where it
+    happened); raised in place of whatever was raised, so that the request fails at once."""
+
+
 class ForwardError(InferenceError):
     """The forward pass of the batch holding this request failed (logged where it ran),
     or produced values that must not be returned (NaN, infinity)."""

@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 FAIL_BATCH = "__fail_this_batch__"
 KILL_WORKER = "__kill_the_worker__"
+# Preprocessing an input whose text holds "__raise_<kind>__" raises in the front end (faults.py).
+PREPROCESS_FAULT_KINDS = ("stopiteration", "interrupt", "baseexception", "error")
+PREPROCESS_FAULT_SPECS = [f"preprocess-{k}:__raise_{k}__" for k in PREPROCESS_FAULT_KINDS]
 API_KEY = "test-key-0123456789"
 
 
@@ -142,7 +145,7 @@ def server(tiny_checkpoint, tmp_path_factory):
         tiny_checkpoint,
         tmp_path_factory.mktemp("server-main"),
         *MAIN_ARGS,
-        env={"TEST_LLAVE_FAULTS": f"fail-batch:{FAIL_BATCH}"},
+        env={"TEST_LLAVE_FAULTS": ",".join([f"fail-batch:{FAIL_BATCH}", *PREPROCESS_FAULT_SPECS])},
     )
     yield srv
     srv.stop()

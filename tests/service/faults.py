@@ -10,7 +10,11 @@ batch holds an input whose text contains MARKER:
   engine process exits and is restarted by its supervisor);
 - ``hold-batch``: the forward pass creates ``$TEST_LLAVE_GATE/entered``, then waits until
   the test creates ``$TEST_LLAVE_GATE/open`` (at most ``HOLD_MAX_S``), then runs: the test
-  knows, without timing, that the request is in flight and when it may finish.
+  knows, without timing, that the request is in flight and when it may finish;
+- ``preprocess-stopiteration``, ``preprocess-interrupt``, ``preprocess-baseexception``,
+  ``preprocess-error``: preprocessing an input whose text contains MARKER (in a front end)
+  raises ``StopIteration``, ``KeyboardInterrupt``, a bare ``BaseException`` subclass, or a
+  plain ``RuntimeError``.
 
 Production code has no fault switches: this file is the only place they exist.
 """
@@ -41,6 +45,38 @@ def _faults() -> list[tuple[str, str]]:
     return [tuple(part.split(":", 1)) for part in spec.split(",") if ":" in part]  # type: ignore[misc]
 
 
+class InjectedBaseException(BaseException):
+    """Neither an ``Exception`` nor one of Python's own: what no code should catch blindly."""
+
+
+PREPROCESS_FAULTS = {
+    "preprocess-stopiteration": lambda: StopIteration("injected"),
+    "preprocess-interrupt": lambda: KeyboardInterrupt("injected"),
+    "preprocess-baseexception": lambda: InjectedBaseException("injected"),
+    "preprocess-error": lambda: RuntimeError("injected fault: preprocess-error"),
+}
+
+
+class FaultyPreprocessor:
+    """The real preprocessor (pickled to the front ends with it); ``preprocess`` may raise."""
+
+    def __init__(self, real: Any, faults: list[tuple[str, str]]) -> None:
+        self.real = real
+        self.faults = [(k, m) for k, m in faults if k in PREPROCESS_FAULTS]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "real" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.real, name)
+
+    def preprocess(self, inp: Any, **kwargs: Any) -> Any:
+        text = str(inp)
+        for kind, marker in self.faults:
+            if marker in text:
+                raise PREPROCESS_FAULTS[kind]()
+        return self.real.preprocess(inp, **kwargs)
+
+
 class FaultyEmbedder:
     """Delegates everything to the real embedder; ``forward`` may fail on a marker."""
 
@@ -50,6 +86,12 @@ class FaultyEmbedder:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
+
+    @property
+    def preprocessor(self) -> Any:
+        if any(kind in PREPROCESS_FAULTS for kind, _ in self._faults):
+            return FaultyPreprocessor(self._real.preprocessor, self._faults)
+        return self._real.preprocessor
 
     def forward(self, batch: Any) -> Any:
         tokenizer = self._real.preprocessor.tokenizer
