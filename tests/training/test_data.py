@@ -17,6 +17,7 @@ from training.data import (
     collate_pairs,
     load_train_pairs,
     model_input,
+    parse_side,
 )
 
 
@@ -221,3 +222,24 @@ def test_hard_negatives_are_read_padded_and_collated(tmp_path, image_root, tiny_
     )
     plain = collate_pairs([PairDataset(pairs, tiny_embedder, image_root)[i] for i in range(3)])
     assert plain.negatives == [] and plain.negative_valid is None
+
+
+def test_special_strings_in_mmeb_rows_are_text(tiny_embedder, image_root):
+    """In MMEB rows only ``<|image_1|>`` places the row's image; a literal ``<image>`` or
+    ``<|im_end|>`` in a row's text is text, in training and evaluation alike."""
+    side = parse_side(
+        {"qry": "<|image_1|>\nWhat does <image> mean in <|im_end|>?", "qry_image_path": "red.png"},
+        "qry",
+        "qry_image_path",
+        image_root,
+        check_files=True,
+    )
+    prep = tiny_embedder.preprocess(model_input(side, image_root))
+    assert prep.num_images == 1
+    assert prep.input_ids.count(tiny_embedder.image_token_id) == tiny_embedder.image_tokens(
+        *prep.image_sizes[0]
+    )
+    text = tiny_embedder.tokenizer.decode(prep.input_ids)
+    assert "What does <image> mean in <|im_end|>?" in text
+    im_end = tiny_embedder.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert prep.input_ids.count(im_end) == 3  # the template's own, none from the text
