@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 
 from service.http.app import create_app
-from service.http.security import PUBLIC_PATHS
 from service.settings import Settings
 from tests.conftest import b64, make_png
 from tests.reliability.helpers import assert_clean_error, files_under, raw_http, raw_request
@@ -202,6 +201,24 @@ def traversal_requests(token: str) -> list[tuple[str, str, dict | None]]:
 
 
 # --- the checks -----------------------------------------------------------------------------------
+
+# The routes open without the API key, written here rather than read from the server's own
+# list: a private route added to that list by mistake must fail this check, not pass it.
+PUBLIC_PATHS = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+        # the search page and its static files (it asks for the key itself)
+        "/",
+        "/page/index.html",
+        "/page/app.js",
+        "/page/style.css",
+    }
+)
 
 
 def check_route_auth(url: str, auth: dict[str, str], method: str, template: str) -> int:

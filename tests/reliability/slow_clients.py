@@ -13,9 +13,19 @@ drop them, and measure again. It holds the server to:
   connections compete for (event loop, accept); ``/embed`` latencies are reported, not held to
   a ratio: on a shared CPU they flip between modes with the neighbours' load (4 ms and 65 ms
   medians on the 2-core machine, with no slow client at all), which would test the neighbours;
-- every slow connection answered 408 and closed, no sooner than its deadline and within
-  ``DROP_SLACK_S`` after it, however busy it kept trickling; the server's
-  ``llave_connections_closed_total`` counted each under its reason.
+- every slow connection answered 408 and closed, no sooner than its deadline, however busy
+  it kept trickling; the server's ``llave_connections_closed_total`` counted each under its
+  reason.
+
+What is timed, plainly: two of these are wall-clock properties, because the property itself
+is about time. (1) The normal requests must all be answered while every slow connection is
+still open, i.e. within the slow ones' deadline (8 s in ``test_slow_clients.py``; the
+summary's ``normal_done_s_after_slow_opened`` shows how much of it was used): a server
+starved by slow clients fails it, and so would a machine too slow to answer 40 small
+requests in that time. (2) The ``/health`` ratio above, measured in the same run.
+"No sooner than its deadline" is a lower bound on the monotonic clock, which load can only
+lengthen. That each slow connection is dropped at all is shown by its 408 and the counters;
+``DROP_WAIT_S`` after the deadlines only turns a hang into a failure.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Any
 import httpx
 
 LATENCY_RATIO = 5.0
-DROP_SLACK_S = 15.0
+DROP_WAIT_S = 45.0  # a hang guard, not a bound: see the module docstring
 HEAD_ONLY = b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 SLOW_BODY = (
     b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -168,7 +178,7 @@ def check_slow_clients(
     clients.start()
     first_opened = min(c.opened for c in clients.connections)
     during, during_end = normal_latencies(url, normal)
-    clients.join(max(header_timeout_s, body_timeout_s) + DROP_SLACK_S + 30)
+    clients.join(max(header_timeout_s, body_timeout_s) + DROP_WAIT_S)
     assert not clients.thread.is_alive(), "slow connections still open long after their deadlines"
     after, _ = normal_latencies(url, normal)
 
@@ -201,7 +211,7 @@ def check_slow_clients(
         assert conn.status == 408, (conn, summary)
         assert b"connection: close" in conn.answer.lower() and b'"request_timeout"' in conn.answer
         held = conn.closed - conn.opened
-        assert 0.9 * deadline <= held <= deadline + DROP_SLACK_S, (conn.kind, held, summary)
+        assert held >= 0.9 * deadline, (conn.kind, held, summary)
         assert conn.sent >= 2, conn  # it kept sending: activity does not extend the deadline
     for reason, kind in (("header_timeout", "headers"), ("body_timeout", "body")):
         count = server.metric("llave_connections_closed_total", f'reason="{reason}"')

@@ -21,10 +21,39 @@ REPO = Path(__file__).resolve().parents[2]
 
 FAIL_BATCH = "__fail_this_batch__"
 KILL_WORKER = "__kill_the_worker__"
+HOLD_BATCH = "__hold_this_batch__"
 # Preprocessing an input whose text holds "__raise_<kind>__" raises in the front end (faults.py).
 PREPROCESS_FAULT_KINDS = ("stopiteration", "interrupt", "baseexception", "error")
 PREPROCESS_FAULT_SPECS = [f"preprocess-{k}:__raise_{k}__" for k in PREPROCESS_FAULT_KINDS]
 API_KEY = "test-key-0123456789"
+
+
+class Gate:
+    """The ``hold-batch`` fault's gate (``tests/service/faults.py``): a batch holding
+    ``HOLD_BATCH`` waits on the engine's device until ``open()``; ``wait_entered()`` returns
+    once it is held. Tests wait on these files, never on a timer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"TEST_LLAVE_GATE": str(self.path)}
+
+    def wait_entered(self, server: Server, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout  # a hang guard only
+        while not (self.path / "entered").exists():
+            assert time.monotonic() < deadline, f"the held batch never reached the device:\n{server.log()}"
+            time.sleep(0.01)
+
+    def open(self) -> None:
+        (self.path / "open").touch()
+
+    def reset(self) -> None:
+        """Closed again, for the next held batch (call once the held one has finished)."""
+        for name in ("entered", "open"):
+            (self.path / name).unlink(missing_ok=True)
 
 
 def free_port() -> int:
@@ -41,6 +70,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "server.log"
         self.readiness: list[int | None] = []  # /ready statuses from the start (None: refused)
+        self.gate: Gate | None = None  # set by fixtures whose server can hold a batch
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         full_env = {k: v for k, v in full_env.items() if not k.startswith("LLAVE_")}
         full_env.update(env or {})
@@ -140,27 +170,42 @@ MAIN_ARGS = (
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory):
-    """The main server: no API key, a fault-injection marker that fails a batch."""
+    """The main server: no API key, fault-injection markers that fail a batch or hold it
+    (``server.gate``)."""
+    workdir = tmp_path_factory.mktemp("server-main")
+    gate = Gate(workdir / "gate")
     srv = start_server(
         tiny_checkpoint,
-        tmp_path_factory.mktemp("server-main"),
+        workdir,
         *MAIN_ARGS,
-        env={"TEST_LLAVE_FAULTS": ",".join([f"fail-batch:{FAIL_BATCH}", *PREPROCESS_FAULT_SPECS])},
+        env={
+            "TEST_LLAVE_FAULTS": ",".join(
+                [f"fail-batch:{FAIL_BATCH}", f"hold-batch:{HOLD_BATCH}", *PREPROCESS_FAULT_SPECS]
+            ),
+            **gate.env,
+        },
     )
+    srv.gate = gate
     yield srv
+    gate.open()
     srv.stop()
 
 
 @pytest.fixture(scope="session")
 def guarded_server(tiny_checkpoint, tmp_path_factory):
-    """API key on, a small queue (8 inputs) to provoke 429s."""
+    """API key on, a small queue (8 inputs) to provoke 429s (``server.gate`` holds a batch)."""
+    workdir = tmp_path_factory.mktemp("server-guarded")
+    gate = Gate(workdir / "gate")
     srv = start_server(
         tiny_checkpoint,
-        tmp_path_factory.mktemp("server-guarded"),
+        workdir,
         "--max-queue", "8",
         "--max-inputs-per-request", "8",
         "--max-batch-size", "4",
-        env={"LLAVE_API_KEY": API_KEY},
+        "--api-workers", "1",  # one front end, so one queue share: a 429 is certain when full
+        env={"LLAVE_API_KEY": API_KEY, "TEST_LLAVE_FAULTS": f"hold-batch:{HOLD_BATCH}", **gate.env},
     )  # fmt: skip
+    srv.gate = gate
     yield srv
+    gate.open()
     srv.stop()

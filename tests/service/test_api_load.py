@@ -13,24 +13,45 @@ from fastapi.testclient import TestClient
 from service.http.app import create_app
 from service.settings import Settings
 from tests.conftest import b64, make_png
-from tests.service.conftest import API_KEY, KILL_WORKER, start_server
+from tests.service.conftest import API_KEY, HOLD_BATCH, KILL_WORKER, start_server
 
 
-async def _post_all(
-    url: str, path: str, bodies: list[dict], headers: dict | None = None
-) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as client:
-        return await asyncio.gather(*(client.post(path, json=body) for body in bodies))
+def _wait_for(condition, server, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout  # a hang guard only
+    while not condition():
+        assert time.monotonic() < deadline, f"waited for {what}:\n{server.log()}"
+        time.sleep(0.01)
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_vectors(server, tiny_embedder):
+    # A held batch keeps the device busy until all 32 requests are preprocessed and sent:
+    # the batcher then has them queued together, whatever the machine's speed.
     texts = [f"request number {i} " + "about shapes " * (i % 5) for i in range(32)]
     batches_before = server.metric("llave_batch_size_count")
     singles_before = server.metric("llave_batch_size_bucket", 'le="1.0"')
     inputs_before = server.metric("llave_batch_size_sum")
+    preprocessed_before = server.metric("llave_stage_seconds_count", 'stage="preprocess"')
 
-    responses = asyncio.run(_post_all(server.url, "/embed", [{"inputs": [{"text": t}]} for t in texts]))
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            held = asyncio.create_task(client.post("/embed", json={"inputs": [{"text": HOLD_BATCH}]}))
+            await asyncio.to_thread(server.gate.wait_entered, server)
+            tasks = [
+                asyncio.create_task(client.post("/embed", json={"inputs": [{"text": t}]})) for t in texts
+            ]
+            preprocessed = lambda: (  # noqa: E731
+                server.metric("llave_stage_seconds_count", 'stage="preprocess"') >= preprocessed_before + 33
+            )
+            await asyncio.to_thread(_wait_for, preprocessed, server, "32 requests preprocessed")
+            server.gate.open()
+            assert (await held).status_code == 200
+            return [await t for t in tasks]
+
+    try:
+        responses = asyncio.run(run())
+    finally:
+        server.gate.open()
+        server.gate.reset()
 
     assert [r.status_code for r in responses] == [200] * 32
     got = np.asarray([r.json()["embeddings"][0] for r in responses], dtype=np.float32)
@@ -38,35 +59,44 @@ def test_concurrent_requests_share_batches_and_get_their_own_vectors(server, tin
 
     batches = server.metric("llave_batch_size_count") - batches_before
     multi = batches - (server.metric("llave_batch_size_bucket", 'le="1.0"') - singles_before)
-    assert server.metric("llave_batch_size_sum") - inputs_before == 32
-    assert batches < 32 and multi >= 1  # at least one forward pass carried several requests
+    assert server.metric("llave_batch_size_sum") - inputs_before == 33
+    assert batches < 33 and multi >= 1  # forward passes carried several requests
     assert server.metric("llave_queue_inputs") == 0
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_the_server_stays_healthy(guarded_server):
-    # --max-queue 8 and 8 inputs per request: while one request is being preprocessed or
-    # queued, every other one must be refused at once.
+    # --max-queue 8: while a request of 8 inputs is held on the device, every other request
+    # is refused at once.
+    srv = guarded_server
     image = b64(make_png(48, 48))
     body = {"inputs": [{"image": image, "text": f"input {i}"} for i in range(8)]}
+    held_body = {"inputs": [{"text": HOLD_BATCH}, *body["inputs"][1:]]}
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    refused: list[httpx.Response] = []
-    for _ in range(5):  # each round is very likely to overload; a few rounds make it certain
-        responses = asyncio.run(_post_all(guarded_server.url, "/embed", [body] * 24, headers=auth))
-        statuses = {r.status_code for r in responses}
-        assert statuses <= {200, 429}, statuses
-        assert 200 in statuses
-        refused = [r for r in responses if r.status_code == 429]
-        if refused:
-            break
-    assert refused, "no request was refused"
+    refused_before = srv.metric("llave_requests_total", 'route="/embed",status="429"')
+
+    async def run() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120, headers=auth) as client:
+            held = asyncio.create_task(client.post("/embed", json=held_body))
+            await asyncio.to_thread(srv.gate.wait_entered, srv)
+            refused = [await client.post("/embed", json=body) for _ in range(3)]
+            srv.gate.open()
+            return await held, refused
+
+    try:
+        held, refused = asyncio.run(run())
+    finally:
+        srv.gate.open()
+        srv.gate.reset()
+    assert held.status_code == 200, held.text
     for response in refused:
+        assert response.status_code == 429, response.text
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["type"] == "overloaded"
-    with guarded_server.client(headers=auth) as client:
+    with srv.client(headers=auth) as client:
         assert client.get("/health").status_code == 200
         assert client.post("/embed", json=body).status_code == 200
-    assert guarded_server.metric("llave_requests_total", 'route="/embed",status="429"') >= len(refused)
-    assert guarded_server.metric("llave_queue_inputs") == 0
+    assert srv.metric("llave_requests_total", 'route="/embed",status="429"') - refused_before == 3
+    assert srv.metric("llave_queue_inputs") == 0
 
 
 def test_a_dead_engine_is_restarted_then_the_server_gives_up(tiny_checkpoint, tmp_path):

@@ -1,8 +1,11 @@
 """Connection guards (service/http/connections.py) on a real uvicorn, for both of its HTTP parsers.
 
 A tiny ASGI app stands in for the service (no model): it reads the whole body and answers
-with its length. Deadlines are short (0.5 s) so that the tests are quick; every timing
-assertion has a lower bound (the guard did not fire early) and a generous upper bound.
+with its length. Deadlines are short (0.5 s) so that the tests are quick. Timing is held
+one way only: a guard must not fire before its deadline (a lower bound on the monotonic
+clock, which a slow or loaded machine can only make longer, never fail). That it fires at
+all is shown by its answer and its counter, not by a stopwatch; the sockets' 20 s timeout
+only turns a hang into a failure.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def test_trickled_headers_get_408_at_the_deadline_however_active_the_client(serv
         elapsed = time.monotonic() - started
     assert status_of(response) == 408, response
     assert b'"request_timeout"' in response and b"connection: close" in response.lower()
-    assert DEADLINE * 0.9 <= elapsed < DEADLINE + 10
+    assert elapsed >= DEADLINE * 0.9  # not before the deadline, however active the client
     assert server.closed("header_timeout") == 1
 
 
@@ -154,7 +157,7 @@ def test_a_silent_connection_is_closed_without_an_answer(server):
     with server.connect() as sock:
         started = time.monotonic()
         assert read_response(sock) == b""
-        assert DEADLINE * 0.9 <= time.monotonic() - started < DEADLINE + 10
+        assert time.monotonic() - started >= DEADLINE * 0.9
     assert server.closed("header_timeout") == 1
 
 
@@ -172,7 +175,7 @@ def test_a_slow_body_gets_408_and_the_app_sees_a_disconnect(server):
         elapsed = time.monotonic() - started
     assert status_of(response) == 408, response
     assert b"body" in response
-    assert DEADLINE * 0.9 <= elapsed < DEADLINE + 10
+    assert elapsed >= DEADLINE * 0.9
     assert server.closed("body_timeout") == 1
     deadline = time.monotonic() + 10
     while server.app.disconnects == 0 and time.monotonic() < deadline:
@@ -204,7 +207,10 @@ def test_a_body_the_app_is_slow_to_read_is_not_the_clients_fault(server):
 
 def test_at_the_cap_a_new_connection_gets_503_then_is_served_once_room_is_made(server):
     silent = [server.connect() for _ in range(CAP)]
-    time.sleep(0.1)  # let the server accept them all
+    deadline = time.monotonic() + 20  # a hang guard: waits for the server to count all CAP
+    while server.metrics.connections_open._value.get() < CAP:
+        assert time.monotonic() < deadline, "the server did not accept the connections"
+        time.sleep(0.01)
     try:
         with server.connect() as sock:
             sock.sendall(request_bytes(b"{}", close=True))

@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import b64, make_png
-from tests.service.conftest import start_server
+from tests.service.conftest import HOLD_BATCH, Gate, start_server
 
-HOLD = "__hold_this_batch__"
 # The tiny checkpoint's crops are 64 px and its largest grid 2x2: one image decodes to at most
 # 1 + 4 crops of 3 x 64 x 64 float32.
 CROP_BYTES = 3 * 64 * 64 * 4
@@ -29,15 +27,12 @@ SEARCH_BYTES = 20_000
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("gate")
-
-
-@pytest.fixture(scope="module")
-def bounded(tiny_checkpoint, tmp_path_factory, gate):
+def bounded(tiny_checkpoint, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("server-bounded")
+    gate = Gate(workdir / "gate")
     srv = start_server(
         tiny_checkpoint,
-        tmp_path_factory.mktemp("server-bounded"),
+        workdir,
         "--api-workers", "1",  # one front end: one pixel budget, one body budget
         "--max-pixel-bytes", str(PIXEL_BUDGET),
         "--max-body-bytes", str(MAX_BODY),
@@ -46,10 +41,11 @@ def bounded(tiny_checkpoint, tmp_path_factory, gate):
         "--max-inputs-per-request", "4",
         "--max-vector-documents-per-request", "1000",
         "--max-input-tokens", "512",
-        env={"TEST_LLAVE_FAULTS": f"hold-batch:{HOLD}", "TEST_LLAVE_GATE": str(gate)},
+        env={"TEST_LLAVE_FAULTS": f"hold-batch:{HOLD_BATCH}", **gate.env},
     )  # fmt: skip
+    srv.gate = gate
     yield srv
-    (gate / "open").touch()
+    gate.open()
     srv.stop()
 
 
@@ -86,12 +82,12 @@ def test_images_that_could_never_fit_the_pixel_budget_are_413(bounded):
     assert r.status_code == 200, r.text
 
 
-def test_a_full_pixel_budget_answers_429_and_frees_what_it_held(bounded, gate):
+def test_a_full_pixel_budget_answers_429_and_frees_what_it_held(bounded):
     async def run() -> None:
         async with httpx.AsyncClient(base_url=bounded.url, timeout=120) as client:
-            held = asyncio.create_task(client.post("/embed", json={"inputs": [image_input(3, HOLD)]}))
+            held = asyncio.create_task(client.post("/embed", json={"inputs": [image_input(3, HOLD_BATCH)]}))
             # In the engine's forward: its three images' crops are held (decoded, in shared memory).
-            await asyncio.to_thread(wait_for, (gate / "entered").exists, bounded, "the held batch")
+            await asyncio.to_thread(bounded.gate.wait_entered, bounded)
             assert bounded.metric("llave_pixel_bytes") == 3 * IMAGE_BOUND
             refused = await client.post("/embed", json={"inputs": [image_input(2)]})
             assert refused.status_code == 429, refused.text
@@ -99,13 +95,17 @@ def test_a_full_pixel_budget_answers_429_and_frees_what_it_held(bounded, gate):
             assert int(refused.headers["retry-after"]) >= 0
             # Text costs no pixels: still admitted while the images wait.
             text = asyncio.create_task(client.post("/embed", json={"inputs": [{"text": "no image"}]}))
-            (gate / "open").touch()
+            bounded.gate.open()
             assert (await held).status_code == 200
             assert (await text).status_code == 200
             again = await client.post("/embed", json={"inputs": [image_input(2)]})
             assert again.status_code == 200, again.text
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        bounded.gate.open()
+        bounded.gate.reset()
     assert bounded.metric("llave_pixel_bytes") == 0
 
 

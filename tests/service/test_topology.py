@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.service.conftest import start_server
+from tests.service.conftest import HOLD_BATCH, Gate, start_server
 
 
 def roles(server) -> dict[str, psutil.Process]:
@@ -174,15 +174,53 @@ def test_kill_9_of_any_process_loses_no_acknowledged_write(tiny_checkpoint, tmp_
 
 
 def test_sigterm_finishes_the_requests_in_flight(tiny_checkpoint, tmp_path):
-    server = start_server(tiny_checkpoint, tmp_path, "--api-workers", "2", "--max-batch-size", "2")
+    # The engine holds the requests' first batch until the test opens the gate (the fault
+    # launcher's hold-batch, tests/service/faults.py), and the gate opens only once both
+    # front ends have seen SIGTERM (they stop listening): so every request is
+    # certainly in flight when the server is told to stop, whatever the machine's speed.
+    gate = Gate(tmp_path / "gate")
+    hold = HOLD_BATCH
+    server = start_server(
+        tiny_checkpoint,
+        tmp_path,
+        "--api-workers", "2",
+        "--max-batch-size", "2",
+        env={"TEST_LLAVE_FAULTS": f"hold-batch:{hold}", **gate.env},
+    )  # fmt: skip
     long_text = " ".join(f"word{i}" for i in range(100))
 
+    front_ends = [p for role, p in roles(server).items() if role.startswith("api-")]
+    assert len(front_ends) == 2
+
+    def front_ends_stopping() -> bool:
+        """Both front ends have closed their copy of the listening socket: uvicorn does that
+        first when it handles SIGTERM (the supervisor keeps its own copy until the end)."""
+        for proc in front_ends:
+            try:
+                sockets = proc.net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.port for c in sockets):
+                return False
+        return True
+
     async def run() -> list[int]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60.0) as client:
-            body = {"inputs": [{"text": f"{long_text} {i}"} for i in range(8)]}
-            tasks = [asyncio.create_task(client.post("/embed", json=body)) for _ in range(6)]
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120.0) as client:
+            bodies = [{"inputs": [{"text": f"{hold} {long_text} {i}"} for i in range(8)]}]
+            bodies += [{"inputs": [{"text": f"{long_text} {k} {i}"} for i in range(8)]} for k in range(5)]
+            tasks = [asyncio.create_task(client.post("/embed", json=body)) for body in bodies]
+            await asyncio.to_thread(gate.wait_entered, server)  # the first batch is held on the device
+            deadline = time.monotonic() + 120  # hang guards only
+            while server.metric("llave_queue_inputs") < 6 * 8:  # every request admitted
+                assert time.monotonic() < deadline, server.log()
+                await asyncio.sleep(0.02)
+            assert not front_ends_stopping()  # the check can see a front end listen
             server.proc.send_signal(signal.SIGTERM)
+            while not front_ends_stopping():
+                assert time.monotonic() < deadline, server.log()
+                await asyncio.sleep(0.02)
+            assert not any(t.done() for t in tasks)  # all six still in flight at SIGTERM
+            gate.open()
             return [(await t).status_code for t in tasks]
 
     try:
@@ -190,6 +228,7 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_checkpoint, tmp_path):
         assert statuses == [200] * 6
         assert server.proc.wait(timeout=60) == 0
     finally:
+        gate.open()
         server.stop()
 
 

@@ -332,7 +332,11 @@ def test_comparison_with_the_paper_and_with_an_earlier_run():
     assert cmp["summary"]["overall"]["reference"] == pytest.approx(0.703)
     assert cmp["summary"]["overall"]["delta"] == pytest.approx(4.75 / 8 - 0.703)
     assert cmp["summary"]["vqa"]["delta"] == pytest.approx(0.5 - 0.654)
-    assert cmp["datasets"]["OVEN"] == {"run": 0.0, "reference": pytest.approx(0.68), "delta": pytest.approx(-0.68)}
+    assert cmp["datasets"]["OVEN"] == {
+        "run": 0.0,
+        "reference": pytest.approx(0.68),
+        "delta": pytest.approx(-0.68),
+    }
     assert cmp["datasets"]["ImageNet-A"] == {"run": None, "reference": pytest.approx(0.516), "delta": None}
     assert set(mmeb.DATASETS) <= set(cmp["datasets"])  # every published dataset, evaluated or not
     text = mmeb.format_comparison(cmp)
