@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .embedder import Embedder
+    from .embedder import Embedder, Preprocessor
 
 from .errors import CheckpointError, InvalidInputError, LlaveError
 from .inputs import ImageLimits
@@ -36,6 +36,7 @@ __all__ = [
     "PreparedInput",
     "Preprocessor",
     "load_embedder",
+    "load_preprocessor",
 ]
 
 
@@ -57,16 +58,54 @@ def load_embedder(
     ``tokenizer_model_max_length`` (4096 for the published LLaVE models).
     """
     from .checkpoint import load_checkpoint
-    from .embedder import Embedder, EmbedderConfig
+    from .embedder import Embedder
 
     loaded = load_checkpoint(path_or_id, device=device, dtype=dtype, attn_implementation=attn_implementation)
-    config = EmbedderConfig(
-        max_length=max_length or loaded.max_length,
-        image_limits=ImageLimits(
-            max_pixels=max_image_pixels, max_images=max_images_per_input, max_bytes=max_image_bytes
-        ),
-        vision_aspect_ratio=getattr(loaded.model.config, "vision_aspect_ratio", "anyres_max_9"),
+    config = _embedder_config(
+        loaded.model.config,
+        max_length or loaded.max_length,
+        max_image_pixels=max_image_pixels,
+        max_images_per_input=max_images_per_input,
+        max_image_bytes=max_image_bytes,
     )
     return Embedder(
         loaded.model, loaded.tokenizer, loaded.image_processor, name=str(path_or_id), config=config
     )
+
+
+def _embedder_config(model_config: Any, max_length: int, **limits: int) -> Any:
+    from .embedder import EmbedderConfig
+
+    return EmbedderConfig(
+        max_length=max_length,
+        image_limits=ImageLimits(
+            max_pixels=limits["max_image_pixels"],
+            max_images=limits["max_images_per_input"],
+            max_bytes=limits["max_image_bytes"],
+        ),
+        vision_aspect_ratio=getattr(model_config, "vision_aspect_ratio", "anyres_max_9"),
+    )
+
+
+def load_preprocessor(
+    path_or_id: Any,
+    *,
+    max_length: int | None = None,
+    max_image_pixels: int = 40_000_000,
+    max_images_per_input: int = 8,
+    max_image_bytes: int = 32 * 1024 * 1024,
+) -> Preprocessor:
+    """The :class:`Preprocessor` that ``load_embedder`` with the same arguments would build,
+    without reading the weights (for processes that only preprocess)."""
+    from .checkpoint import load_preprocessing
+    from .embedder import Preprocessor
+
+    files = load_preprocessing(path_or_id)
+    config = _embedder_config(
+        files.config,
+        max_length or files.max_length,
+        max_image_pixels=max_image_pixels,
+        max_images_per_input=max_images_per_input,
+        max_image_bytes=max_image_bytes,
+    )
+    return Preprocessor(files.tokenizer, files.image_processor, files.config, config)

@@ -198,3 +198,48 @@ def load_checkpoint(
     # Pin the PIL backend and right padding regardless of what the files say.
     loaded.tokenizer.padding_side = "right"
     return loaded
+
+
+@dataclass
+class PreprocessingFiles:
+    """What preprocessing needs from a checkpoint, read without its weights."""
+
+    tokenizer: Any
+    image_processor: Any
+    config: Any  # the HF LlavaOnevisionConfig
+    max_length: int
+
+
+def load_preprocessing(path_or_id) -> PreprocessingFiles:
+    """Tokenizer, image processor and model config of either layout, weights never read
+    (the authors' layout takes tensor shapes from the safetensors headers), so a process that
+    only preprocesses (a batch job's CPU stage) does not load the model."""
+    path = resolve_path(path_or_id)
+    config = read_config(path)
+    if detect_layout(config, path) == "hf":
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .onevision import ImageProcessor
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            image_processor = ImageProcessor.from_pretrained(str(path))
+            with quiet_transformers():
+                hf_config = AutoConfig.from_pretrained(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot load the tokenizer or image processor: {exc}") from exc
+    else:
+        from .authors_config import read_authors_config
+        from .convert import build_image_processor, build_tokenizer, llava_to_hf_config, read_weight_shapes
+        from .convert import token_ids as _token_ids
+
+        settings = read_authors_config(config, where=str(path / "config.json"))
+        tokenizer = build_tokenizer(
+            path, settings.max_length, fallback=settings.text["max_position_embeddings"]
+        )
+        hf_config, _ = llava_to_hf_config(
+            config, path, read_weight_shapes(path), settings=settings, **_token_ids(tokenizer)
+        )
+        image_processor = build_image_processor(hf_config)
+    tokenizer.padding_side = "right"
+    return PreprocessingFiles(tokenizer, image_processor, hf_config, _max_length(tokenizer))

@@ -2,6 +2,7 @@
 
     python -m service.migrate --from ./data --to postgresql://user@host/db
     python -m service.migrate --from postgresql://user@host/db --to ./data-back
+    python -m service.migrate --from-parquet s3://bucket/vectors --to URL_OR_DIR --collection docs
 
 Each collection is created on the target with the source's dimension, index type, index
 options and source options (``store_source``, thumbnail size and format), then its documents
@@ -11,6 +12,10 @@ target already is skipped, so a run that was interrupted (or repeated) picks up 
 stopped. At the end every collection's count and options are compared and a sample of
 documents (vector, metadata, text and thumbnails) is read back from both sides; a mismatch is
 an error (exit 1).
+
+``--from-parquet`` loads the Parquet shards that ``python -m service.batch --out`` wrote
+(``service/batch/parquet.py``) into one collection, through the same upsert (resumable the
+same way).
 
 The source must not change meanwhile: stop the servers of a data directory (its lock
 enforces it) or of the PostgreSQL database you copy from.
@@ -133,16 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     from service.storage import open_store
 
     parser = argparse.ArgumentParser(description="Copy every collection between two stores (resumable).")
-    parser.add_argument(
-        "--from", dest="source", required=True, help="a data directory or a postgresql:// URL"
+    source_group = parser.add_mutually_exclusive_group(required=True)
+    source_group.add_argument("--from", dest="source", help="a data directory or a postgresql:// URL")
+    source_group.add_argument(
+        "--from-parquet", help="a folder or URI of Parquet shards written by python -m service.batch"
     )
     parser.add_argument("--to", dest="target", required=True, help="a data directory or a postgresql:// URL")
+    parser.add_argument("--collection", help="with --from-parquet: the collection to load into")
     parser.add_argument("--page", type=int, default=500, help="documents per upsert")
     parser.add_argument(
         "--sample", type=int, default=200, help="documents per collection compared at the end"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.from_parquet:
+        return _load_parquet(args)
     if args.source == args.target:
         print("migrate failed: --from and --to are the same store", file=sys.stderr)
         return 1
@@ -160,6 +170,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"migrate failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"collections": reports}))
+    return 0
+
+
+def _load_parquet(args: argparse.Namespace) -> int:
+    from service.batch.parquet import load_shards
+    from service.storage import open_store
+
+    if not args.collection:
+        print("migrate failed: --from-parquet needs --collection", file=sys.stderr)
+        return 1
+    try:
+        target = open_store(args.target)
+        try:
+            report = load_shards(args.from_parquet, target, args.collection, page=args.page)
+        finally:
+            target.close()
+    except Exception as exc:
+        print(f"migrate failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report))
     return 0
 
 

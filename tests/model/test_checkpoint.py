@@ -187,3 +187,20 @@ def test_unknown_device_and_dtype(tiny_checkpoint):
         load_embedder(tiny_checkpoint, device="cpu", dtype="int3")
     with pytest.raises(CheckpointError, match="device"):
         load_embedder(tiny_checkpoint, device="tpu:7")
+
+
+@pytest.mark.parametrize("layout", ["hf", "llava"])
+def test_preprocessor_without_weights_equals_the_embedders(layout, tiny_checkpoint, tiny_llava_checkpoint):
+    """load_preprocessor reads no weights yet prepares inputs exactly as load_embedder's."""
+    from model import load_preprocessor
+
+    path = tiny_checkpoint if layout == "hf" else tiny_llava_checkpoint
+    embedder = load_embedder(path, device="cpu", dtype="float32", max_image_pixels=5000)
+    pre = load_preprocessor(path, max_image_pixels=5000)
+    assert (pre.max_length, pre.limits) == (embedder.max_length, embedder.limits)
+    for inp in ({"text": "a caption"}, {"image": make_png(70, 40), "text": "x", "instruction": "Find:"}):
+        a, b = embedder.preprocess(inp), pre.preprocess(inp)
+        assert a.input_ids == b.input_ids and a.image_sizes == b.image_sizes
+        assert (a.pixel_values is None) == (b.pixel_values is None)
+        if a.pixel_values is not None:
+            np.testing.assert_array_equal(a.pixel_values, b.pixel_values)
