@@ -28,7 +28,8 @@ from .errors import (
     TooManyImagesError,
 )
 
-SHORTHAND_KEYS = frozenset({"text", "image", "instruction"})
+SHORTHAND_KEYS = frozenset({"text", "image", "video", "instruction"})
+MEDIA_KINDS = ("image", "video")
 INTERLEAVED_KEYS = frozenset({"content", "instruction"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Raster formats accepted; everything else Pillow could open (EPS would run Ghostscript,
@@ -57,10 +58,17 @@ class ParsedInput:
     instruction: str | None
     images: list[Any] = field(default_factory=list)  # raw image payloads, in order
     interleaved: bool = False  # given as a 'content' list (not the text/image shorthand)
+    # Every image and video in order, as (kind, payload): one per ``None`` of ``parts``.
+    # A video takes one ``<image>`` place, as in the authors' code.
+    media: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
         return len(self.images)
+
+    @property
+    def videos(self) -> list[Any]:
+        return [value for kind, value in self.media if kind == "video"]
 
 
 def _check_text(value: Any, what: str) -> str:
@@ -71,7 +79,7 @@ def _check_text(value: Any, what: str) -> str:
     return value
 
 
-def parse_input(obj: Any, limits: ImageLimits | None = None) -> ParsedInput:
+def parse_input(obj: Any, limits: ImageLimits | None = None, *, max_videos: int = 1) -> ParsedInput:
     """Validate the shape of one input object and return its ordered parts."""
     limits = limits or ImageLimits()
     if isinstance(obj, str):
@@ -83,7 +91,7 @@ def parse_input(obj: Any, limits: ImageLimits | None = None) -> ParsedInput:
         instruction = _check_text(instruction, "instruction") or None
 
     parts: list[str | None] = []
-    images: list[Any] = []
+    media: list[tuple[str, Any]] = []
     if "content" in obj:
         unknown = set(obj) - INTERLEAVED_KEYS
         if unknown:
@@ -101,30 +109,41 @@ def parse_input(obj: Any, limits: ImageLimits | None = None) -> ParsedInput:
                 if set(part) - {"type", "text"}:
                     raise InvalidInputError(f"content[{i}]: a text part holds only 'type' and 'text'")
                 parts.append(_check_text(part.get("text"), f"content[{i}].text"))
-            elif kind == "image":
-                if set(part) - {"type", "image"} or part.get("image") is None:
-                    raise InvalidInputError(f"content[{i}]: an image part holds 'type' and 'image'")
+            elif kind in MEDIA_KINDS:
+                if set(part) - {"type", kind} or part.get(kind) is None:
+                    article = "an" if kind == "image" else "a"
+                    raise InvalidInputError(f"content[{i}]: {article} {kind} part holds 'type' and '{kind}'")
                 parts.append(None)
-                images.append(part["image"])
+                media.append((kind, part[kind]))
             else:
-                raise InvalidInputError(f"content[{i}].type must be 'text' or 'image', got {kind!r}")
+                raise InvalidInputError(f"content[{i}].type must be 'text', 'image' or 'video', got {kind!r}")
     else:
         unknown = set(obj) - SHORTHAND_KEYS
         if unknown:
             raise InvalidInputError(
-                f"unknown field(s) {sorted(unknown)} (an input has 'text', 'image', 'instruction' or 'content')"
+                f"unknown field(s) {sorted(unknown)} (an input has 'text', 'image', 'video', 'instruction' "
+                "or 'content')"
             )
-        if obj.get("image") is not None:
-            parts.append(None)
-            images.append(obj["image"])
+        if obj.get("image") is not None and obj.get("video") is not None:
+            raise InvalidInputError("give 'image' or 'video', not both (a 'content' list can hold both)")
+        for kind in MEDIA_KINDS:
+            if obj.get(kind) is not None:
+                parts.append(None)
+                media.append((kind, obj[kind]))
         if obj.get("text") is not None:
             parts.append(_check_text(obj["text"], "text"))
 
-    if not images and not any(p for p in parts if p) and not instruction:
-        raise EmptyInputError("input is empty: give text, an image or content parts")
+    images = [value for kind, value in media if kind == "image"]
+    if not media and not any(p for p in parts if p) and not instruction:
+        raise EmptyInputError("input is empty: give text, an image, a video or content parts")
     if len(images) > limits.max_images:
         raise TooManyImagesError(f"input holds {len(images)} images; the limit is {limits.max_images}")
-    return ParsedInput(parts=parts, instruction=instruction, images=images, interleaved="content" in obj)
+    videos = len(media) - len(images)
+    if videos > max_videos:
+        raise TooManyImagesError(f"input holds {videos} videos; the limit is {max_videos}")
+    return ParsedInput(
+        parts=parts, instruction=instruction, images=images, interleaved="content" in obj, media=media
+    )
 
 
 def payload_bytes(

@@ -174,3 +174,44 @@ def image_feature_limits(onevision_model: nn.Module, limits: Sequence[int | None
         yield
     finally:
         onevision_model._llave_feature_limits = None
+
+
+# --- video (the authors' video branch of prepare_inputs_labels_for_multimodal) ----------
+
+
+def count_video_tokens(frames: int, *, crop: int, patch: int) -> int:
+    """Tokens one video becomes: per frame, its features pooled 2x2 (rounding up, 27x27 ->
+    14x14) with a newline after each row (14 x 15 = 210 at 384px), frames back to back."""
+    side = math.ceil((crop // patch) / 2)
+    return frames * side * (side + 1)
+
+
+def frame_features(onevision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(frames, 3, H, W) -> (frames, side*side, dim): the vision tower and the projector,
+    exactly as ``get_image_features`` treats one crop of an image (the authors'
+    ``encode_images``, which their video branch calls too)."""
+    config = onevision_model.config
+    hidden = onevision_model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    layer = config.vision_feature_layer
+    feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+    if config.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return onevision_model.multi_modal_projector(feats)
+
+
+def pack_video_features(features: torch.Tensor, image_newline: torch.Tensor) -> torch.Tensor:
+    """(frames, side*side, dim) -> (frames * rows * (cols + 1), dim).
+
+    The authors' ``get_2dPool`` (``mm_spatial_pool_mode`` "bilinear": ``interpolate`` to
+    ``ceil(side / 2)`` a side, stride 2 whatever the config says), then
+    ``add_token_per_grid`` (``mm_newline_position`` "grid"): each frame's rows in order,
+    ``image_newline`` after every row, nothing between frames.
+    """
+    frames, tokens, dim = features.shape
+    side = math.isqrt(tokens)
+    grid = features.view(frames, side, side, dim).permute(0, 3, 1, 2)  # (frames, dim, side, side)
+    rows = cols = math.ceil(side / 2)
+    grid = nn.functional.interpolate(grid, size=[rows, cols], mode="bilinear")
+    newline = image_newline[None, :, None, None].expand(frames, dim, rows, 1).to(grid.device, grid.dtype)
+    grid = torch.cat((grid, newline), dim=-1)  # (frames, dim, rows, cols + 1)
+    return grid.permute(0, 2, 3, 1).reshape(frames * rows * (cols + 1), dim)

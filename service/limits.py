@@ -16,6 +16,19 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # width x height of one decoded image
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # encoded bytes of one image in a request
 IMAGE_URL_MAX_BYTES = 16 * 1024 * 1024
 IMAGE_URL_MAX_REDIRECTS = 3  # redirects followed when fetching one image URL
+# Videos (model/video.py), checked before the work each bounds: encoded bytes (also of a
+# fetched URL), length, frames in the stream, pixels of one frame, and all the pixels
+# decoded to reach the kept frames (lazy decoding seeks from key frame to key frame).
+MAX_VIDEOS_PER_INPUT = 1
+MAX_VIDEO_BYTES = 32 * 1024 * 1024
+MAX_VIDEO_SECONDS = 600.0
+MAX_VIDEO_STREAM_FRAMES = 36_000
+MAX_VIDEO_FRAME_PIXELS = 3840 * 2160
+MIN_VIDEO_SIDE = 16  # pixels; a smaller stream holds nothing to embed
+MAX_VIDEO_DECODED_PIXELS = 2_000_000_000
+# The length cut of an input holding a video (the authors' retrieval script raises it to
+# 8192: 32 frames are 6,720 visual tokens at 384px), instead of the model's 4096.
+VIDEO_MAX_TOKENS = 8192
 MAX_QUEUE = 1024
 MAX_VECTOR_DOCUMENTS_PER_REQUEST = 10_000  # documents that bring their own vector (no inference)
 # Memory of one front end, bounded by bytes (429 with Retry-After when full):
@@ -54,15 +67,28 @@ MAX_THUMBNAIL_BYTES_PER_DOCUMENT = 8 * 1024 * 1024
 MAX_THUMBNAILS_PER_DOCUMENT = 64
 
 
-def image_limits(settings: object | None = None) -> dict[str, int]:
-    """Keyword arguments of ``model.load_embedder`` for the image limits in force.
+def image_limits(settings: object | None = None) -> dict[str, int | float]:
+    """Keyword arguments of ``model.load_embedder`` for the image and video limits in force.
 
     The server, ``service.ingest`` and the demo all load models through this, so an image
-    one of them accepts is accepted by all (``settings``: a ``Settings``, or None for the
-    defaults).
+    or a video one of them accepts is accepted by all (``settings``: a ``Settings`` or an
+    ``EngineConfig``, or None for the defaults).
     """
     return {
         "max_image_pixels": getattr(settings, "max_image_pixels", MAX_IMAGE_PIXELS),
         "max_images_per_input": getattr(settings, "max_images_per_input", MAX_IMAGES_PER_INPUT),
         "max_image_bytes": MAX_IMAGE_BYTES,
+        **video_limits(settings),
+    }
+
+
+def video_limits(settings: object | None = None) -> dict[str, int | float]:
+    """The video part of ``image_limits`` (names as ``model.load_embedder`` takes them)."""
+    return {
+        "max_video_bytes": getattr(settings, "max_video_bytes", MAX_VIDEO_BYTES),
+        "max_video_seconds": getattr(settings, "max_video_seconds", MAX_VIDEO_SECONDS),
+        "max_video_stream_frames": getattr(settings, "max_video_stream_frames", MAX_VIDEO_STREAM_FRAMES),
+        "max_video_frame_pixels": getattr(settings, "max_video_frame_pixels", MAX_VIDEO_FRAME_PIXELS),
+        "max_video_decoded_pixels": getattr(settings, "max_video_decoded_pixels", MAX_VIDEO_DECODED_PIXELS),
+        "video_max_length": getattr(settings, "video_max_tokens", VIDEO_MAX_TOKENS),
     }

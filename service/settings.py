@@ -185,6 +185,32 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         limits.MAX_IMAGE_PIXELS, ge=1, description="Most pixels (width x height) in one image (413)."
     )
+    max_video_bytes: int = Field(
+        limits.MAX_VIDEO_BYTES, ge=1, description="Most encoded bytes of one video (413)."
+    )
+    max_video_seconds: float = Field(
+        limits.MAX_VIDEO_SECONDS, gt=0, description="Longest video, in seconds (413)."
+    )
+    max_video_stream_frames: int = Field(
+        limits.MAX_VIDEO_STREAM_FRAMES,
+        ge=1,
+        description="Most frames in a video's stream (413); at most 32 of them are embedded.",
+    )
+    max_video_frame_pixels: int = Field(
+        limits.MAX_VIDEO_FRAME_PIXELS, ge=1, description="Most pixels in one frame of a video (413)."
+    )
+    max_video_decoded_pixels: int = Field(
+        limits.MAX_VIDEO_DECODED_PIXELS,
+        ge=1,
+        description="Most pixels decoded to reach a video's kept frames (each is decoded from "
+        "its key frame); a stream with key frames too far apart gets 413.",
+    )
+    video_max_tokens: int = Field(
+        limits.VIDEO_MAX_TOKENS,
+        ge=1,
+        description="Length cut of an input holding a video, visual tokens included (the "
+        "authors' 8192; 32 frames take 6,720 tokens at 384px).",
+    )
     max_pixel_bytes: int = Field(
         limits.MAX_PIXEL_BYTES,
         ge=1,
@@ -242,6 +268,7 @@ class Settings(BaseSettings):
             max_input_tokens=self.max_input_tokens,
             max_image_pixels=self.max_image_pixels,
             max_images_per_input=self.max_images_per_input,
+            video_limits=limits.video_limits(self),
             max_batch_size=self.max_batch_size,
             max_batch_tokens=self.max_batch_tokens,
             max_wait_ms=self.max_wait_ms,
@@ -358,6 +385,13 @@ class Settings(BaseSettings):
             "max_images_per_input": self.max_images_per_input,
             "max_image_pixels": self.max_image_pixels,
             "max_input_tokens": self.max_input_tokens,
+            "max_videos_per_input": limits.MAX_VIDEOS_PER_INPUT,
+            "max_video_bytes": self.max_video_bytes,
+            "max_video_seconds": self.max_video_seconds,
+            "max_video_stream_frames": self.max_video_stream_frames,
+            "max_video_frame_pixels": self.max_video_frame_pixels,
+            "max_video_decoded_pixels": self.max_video_decoded_pixels,
+            "video_max_tokens": self.video_max_tokens,
             "max_queue": self.max_queue,
             "front_end_queue_share": self.front_end_queue_share,
             "max_vector_documents_per_request": self.max_vector_documents_per_request,

@@ -152,6 +152,7 @@ def create_app(
         settings.image_url_allow_hosts,
         allow_private=settings.image_url_allow_private,
         max_bytes=settings.image_url_max_bytes,
+        video_max_bytes=settings.max_video_bytes,
         timeout_s=settings.image_url_timeout_s,
     )
     run_dir: tempfile.TemporaryDirectory[str] | None = None

@@ -24,10 +24,10 @@ and the traceback in the log, never in the response.
 | wrong method (Allow: every method of the path) | 405 | method_not_allowed       |
 | headers or body not received in time (connection closed; service/http/connections.py) | 408 | request_timeout |
 | CollectionExistsError                      | 409    | conflict                  |
-| body, inputs, images, pixels, tokens over a limit | 413 | payload_too_large     |
+| body, inputs, images, videos, pixels, tokens over a limit | 413 | payload_too_large |
 | content type not JSON                      | 415    | unsupported_media_type    |
 | schema violation (types, unknown fields)   | 422    | invalid_request           |
-| bad input (empty, bad base64, bad image)   | 422    | invalid_input             |
+| bad input (empty, bad base64, bad image or video) | 422 | invalid_input          |
 | store: bad name/vector/filter/dim/dup id   | 422    | invalid_request           |
 | queue full, pixel or body budget full      | 429    | overloaded (+Retry-After) |
 | client went away mid-request (logged only) | 499    | client_closed_request     |
@@ -124,6 +124,7 @@ class UnavailableError(ApiError):
 
 MODEL_ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (model_errors.ImageTooLargeError, 413, "payload_too_large"),
+    (model_errors.VideoTooLargeError, 413, "payload_too_large"),
     (model_errors.TooManyImagesError, 413, "payload_too_large"),
     (model_errors.InputTooLongError, 413, "payload_too_large"),
     (model_errors.InvalidInputError, 422, "invalid_input"),  # empty input, bad image, ...

@@ -33,28 +33,45 @@ class ImagePart(Strict):
     image: str = Field(description="Base64 image bytes, a data: URI, or an allow-listed http(s) URL.")
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+VIDEO_DESCRIPTION = (
+    "Base64 video bytes (MP4/MOV, WebM/Matroska, AVI or MPEG-TS), a data: URI, or an "
+    "allow-listed http(s) URL. Embedded as the LLaVE authors embed a clip: up to 32 frames "
+    "(3 a second), all under one <image> place."
+)
+
+
+class VideoPart(Strict):
+    type: Literal["video"]
+    video: str = Field(description=VIDEO_DESCRIPTION)
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class InputObject(Strict):
-    """Shorthand ``{text?, image?, instruction?}`` or interleaved ``{content, instruction?}``."""
+    """Shorthand ``{text?, image? | video?, instruction?}`` or interleaved ``{content, instruction?}``."""
 
     text: str | None = None
     image: str | None = Field(
         None, description="Base64 image bytes, a data: URI, or an allow-listed http(s) URL."
     )
+    video: str | None = Field(None, description=VIDEO_DESCRIPTION)
     instruction: str | None = Field(None, description="Task instruction, put before the text.")
-    content: list[ContentPart] | None = Field(None, description="Interleaved text and image parts, in order.")
+    content: list[ContentPart] | None = Field(
+        None, description="Interleaved text, image and video parts, in order."
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> InputObject:
         if self.content is not None:
-            if self.text is not None or self.image is not None:
-                raise ValueError("give either 'content' or 'text'/'image', not both")
+            if self.text is not None or self.image is not None or self.video is not None:
+                raise ValueError("give either 'content' or 'text'/'image'/'video', not both")
             if not self.content:
                 raise ValueError("'content' is empty")
-        elif self.image is None and not self.text and not self.instruction:
-            raise ValueError("input is empty: give text, an image or content parts")
+        elif self.image is not None and self.video is not None:
+            raise ValueError("give 'image' or 'video', not both (a 'content' list can hold both)")
+        elif self.image is None and self.video is None and not self.text and not self.instruction:
+            raise ValueError("input is empty: give text, an image, a video or content parts")
         return self
 
     def to_input(self) -> dict[str, Any]:
@@ -119,7 +136,18 @@ class ChatImagePart(Strict):
     image_url: ChatImageURL
 
 
-ChatPart = Annotated[ChatTextPart | ChatImagePart, Field(discriminator="type")]
+class ChatVideoURL(Strict):
+    url: str = Field(
+        description="A data: URI (data:video/mp4;base64,...), base64 video bytes, or an allow-listed http(s) URL."
+    )
+
+
+class ChatVideoPart(Strict):
+    type: Literal["video_url"]
+    video_url: ChatVideoURL
+
+
+ChatPart = Annotated[ChatTextPart | ChatImagePart | ChatVideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):
@@ -143,9 +171,11 @@ class ChatMessage(Strict):
         return {"content": [_chat_part(part) for part in self.content]}
 
 
-def _chat_part(part: ChatTextPart | ChatImagePart) -> dict[str, str]:
+def _chat_part(part: ChatTextPart | ChatImagePart | ChatVideoPart) -> dict[str, str]:
     if isinstance(part, ChatTextPart):
         return {"type": "text", "text": part.text}
+    if isinstance(part, ChatVideoPart):
+        return {"type": "video", "video": part.video_url.url}
     return {"type": "image", "image": part.image_url.url}
 
 
@@ -156,7 +186,8 @@ class OpenAIEmbeddingRequest(Strict):
     messages: list[ChatMessage] | None = Field(
         None,
         description="vLLM's chat form instead of 'input': one user message whose content is a string "
-        "or text and image_url parts; embedded as the same interleaved 'content' input (one vector).",
+        "or text, image_url and video_url parts; embedded as the same interleaved 'content' input "
+        "(one vector).",
     )
     model: str | None = Field(None, description="Optional; must name the served model if given.")
     encoding_format: Literal["float", "base64"] = Field(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service import limits
 
@@ -19,6 +19,8 @@ class EngineConfig:
     max_input_tokens: int | None = None
     max_image_pixels: int = limits.MAX_IMAGE_PIXELS
     max_images_per_input: int = limits.MAX_IMAGES_PER_INPUT
+    # load_embedder's video keyword arguments (service.limits.video_limits)
+    video_limits: dict[str, int | float] = field(default_factory=limits.video_limits)
     # batching
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
@@ -37,9 +39,10 @@ class EngineConfig:
     # model.load_embedder (tests and the simulated-device bench; not a server setting)
     embedder_factory: str | None = None
 
-    def image_limit_kwargs(self) -> dict[str, int]:
+    def image_limit_kwargs(self) -> dict[str, int | float]:
         return {
             "max_image_pixels": self.max_image_pixels,
             "max_images_per_input": self.max_images_per_input,
             "max_image_bytes": limits.MAX_IMAGE_BYTES,
+            **self.video_limits,
         }

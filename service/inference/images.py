@@ -1,6 +1,7 @@
-"""Remote image URLs: refused unless allow-listed, then fetched with tight limits.
+"""Remote image and video URLs: refused unless allow-listed, then fetched with tight limits.
 
-An input's ``image`` (shorthand or content part) may be an ``http(s)://`` URL. With no
+An input's ``image`` or ``video`` (shorthand or content part) may be an ``http(s)://`` URL;
+both follow the same rules (a video's byte cap is its own, ``--max-video-bytes``). With no
 allow-list (the default) such inputs are refused with 422. With ``--image-url-allow-hosts``
 each URL must name an allowed host (``example.com``, or ``*.example.com`` for its
 subdomains), every address the host resolves to must be public (not private, loopback,
@@ -30,7 +31,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from model.errors import ImageTooLargeError, InvalidInputError
+from model.errors import ImageTooLargeError, InvalidInputError, VideoTooLargeError
 from service.limits import IMAGE_URL_MAX_REDIRECTS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -68,12 +69,14 @@ class ImageFetcher:
         *,
         allow_private: bool = False,
         max_bytes: int = 16 * 1024 * 1024,
+        video_max_bytes: int = 32 * 1024 * 1024,
         timeout_s: float = 10.0,
         resolver: Resolver | None = None,
     ) -> None:
         self.allow_hosts = [h.lower().rstrip(".") for h in allow_hosts]
         self.allow_private = allow_private
         self.max_bytes = max_bytes
+        self.video_max_bytes = video_max_bytes
         self.timeout_s = timeout_s
         self.resolver: Resolver = resolver or system_resolve
         self._client: httpx.AsyncClient | None = None
@@ -90,85 +93,85 @@ class ImageFetcher:
     # --- inputs ------------------------------------------------------------------------
 
     async def resolve_inputs(self, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Return the inputs with every image URL replaced by the fetched bytes."""
-        urls: dict[str, int] = {}  # url -> index of the first input holding it
+        """Return the inputs with every image and video URL replaced by the fetched bytes."""
+        urls: dict[tuple[str, str], int] = {}  # (kind, url) -> index of the first input holding it
         for index, inp in enumerate(inputs):
-            for url in _image_values(inp):
+            for kind, url in _media_values(inp):
                 if is_image_url(url):
-                    urls.setdefault(url, index)
+                    urls.setdefault((kind, url), index)
         if not urls:
             return list(inputs)
         if not self.enabled:
-            index = min(urls.values())
+            (kind, _), index = min(urls.items(), key=lambda item: item[1])
             raise _input_error(
                 index,
                 InvalidInputError(
-                    "image URLs are not accepted by this server; send the image as base64 or a data: URI"
+                    f"{kind} URLs are not accepted by this server; send the {kind} as base64 or a data: URI"
                 ),
             )
 
-        async def fetch(url: str, index: int) -> bytes:
+        async def fetch(kind: str, url: str, index: int) -> bytes:
             try:
-                return await self.fetch(url)
-            except (InvalidInputError, ImageTooLargeError) as exc:
+                return await self.fetch(url, kind)
+            except InvalidInputError as exc:  # the too-large errors are InvalidInputErrors too
                 raise _input_error(index, exc) from None
 
-        fetched = dict(zip(urls, await asyncio.gather(*(fetch(u, i) for u, i in urls.items())), strict=True))
-        return [_replace_images(inp, fetched) for inp in inputs]
+        got = await asyncio.gather(*(fetch(k, u, i) for (k, u), i in urls.items()))
+        fetched = dict(zip(urls, got, strict=True))
+        return [_replace_media(inp, fetched) for inp in inputs]
 
     # --- one URL -----------------------------------------------------------------------
 
-    async def fetch(self, url: str) -> bytes:
+    async def fetch(self, url: str, kind: str = "image") -> bytes:
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self._fetch(url)
+                return await self._fetch(url, kind)
         except TimeoutError:
-            raise InvalidInputError(f"fetching the image URL timed out after {self.timeout_s:g} s") from None
+            raise InvalidInputError(f"fetching the {kind} URL timed out after {self.timeout_s:g} s") from None
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetch(self, url: str, kind: str) -> bytes:
+        max_bytes = self.video_max_bytes if kind == "video" else self.max_bytes
+        too_large = VideoTooLargeError if kind == "video" else ImageTooLargeError
         first_host = None
         for _ in range(IMAGE_URL_MAX_REDIRECTS + 1):
-            host = self._check_url(url)
+            host = self._check_url(url, kind)
             if first_host is None:
                 first_host = host
             elif host != first_host:
-                raise InvalidInputError("the image URL redirects to another host")
+                raise InvalidInputError(f"the {kind} URL redirects to another host")
             client = self._get_client()
             try:
                 async with client.stream("GET", url) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
-                            raise InvalidInputError("the image URL redirects without a location")
+                            raise InvalidInputError(f"the {kind} URL redirects without a location")
                         url = urljoin(url, location)
                         continue
                     if response.status_code != 200:
-                        raise InvalidInputError(f"the image URL answered HTTP {response.status_code}")
+                        raise InvalidInputError(f"the {kind} URL answered HTTP {response.status_code}")
                     declared = response.headers.get("content-length")
-                    if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                        raise ImageTooLargeError(
-                            f"the image at the URL is larger than {self.max_bytes} bytes"
-                        )
+                    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                        raise too_large(f"the {kind} at the URL is larger than {max_bytes} bytes")
                     chunks = bytearray()
                     async for chunk in response.aiter_bytes():
                         chunks.extend(chunk)
-                        if len(chunks) > self.max_bytes:
-                            raise ImageTooLargeError(
-                                f"the image at the URL is larger than {self.max_bytes} bytes"
-                            )
+                        if len(chunks) > max_bytes:
+                            raise too_large(f"the {kind} at the URL is larger than {max_bytes} bytes")
                     return bytes(chunks)
             except httpx.HTTPError:
-                raise InvalidInputError("the image URL could not be fetched") from None
-        raise InvalidInputError(f"the image URL redirects more than {IMAGE_URL_MAX_REDIRECTS} times")
+                raise InvalidInputError(f"the {kind} URL could not be fetched") from None
+        raise InvalidInputError(f"the {kind} URL redirects more than {IMAGE_URL_MAX_REDIRECTS} times")
 
-    def _check_url(self, url: str) -> str:
+    def _check_url(self, url: str, kind: str = "image") -> str:
         """The URL's host, if allow-listed; its addresses are checked when connecting."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise InvalidInputError("an image URL must be http(s)://host/...")
+            article = "an" if kind == "image" else "a"
+            raise InvalidInputError(f"{article} {kind} URL must be http(s)://host/...")
         host = parts.hostname.lower().rstrip(".")
         if not host_allowed(host, self.allow_hosts):
-            raise InvalidInputError(f"image URLs from host {host!r} are not allowed")
+            raise InvalidInputError(f"{kind} URLs from host {host!r} are not allowed")
         return host
 
     def _get_client(self) -> httpx.AsyncClient:
@@ -272,32 +275,38 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
         )
 
 
-def _image_values(inp: Any) -> list[Any]:
+MEDIA_KINDS = ("image", "video")
+
+
+def _media_values(inp: Any) -> list[tuple[str, Any]]:
+    """(kind, value) of every image and video of an input object, shorthand or parts."""
     if not isinstance(inp, dict):
         return []
-    values = []
-    if "image" in inp:
-        values.append(inp["image"])
+    values = [(kind, inp[kind]) for kind in MEDIA_KINDS if kind in inp]
     content = inp.get("content")
     if isinstance(content, list):
-        values.extend(part.get("image") for part in content if isinstance(part, dict) and "image" in part)
+        for part in content:
+            if isinstance(part, dict):
+                values.extend((kind, part[kind]) for kind in MEDIA_KINDS if kind in part)
     return values
 
 
-def _replace_images(inp: Any, fetched: dict[str, bytes]) -> Any:
+def _replace_media(inp: Any, fetched: dict[tuple[str, str], bytes]) -> Any:
     if not isinstance(inp, dict):
         return inp
-    out = dict(inp)
-    if isinstance(out.get("image"), str) and out["image"] in fetched:
-        out["image"] = fetched[out["image"]]
+
+    def replaced(obj: dict[str, Any]) -> dict[str, Any]:
+        out = dict(obj)
+        for kind in MEDIA_KINDS:
+            value = out.get(kind)
+            if isinstance(value, str) and (kind, value) in fetched:
+                out[kind] = fetched[(kind, value)]
+        return out
+
+    out = replaced(inp)
     content = out.get("content")
     if isinstance(content, list):
-        out["content"] = [
-            dict(part, image=fetched[part["image"]])
-            if isinstance(part, dict) and isinstance(part.get("image"), str) and part["image"] in fetched
-            else part
-            for part in content
-        ]
+        out["content"] = [replaced(part) if isinstance(part, dict) else part for part in content]
     return out
 
 
