@@ -16,11 +16,19 @@ import torch
 
 from .errors import InputTooLongError
 from .inputs import ImageLimits, ParsedInput, decode_image, open_image, parse_input
-from .onevision import ImageProcessor, count_image_tokens, image_feature_limits
+from .onevision import (
+    ImageProcessor,
+    count_image_tokens,
+    count_video_tokens,
+    image_feature_limits,
+    splice_media,
+)
 from .prompts import Segment, chatml_segments, message_segments, render
 from .tokenization import PromptTokenizer
+from .video import FrameSampling, VideoLimits, VideoReader, frames_to_pixels, open_video
 
 IMAGE_FEATURE_LIMITS = "image_feature_limits"  # collate's key for images cut by the length limit
+VIDEO_FRAMES = "video_frames"  # collate's key: frames of each image place (0 for an image)
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,10 +52,18 @@ class PreparedInput:
     # When the length cut falls inside the last image: how many of its features are kept
     # (the authors splice every image's features, then cut the sequence).
     cut_image_tokens: int | None = None
+    # Per entry of image_sizes: 0 for an image, the frame count for a video (whose frames
+    # are its rows of pixel_values and whose size is the crop's). Empty: all images.
+    video_frames: list[int] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
+        """Image places: images and videos."""
         return len(self.image_sizes)
+
+    @property
+    def num_videos(self) -> int:
+        return sum(1 for frames in self.video_frames if frames)
 
     @property
     def cost(self) -> int:
@@ -62,6 +78,9 @@ class EmbedderConfig:
     max_length: int = 4096
     image_limits: ImageLimits = ImageLimits()
     vision_aspect_ratio: str = "anyres_max_9"
+    video_limits: VideoLimits = VideoLimits()
+    video_sampling: FrameSampling = FrameSampling()
+    video_max_length: int = 8192  # the cut of an input holding a video (the authors' retrieval script)
 
 
 class Preprocessor:
@@ -117,7 +136,7 @@ class Preprocessor:
 
     def prompt(self, inp: Any) -> str:
         """The exact ChatML prompt for one input (``<image>`` not yet expanded)."""
-        return render(self._segments(parse_input(inp, self.limits)))
+        return render(self._segments(self._parse(inp)))
 
     def _expand(self, ids: list[int], counts: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """Replace each ``<image>`` id by its feature count; return ids and image spans."""
@@ -138,14 +157,13 @@ class Preprocessor:
         return out, spans
 
     def _cut(
-        self, ids: list[int], spans: list[tuple[int, int]], truncate: bool
+        self, ids: list[int], spans: list[tuple[int, int]], truncate: bool, limit: int
     ) -> tuple[list[int], list[int], bool]:
-        """Cut the spliced sequence to the model's limit, as the authors do.
+        """Cut the spliced sequence to ``limit``, as the authors do.
 
         Returns the kept ids, how many features of each image are kept (all, some when the
         cut falls inside it, 0 when it falls before it) and whether anything was cut.
         """
-        limit = self.max_length
         if len(ids) <= limit:
             return ids, [end - start for start, end in spans], False
         if not truncate:
@@ -155,51 +173,102 @@ class Preprocessor:
         kept = [max(0, min(end, limit) - start) for start, end in spans]
         return ids[:limit], kept, True
 
-    def preprocess(self, inp: Any, *, truncate: bool = True) -> PreparedInput:
-        """Parse, decode and tile images, build the prompt and tokenise (thread-safe).
+    def _parse(self, inp: Any) -> ParsedInput:
+        return parse_input(inp, self.limits, max_videos=self.config.video_limits.max_videos)
 
-        Image headers are read (and checked against the limits) first; only the images
-        whose features survive the length cut are decoded and tiled."""
-        parsed = parse_input(inp, self.limits)
+    def _open_media(self, parsed: ParsedInput) -> list[Any]:
+        """Each image opened lazily (header read) and each video's packets read, in order."""
+        opened: list[Any] = []
+        try:
+            for kind, value in parsed.media:
+                if kind == "video":
+                    opened.append(open_video(value, self.config.video_limits))
+                else:
+                    opened.append(open_image(value, self.limits))
+        except BaseException:
+            _close_videos(opened)
+            raise
+        return opened
+
+    def _media_tokens(self, item: Any) -> int:
+        if isinstance(item, VideoReader):
+            frames = len(item.sample(self.config.video_sampling))
+            return count_video_tokens(frames, crop=self.crop, patch=self.patch)
+        return self.image_tokens(item.height, item.width)
+
+    def _limit(self, parsed: ParsedInput) -> int:
+        return self.config.video_max_length if parsed.videos else self.max_length
+
+    def preprocess(self, inp: Any, *, truncate: bool = True) -> PreparedInput:
+        """Parse, decode and tile images, decode videos, build the prompt and tokenise
+        (thread-safe).
+
+        Image headers and video packets are read (and checked against the limits) first;
+        only the media whose features survive the length cut are decoded."""
+        parsed = self._parse(inp)
         ids = self.tokens.encode(self._segments(parsed))
-        opened = [open_image(v, self.limits) for v in parsed.images]
-        counts = [self.image_tokens(im.height, im.width) for im in opened]
-        ids, spans = self._expand(ids, counts)
-        ids, kept, truncated = self._cut(ids, spans, truncate)
-        keep = [im for im, n in zip(opened, kept, strict=True) if n > 0]
-        pixel_values = None
-        sizes: list[tuple[int, int]] = []
+        opened = self._open_media(parsed)
+        try:
+            counts = [self._media_tokens(item) for item in opened]
+            ids, spans = self._expand(ids, counts)
+            ids, kept, truncated = self._cut(ids, spans, truncate, self._limit(parsed))
+            keep = [item for item, n in zip(opened, kept, strict=True) if n > 0]
+            pixels = self._pixels(keep)
+        finally:
+            _close_videos(opened)
         cut_image_tokens = None
         if keep:
-            images = [decode_image(im, self.limits) for im in keep]
-            sizes = [(im.height, im.width) for im in images]
+            last = len(keep) - 1  # the kept media are a prefix: the cut drops a suffix
+            if kept[last] < counts[last]:
+                cut_image_tokens = kept[last]
+        frames = [
+            p.shape[0] if isinstance(item, VideoReader) else 0 for item, p in zip(keep, pixels, strict=True)
+        ]
+        return PreparedInput(
+            input_ids=ids,
+            pixel_values=np.concatenate(pixels, axis=0) if pixels else None,
+            image_sizes=[
+                (self.crop, self.crop) if f else (im.height, im.width)
+                for im, f in zip(keep, frames, strict=True)
+            ],
+            truncated=truncated,
+            cut_image_tokens=cut_image_tokens,
+            video_frames=frames if any(frames) else [],
+        )
+
+    def _pixels(self, media: list[Any]) -> list[np.ndarray]:
+        """Float32 pixels of each kept image (its anyres crops) or video (its frames)."""
+        out: list[np.ndarray | None] = [None] * len(media)
+        images = [
+            (i, decode_image(m, self.limits)) for i, m in enumerate(media) if not isinstance(m, VideoReader)
+        ]
+        if images:
             # One sample per image: the processor then tiles each with anyres (base crop +
             # grid), as the authors do for every image; given them as one sample it would
             # keep a single crop per image.
-            feats = self.image_processor(images=[[im] for im in images], return_tensors=None, do_pad=False)
-            pixel_values = np.concatenate(
-                [np.asarray(p, dtype=np.float32) for p in feats["pixel_values"]], axis=0
-            )
-            last = len(keep) - 1  # the kept images are a prefix: the cut drops a suffix
-            if kept[last] < counts[last]:
-                cut_image_tokens = kept[last]
-        return PreparedInput(
-            input_ids=ids,
-            pixel_values=pixel_values,
-            image_sizes=sizes,
-            truncated=truncated,
-            cut_image_tokens=cut_image_tokens,
-        )
+            feats = self.image_processor(images=[[im] for _, im in images], return_tensors=None, do_pad=False)
+            for (i, _), p in zip(images, feats["pixel_values"], strict=True):
+                out[i] = np.asarray(p, dtype=np.float32)
+        for i, m in enumerate(media):
+            if isinstance(m, VideoReader):
+                # Each kept frame squashed to the crop (bicubic), rescaled and normalised
+                # as the authors' SigLIP processor does; no anyres tiling for video frames.
+                decoded = m.decode(m.sample(self.config.video_sampling), self.crop, poster_side=16)
+                p = self.image_processor
+                out[i] = frames_to_pixels(decoded.frames, p.image_mean, p.image_std)
+        return [p for p in out if p is not None]
 
     def estimate_cost(self, inp: Any) -> int:
-        """Sequence length of an input from the text and the image headers only."""
-        parsed = parse_input(inp, self.limits)
+        """Sequence length of an input from the text, the image headers and the video
+        packets only (nothing decoded)."""
+        parsed = self._parse(inp)
         ids = self.tokens.encode(self._segments(parsed))
-        extra = sum(self.image_tokens(im.height, im.width) - 1 for im in map(self._open, parsed.images))
-        return min(len(ids) + extra, self.max_length)
-
-    def _open(self, value: Any) -> Any:
-        return open_image(value, self.limits)
+        opened = self._open_media(parsed)
+        try:
+            extra = sum(self._media_tokens(item) - 1 for item in opened)
+        finally:
+            _close_videos(opened)
+        return min(len(ids) + extra, self._limit(parsed))
 
     def warmup_inputs(self, n: int, tokens: int) -> list[PreparedInput]:
         """``n`` prepared text inputs of about ``tokens`` tokens each, for a warm-up pass."""
@@ -207,6 +276,12 @@ class Preprocessor:
         ids = self.tokens.encode(chatml_segments(["hello " * max(0, tokens - base)]))
         ids = ids[: max(base, min(tokens, self.max_length))]
         return [PreparedInput(input_ids=list(ids)) for _ in range(n)]
+
+
+def _close_videos(opened: Sequence[Any]) -> None:
+    for item in opened:
+        if isinstance(item, VideoReader):
+            item.close()
 
 
 class Embedder:
@@ -283,6 +358,8 @@ class Embedder:
             out["image_sizes"] = torch.tensor([s for p in batch for s in p.image_sizes], dtype=torch.long).to(
                 device
             )
+            if any(p.video_frames for p in batch):
+                out[VIDEO_FRAMES] = [f for p in batch for f in (p.video_frames or [0] * p.num_images)]
             if any(p.cut_image_tokens is not None for p in batch):
                 # Per image of the batch: how many of its features the cut keeps (None: all).
                 out[IMAGE_FEATURE_LIMITS] = [
@@ -300,8 +377,12 @@ class Embedder:
         """
         tensors = dict(tensors)
         limits = tensors.pop(IMAGE_FEATURE_LIMITS, None)
+        frames = tensors.pop(VIDEO_FRAMES, None)
         if "pixel_values" in tensors:
             tensors["pixel_values"] = tensors["pixel_values"].to(self.model.dtype)
+        if frames is not None:  # videos: their features are spliced here (images as forward would)
+            tensors = splice_media(self.model, tensors, frames, limits, self.image_token_id)
+            limits = None
         with image_feature_limits(self.model, limits):
             hidden = (model or self.model)(
                 **tensors, use_cache=False

@@ -32,7 +32,10 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
-from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
 
 __all__ = [
     "LLAVE_GRID",
@@ -215,3 +218,56 @@ def pack_video_features(features: torch.Tensor, image_newline: torch.Tensor) -> 
     newline = image_newline[None, :, None, None].expand(frames, dim, rows, 1).to(grid.device, grid.dtype)
     grid = torch.cat((grid, newline), dim=-1)  # (frames, dim, rows, cols + 1)
     return grid.permute(0, 2, 3, 1).reshape(frames * rows * (cols + 1), dim)
+
+
+def splice_media(
+    onevision_model: nn.Module,
+    tensors: dict,
+    video_frames: Sequence[int],
+    feature_limits: Sequence[int | None] | None,
+    image_token_id: int,
+) -> dict:
+    """The model's inputs with ``inputs_embeds`` in place of ``input_ids`` and the pixels:
+    each image's features (``get_image_features``, exactly as the forward pass would
+    compute them) and each video's (``frame_features`` + ``pack_video_features``) put at
+    their ``<image>`` positions, in order; ``feature_limits`` cuts the one the length cut
+    falls inside. ``video_frames`` gives, per image place of the batch, 0 for an image or
+    the video's frame count (its rows of ``pixel_values``)."""
+    tensors = dict(tensors)
+    input_ids = tensors.pop("input_ids")
+    pixel_values, image_sizes = tensors.pop("pixel_values"), tensors.pop("image_sizes")
+    config = onevision_model.config
+    crop = config.vision_config.image_size
+    rows = [
+        frames or image_size_to_num_patches(size, config.image_grid_pinpoints, crop)
+        for size, frames in zip(image_sizes.tolist(), video_frames, strict=True)
+    ]
+    chunks = torch.split(pixel_values, rows)
+    limits = list(feature_limits) if feature_limits is not None else [None] * len(rows)
+    features: list[torch.Tensor | None] = [None] * len(rows)
+    images = [i for i, frames in enumerate(video_frames) if not frames]
+    if images:
+        with image_feature_limits(onevision_model, [limits[i] for i in images]):
+            out = onevision_model.get_image_features(
+                torch.cat([chunks[i] for i in images]),
+                image_sizes[images],
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )
+        for i, feats in zip(images, getattr(out, "pooler_output", out), strict=True):
+            features[i] = feats
+    for i, frames in enumerate(video_frames):
+        if frames:
+            feats = pack_video_features(
+                frame_features(onevision_model, chunks[i]), onevision_model.image_newline
+            )
+            features[i] = feats[: limits[i]] if limits[i] is not None else feats
+    embeds = onevision_model.get_input_embeddings()(input_ids)
+    spliced = torch.cat([f for f in features if f is not None]).to(embeds.device, embeds.dtype)
+    places = (input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
+    if int(places.sum()) != spliced.numel():  # a broken invariant, never user input
+        raise RuntimeError(
+            f"{int(places.sum()) // embeds.shape[-1]} image places for {spliced.shape[0]} features"
+        )
+    tensors["inputs_embeds"] = embeds.masked_scatter(places, spliced)
+    return tensors

@@ -65,6 +65,7 @@ class VideoLimits:
     min_side: int = 16  # pixels; smaller streams hold nothing to embed
     max_aspect_ratio: float = 100.0
     max_decoded_pixels: int = 2_000_000_000  # all frames decoded to reach the kept ones
+    max_videos: int = 1  # videos in one input
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,8 +141,11 @@ def _rate(value: Any) -> float:
     return rate if math.isfinite(rate) and rate > 0 else 0.0
 
 
-class _Reader:
-    """One open container: headers checked, packets read, frames decoded on demand."""
+class VideoReader:
+    """One open container: headers checked, packets read, frames decoded on demand.
+
+    ``open_video`` gives one with its packets read (``info`` set); close it (or use it
+    as a context manager) when done."""
 
     def __init__(self, raw: bytes, limits: VideoLimits):
         import av  # imported here: text-only deployments never load FFmpeg
@@ -163,6 +167,16 @@ class _Reader:
 
     def close(self) -> None:
         self.container.close()
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sample(self, sampling: FrameSampling = FrameSampling()) -> list[int]:
+        """The indices of the frames the authors keep (``sample_indices``)."""
+        return sample_indices(self.info.frames, self.info.avg_fps, sampling)
 
     def _check_stream(self) -> None:
         video = [s for s in self.container.streams if s.type == "video"]
@@ -332,14 +346,21 @@ class _Reader:
         )
 
 
-def probe_video(value: Any, limits: VideoLimits = VideoLimits()) -> VideoInfo:
-    """Headers and packets only (no frame decoded): what the batcher's cost needs."""
-    reader = _Reader(video_bytes(value, limits), limits)
+def open_video(value: Any, limits: VideoLimits = VideoLimits()) -> VideoReader:
+    """Open a video payload and read its packets (no frame decoded); limits checked."""
+    reader = VideoReader(video_bytes(value, limits), limits)
     try:
         reader.read_packets()
-        return reader.info
-    finally:
+    except BaseException:
         reader.close()
+        raise
+    return reader
+
+
+def probe_video(value: Any, limits: VideoLimits = VideoLimits()) -> VideoInfo:
+    """Headers and packets only (no frame decoded): what the batcher's cost needs."""
+    with open_video(value, limits) as reader:
+        return reader.info
 
 
 def decode_video(
@@ -351,13 +372,18 @@ def decode_video(
     poster_side: int = 512,
 ) -> DecodedVideo:
     """Decode the frames the authors keep, each resized to ``size`` x ``size`` (bicubic)."""
-    reader = _Reader(video_bytes(value, limits), limits)
-    try:
-        reader.read_packets()
-        indices = sample_indices(reader.info.frames, reader.info.avg_fps, sampling)
-        return reader.decode(indices, size, poster_side)
-    finally:
-        reader.close()
+    with open_video(value, limits) as reader:
+        return reader.decode(reader.sample(sampling), size, poster_side)
+
+
+def poster_frame(
+    value: Any, limits: VideoLimits = VideoLimits(), *, side: int = 512
+) -> tuple[Image.Image, VideoInfo]:
+    """The first frame (at most ``side`` pixels a side) and the stream's facts, for a
+    document's thumbnail: one frame decoded."""
+    with open_video(value, limits) as reader:
+        decoded = reader.decode([0], 16, side)
+        return decoded.poster, reader.info
 
 
 def frames_to_pixels(frames: np.ndarray, mean: Any, std: Any) -> np.ndarray:

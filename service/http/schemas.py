@@ -86,6 +86,7 @@ class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens embedded, image tokens included.")
     total_tokens: int
     images: int = 0
+    videos: int = 0
     truncated: int = Field(0, description="Inputs cut to the model's maximum length.")
 
 

@@ -4,7 +4,7 @@ Routes embed through ``EngineClient.embed``::
 
     result = await engine.embed(inputs, truncate=True, normalize=True)
     result.embeddings   # numpy float32 (len(inputs), engine.dim), rows in input order
-    result.usage        # {"prompt_tokens", "total_tokens", "images", "truncated"}
+    result.usage        # {"prompt_tokens", "total_tokens", "images", "videos", "truncated"}
     result.timings      # {"preprocess_ms", "queue_ms", "inference_ms"}
 
 ``inputs`` are input objects as plain dicts in the HTTP shapes. Flow of one call: admit
@@ -301,14 +301,17 @@ class EngineClient:
             self.metrics.queue_inputs.dec(n)
 
     def _pixel_bound(self, inputs: Sequence[Mapping[str, Any]]) -> int:
-        """The most bytes of float32 crops the images of ``inputs`` can decode to: each image
-        gives at most a base crop plus the largest grid of the model's pinpoints."""
+        """The most bytes of float32 crops the images and videos of ``inputs`` can decode
+        to: each image gives at most a base crop plus the largest grid of the model's
+        pinpoints, each video at most its sampling's most frames, one crop each."""
         pre = self.engine.preprocessor if self.engine is not None else None
         crop, pinpoints = getattr(pre, "crop", None), getattr(pre, "grid_pinpoints", None)
         if not crop or not pinpoints:
             return 0  # a model without anyres images (test doubles): nothing to bound
         crops = 1 + max((int(h) // crop) * (int(w) // crop) for h, w in pinpoints)
-        return count_images(inputs) * crops * 3 * crop * crop * 4
+        frames = pre.config.video_sampling.max_frames  # type: ignore[union-attr]
+        images, videos = count_images(inputs), count_images(inputs, "video")
+        return (images * crops + videos * frames) * 3 * crop * crop * 4
 
     def _hold_exactly(self, held: list[int], nbytes: int) -> None:
         """Shrink (or, were the bound ever short, grow) this call's pixel reservation."""
@@ -342,7 +345,7 @@ class EngineClient:
             "id": request_id,
             "shm": segment.name if segment is not None else None,
             "items": [
-                (p.input_ids, p.image_sizes, slot, p.cut_image_tokens)
+                (p.input_ids, p.image_sizes, slot, p.cut_image_tokens, p.video_frames)
                 for p, slot in zip(prepared, slots, strict=True)
             ],
         }
@@ -376,7 +379,8 @@ class EngineClient:
             usage={
                 "prompt_tokens": tokens,
                 "total_tokens": tokens,
-                "images": sum(p.num_images for p in prepared),
+                "images": sum(p.num_images - p.num_videos for p in prepared),
+                "videos": sum(p.num_videos for p in prepared),
                 "truncated": sum(1 for p in prepared if p.truncated),
             },
             timings={
@@ -421,18 +425,18 @@ class EngineClient:
         return prepared
 
 
-def count_images(inputs: Sequence[Mapping[str, Any]]) -> int:
-    """Images in ``inputs`` (HTTP shapes: ``image``, or ``content`` parts of type image),
-    counted before anything is decoded; malformed inputs count none (preprocessing refuses
-    them with their own message)."""
+def count_images(inputs: Sequence[Mapping[str, Any]], kind: str = "image") -> int:
+    """Images (or videos: ``kind``) in ``inputs`` (HTTP shapes: ``image``, or ``content``
+    parts of type image), counted before anything is decoded; malformed inputs count none
+    (preprocessing refuses them with their own message)."""
     total = 0
     for inp in inputs:
         if not isinstance(inp, Mapping):
             continue
-        total += inp.get("image") is not None
+        total += inp.get(kind) is not None
         content = inp.get("content")
         if isinstance(content, list):
-            total += sum(1 for part in content if isinstance(part, Mapping) and part.get("type") == "image")
+            total += sum(1 for part in content if isinstance(part, Mapping) and part.get("type") == kind)
     return total
 
 

@@ -303,11 +303,15 @@ def _prepared(header: dict[str, Any], segment: Any) -> list[PreparedInput]:
     from model.embedder import PreparedInput
 
     out = []
-    for ids, sizes, slot, cut_image_tokens in header["items"]:
+    for ids, sizes, slot, cut_image_tokens, video_frames in header["items"]:
         pixels = ipc.view_pixels(segment, slot) if slot is not None else None
         out.append(
             PreparedInput(
-                input_ids=ids, pixel_values=pixels, image_sizes=sizes, cut_image_tokens=cut_image_tokens
+                input_ids=ids,
+                pixel_values=pixels,
+                image_sizes=sizes,
+                cut_image_tokens=cut_image_tokens,
+                video_frames=video_frames,
             )
         )
     return out

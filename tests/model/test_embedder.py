@@ -150,7 +150,7 @@ def _png_bytes(w, h):
         ({"content": []}, EmptyInputError, "empty"),
         ({"text": 5}, InvalidInputError, "string"),
         ({"text": "x", "colour": "red"}, InvalidInputError, "unknown field"),
-        ({"content": [{"type": "video", "video": "x"}]}, InvalidInputError, "'text' or 'image'"),
+        ({"content": [{"type": "audio", "audio": "x"}]}, InvalidInputError, "'text', 'image' or 'video'"),
         ({"content": "text"}, InvalidInputError, "list"),
         (["not", "a", "dict"], InvalidInputError, "object"),
         ({"image": "!!!not base64!!!"}, ImageDecodeError, "base64"),
