@@ -161,7 +161,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_dockerfile_installs_the_extras_the_tests_exercise():
-    # The test suite runs with the dev extra, which is llave-server[serve,train,lora] plus tools; the
+    # The test suite runs with the dev extra, which is llave-server[serve,train,lora,batch] plus tools; the
     # image must install exactly those runtime extras, read from pyproject.toml.
     dev = pyproject()["project"]["optional-dependencies"]["dev"]
     self_refs = [Requirement(req) for req in dev if Requirement(req).name == "llave-server"]

@@ -101,7 +101,7 @@ def test_unknown_route_and_method_use_the_error_shape(client):
     [
         {"inputs": [{"text": "a"}], "colour": "red"},  # unknown top-level field
         {"inputs": [{"text": "a", "colour": "red"}]},  # unknown input field
-        {"inputs": [{"content": [{"type": "video", "video": "x"}]}]},
+        {"inputs": [{"content": [{"type": "audio", "audio": "x"}]}]},
         {"inputs": "just a string"},
         {"inputs": [{"text": 5}]},
         {"inputs": [{"image": 12345}]},
