@@ -35,6 +35,10 @@ from PIL import Image
 from .errors import VideoDecodeError, VideoTooLargeError
 from .inputs import payload_bytes
 
+# The text after a clip when the LLaVE authors embed it for retrieval: their video message
+# is ``<image>\nRepresent the given video.`` (CLIP4Clip's MSR-VTT and MSVD loaders).
+VIDEO_TEXT = "Represent the given video."
+
 # Containers recognised by their first bytes, and the FFmpeg demuxer each is opened with.
 # Naming the demuxer keeps playlist formats (HLS, concat) that open other files or URLs
 # out of reach whatever the bytes say.

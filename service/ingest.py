@@ -1,17 +1,20 @@
 """Bulk ingestion into a collection: ``python -m service.ingest``.
 
-    python -m service.ingest --collection photos ./images/              # every image under a folder
+    python -m service.ingest --collection photos ./images/              # every image and video under a folder
     python -m service.ingest --collection docs corpus.jsonl              # one document per line
     python -m service.ingest --collection docs corpus.jsonl --server http://127.0.0.1:8000 --api-key KEY
     python -m service.ingest --collection docs corpus.jsonl --data-dir ./data --model ./ckpt   # no server
 
-A folder gives one document per image file (id = its path relative to the folder,
-metadata ``{"path": ...}``). A JSON-lines file gives one document per line:
-``{"id", "text"?, "image"?, "instruction"?, "content"?, "metadata"?, "vector"?}`` where an
-``image`` may be a file path (relative to the file's folder) or base64.
+A folder gives one document per image or video file (id = its path relative to the
+folder, metadata ``{"path": ...}``); a video is embedded as the LLaVE authors embed a clip
+for retrieval, ``<image>\nRepresent the given video.``. A JSON-lines file gives one
+document per line: ``{"id", "text"?, "image"? | "video"?, "instruction"?, "content"?,
+"metadata"?, "vector"?}`` where an ``image`` or ``video`` may be a file path (relative to
+the file's folder) or base64.
 
 Resumable: ids already in the collection are skipped, so an interrupted run can simply be
-started again. Documents keep their source (text, image thumbnails) as they do through the
+started again. Documents keep their source (text, thumbnails of images and of videos' first
+frames, videos' durations) as they do through the
 server, when the collection keeps sources (``store_source``, on by default). Talks to a running server (default) or, with ``--data-dir``, opens the
 store and embeds in-process (the server must not be running on that directory: the
 store takes a lock).
@@ -30,10 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.video import VIDEO_TEXT
+
 logger = logging.getLogger("llave.ingest")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-INPUT_FIELDS = ("text", "image", "instruction", "content")
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".ts"}
+INPUT_FIELDS = ("text", "image", "video", "instruction", "content")
+MEDIA_FIELDS = ("image", "video")
 
 
 class IngestError(Exception):
@@ -65,9 +72,15 @@ def _encode_file(path: Path) -> str:
 
 
 def iter_folder(folder: Path) -> Iterator[Row]:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    suffixes = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
         rel = path.relative_to(folder).as_posix()
-        yield Row(rel, str(path), {"id": rel, "image": path, "metadata": {"path": rel}})
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            yield Row(
+                rel, str(path), {"id": rel, "video": path, "text": VIDEO_TEXT, "metadata": {"path": rel}}
+            )
+        else:
+            yield Row(rel, str(path), {"id": rel, "image": path, "metadata": {"path": rel}})
 
 
 def iter_jsonl(path: Path) -> Iterator[Row | IngestError]:
@@ -89,14 +102,17 @@ def iter_jsonl(path: Path) -> Iterator[Row | IngestError]:
             if unknown:
                 yield IngestError(f"{where}: unknown field(s) {sorted(unknown)}")
                 continue
-            image = obj.get("image")
-            if isinstance(image, str) and not image.startswith("data:") and (base / image).is_file():
-                obj["image"] = base / image
-            elif isinstance(image, str) and len(image) < 1024 and not image.startswith("data:"):
-                candidate = base / image
-                if candidate.suffix.lower() in IMAGE_SUFFIXES:
-                    yield IngestError(f"{where}: image file {image} not found")
-                    continue
+            missing = None
+            for kind, suffixes in (("image", IMAGE_SUFFIXES), ("video", VIDEO_SUFFIXES)):
+                value = obj.get(kind)
+                if isinstance(value, str) and not value.startswith("data:") and (base / value).is_file():
+                    obj[kind] = base / value
+                elif isinstance(value, str) and len(value) < 1024 and not value.startswith("data:"):
+                    if (base / value).suffix.lower() in suffixes:
+                        missing = f"{where}: {kind} file {value} not found"
+            if missing:
+                yield IngestError(missing)
+                continue
             yield Row(obj["id"], where, obj)
 
 
@@ -168,8 +184,9 @@ class ServerTarget:
         docs = []
         for row in rows:
             doc = dict(row.doc)
-            if isinstance(doc.get("image"), Path):
-                doc["image"] = _encode_file(doc["image"])
+            for kind in MEDIA_FIELDS:
+                if isinstance(doc.get(kind), Path):
+                    doc[kind] = _encode_file(doc[kind])
             docs.append(doc)
         _raise_for(self._request("POST", f"/collections/{self.collection}/documents", {"documents": docs}))
 
@@ -228,11 +245,10 @@ class StoreTarget:
 
     def upsert(self, rows: list[Row]) -> None:
         from model.errors import LlaveError
-        from model.inputs import ImageLimits
         from service import limits
         from service.storage.documents import assemble_vectors, check_unique_ids
         from service.storage.errors import StoreError
-        from service.storage.sources import source_of_input
+        from service.storage.sources import media_limits, source_of_input
 
         try:
             ids = check_unique_ids([r.id for r in rows])
@@ -240,22 +256,18 @@ class StoreTarget:
             inputs = []
             for i in to_embed:
                 inp = {k: rows[i].doc[k] for k in INPUT_FIELDS if k in rows[i].doc}
-                if isinstance(inp.get("image"), Path):
-                    inp["image"] = inp["image"].read_bytes()
+                for kind in MEDIA_FIELDS:
+                    if isinstance(inp.get(kind), Path):
+                        inp[kind] = inp[kind].read_bytes()
                 inputs.append(inp)
             embedded = self._embed(inputs) if inputs else None
             vectors = assemble_vectors([r.doc.get("vector") for r in rows], embedded, to_embed)
             sources: list[Any] = [None] * len(rows)
             options = self._source_options()
             if options["store_source"]:
-                kw = limits.image_limits()
-                image_limits = ImageLimits(
-                    max_pixels=kw["max_image_pixels"],
-                    max_images=kw["max_images_per_input"],
-                    max_bytes=kw["max_image_bytes"],
-                )
+                media = media_limits(limits.image_limits())
                 for i, inp in zip(to_embed, inputs, strict=True):
-                    sources[i] = source_of_input(inp, options, image_limits)
+                    sources[i] = source_of_input(inp, options, *media)
             self.store.upsert(
                 self.collection, ids, vectors, [r.doc.get("metadata") for r in rows], sources=sources
             )

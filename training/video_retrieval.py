@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-VIDEO_TEXT = "Represent the given video."
+from model.video import VIDEO_TEXT
+
 CAPTION_PREFIX = "Find me an video that matches the given caption: "
 LAYOUTS = ("msrvtt", "msvd")
 RANKS = (1, 5, 10)

@@ -356,18 +356,21 @@ class DocumentIn(Strict):
     vector: list[float] | None = Field(None, description="A precomputed embedding (normalised on upsert).")
     text: str | None = None
     image: str | None = Field(None, description="Base64 image bytes, a data: URI, or an allow-listed URL.")
+    video: str | None = Field(None, description=VIDEO_DESCRIPTION)
     instruction: str | None = None
     content: list[ContentPart] | None = None
 
     @model_validator(mode="after")
     def _vector_or_input(self) -> DocumentIn:
-        has_input = any(v is not None for v in (self.text, self.image, self.content)) or bool(
+        has_input = any(v is not None for v in (self.text, self.image, self.video, self.content)) or bool(
             self.instruction
         )
         if self.vector is not None and has_input:
             raise ValueError(f"document {self.id!r}: give either 'vector' or input fields, not both")
         if self.vector is None and not has_input:
-            raise ValueError(f"document {self.id!r}: give a 'vector' or input fields (text, image, content)")
+            raise ValueError(
+                f"document {self.id!r}: give a 'vector' or input fields (text, image, video, content)"
+            )
         if self.vector is not None and not self.vector:
             raise ValueError(f"document {self.id!r}: 'vector' is empty")
         if self.vector is None:
@@ -381,7 +384,7 @@ class DocumentIn(Strict):
 
     def to_input(self) -> dict[str, Any]:
         return InputObject.model_validate(
-            self.model_dump(include={"text", "image", "instruction", "content"}, exclude_none=True)
+            self.model_dump(include={"text", "image", "video", "instruction", "content"}, exclude_none=True)
         ).to_input()
 
 
@@ -450,12 +453,23 @@ class DocumentOut(BaseModel):
     vector: list[float] | None = None
 
 
+class VideoSource(BaseModel):
+    thumbnail: int = Field(description="Index of the video's poster-frame thumbnail.")
+    seconds: float = Field(description="The video's duration.")
+
+
 class DocumentDetail(DocumentOut):
     text: str | None = Field(
         None, description="The input's text parts joined with newlines (null: none, or not kept)."
     )
     thumbnails: int = Field(
-        0, description="Thumbnails kept, one per image of the input: GET .../thumbnail?index=i."
+        0,
+        description="Thumbnails kept, one per image or video of the input (a video's: its first "
+        "frame): GET .../thumbnail?index=i.",
+    )
+    videos: list[VideoSource] = Field(
+        default_factory=list,
+        description="The thumbnails that are videos' posters, with the videos' durations.",
     )
 
 

@@ -63,6 +63,7 @@ from service.storage.sources import (
     check_include,
     check_sources,
     resolve_source_options,
+    video_durations,
 )
 from service.storage.validation import (
     MAX_DIM,
@@ -171,7 +172,7 @@ def _source_params(source: Source | None) -> tuple[Any, Any, Any]:
         return None, None, None
     if not source.thumbnails:
         return source.text, None, None
-    return source.text, [t.data for t in source.thumbnails], [t.media_type for t in source.thumbnails]
+    return source.text, [t.data for t in source.thumbnails], [t.stored_type for t in source.thumbnails]
 
 
 def _parse_vec(text: str) -> np.ndarray:
@@ -737,19 +738,20 @@ class PostgresCollectionStore:
             row = self._require(conn, name)
             found = conn.execute(
                 f"SELECT metadata, created_at, updated_at, embedding::text, source_text, "
-                f"coalesce(cardinality(thumbnails), 0) FROM {self._table(row)} WHERE id = %s",
+                f"thumbnail_types FROM {self._table(row)} WHERE id = %s",
                 (doc_id,),
             ).fetchone()
         if found is None:
             raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
-        meta, created_at, updated_at, vector, text, thumbnails = found
+        meta, created_at, updated_at, vector, text, thumbnail_types = found
         doc = {
             "id": doc_id,
             "metadata": meta,
             "created_at": created_at,
             "updated_at": updated_at,
             "text": text,
-            "thumbnails": thumbnails,
+            "thumbnails": len(thumbnail_types or ()),
+            "videos": video_durations(thumbnail_types),
         }
         if with_vector:
             doc["vector"] = _parse_vec(vector)
@@ -770,7 +772,7 @@ class PostgresCollectionStore:
             raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
         if found[0] is None:
             raise ThumbnailNotFoundError(f"document {shown(doc_id)} has no thumbnail {index}")
-        return Thumbnail(found[1], bytes(found[0]))
+        return Thumbnail.from_stored(found[1], found[0])
 
     def delete(self, name: str, doc_id: str) -> None:
         check_doc_id(doc_id)
@@ -831,7 +833,7 @@ class PostgresCollectionStore:
                 doc["vector"] = _parse_vec(vector)
             if with_source:
                 pairs = zip(thumbs or (), types or (), strict=True)
-                found = Source(text, tuple(Thumbnail(t, bytes(d)) for d, t in pairs))
+                found = Source(text, tuple(Thumbnail.from_stored(t, d) for d, t in pairs))
                 doc["source"] = None if found.empty else found
             docs.append(doc)
         return docs, (docs[-1]["id"] if len(rows) > limit else None)
@@ -896,7 +898,7 @@ class PostgresCollectionStore:
                 if "text" in include:
                     hit["text"] = text
                 if "thumbnail" in include:
-                    hit["thumbnail"] = None if data is None else Thumbnail(media_type, bytes(data))
+                    hit["thumbnail"] = None if data is None else Thumbnail.from_stored(media_type, data)
 
     def _search_one(
         self, conn: Any, row: dict[str, Any], q: np.ndarray, k: int, where: str, params: list[Any]

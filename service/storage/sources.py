@@ -12,7 +12,10 @@ survives exactly what the vector survives; replacing a document replaces its sou
   it is not kept.
 - thumbnails: one per image, in input order: EXIF orientation applied, RGB, the longest
   side scaled down to the collection's ``thumbnail_size`` (never up), encoded as WebP or
-  JPEG (``thumbnail_format``).
+  JPEG (``thumbnail_format``). A video's is its poster frame (its first frame, as decoded
+  for the model), with the video's duration: ``Thumbnail.seconds``, kept in the stored media
+  type as a parameter (``image/webp; video-seconds=12.345``), so both store backends and
+  ``service.migrate`` keep it with no column of its own.
 
 Every limit on sources is defined here, once.
 """
@@ -50,14 +53,42 @@ class ThumbnailNotFoundError(DocumentNotFoundError):
     """The document exists but has no thumbnail at that index (404)."""
 
 
+VIDEO_SECONDS_PARAMETER = "video-seconds"
+
+
 @dataclass(frozen=True)
 class Thumbnail:
     media_type: str  # image/webp or image/jpeg
     data: bytes
+    seconds: float | None = None  # the video's duration when this is a video's poster frame
 
     @property
     def etag(self) -> str:
         return '"' + hashlib.sha256(self.data).hexdigest()[:32] + '"'
+
+    @property
+    def stored_type(self) -> str:
+        """The media type as the stores keep it (with the video's duration, if any)."""
+        if self.seconds is None:
+            return self.media_type
+        return f"{self.media_type}; {VIDEO_SECONDS_PARAMETER}={self.seconds:.3f}"
+
+    @classmethod
+    def from_stored(cls, stored_type: str, data: bytes) -> Thumbnail:
+        media_type, _, parameter = stored_type.partition(";")
+        name, _, value = parameter.strip().partition("=")
+        seconds = float(value) if name == VIDEO_SECONDS_PARAMETER else None
+        return cls(media_type.strip(), bytes(data), seconds)
+
+
+def video_durations(stored_types: Sequence[str] | None) -> list[dict[str, Any]]:
+    """``[{"thumbnail": i, "seconds": s}]`` for the thumbnails that are videos' posters."""
+    out = []
+    for i, stored in enumerate(stored_types or ()):
+        seconds = Thumbnail.from_stored(stored, b"").seconds
+        if seconds is not None:
+            out.append({"thumbnail": i, "seconds": seconds})
+    return out
 
 
 @dataclass(frozen=True)
@@ -137,6 +168,10 @@ def check_sources(sources: Sequence[Source | None] | None, n: int) -> list[Sourc
         for thumb in source.thumbnails:
             if not isinstance(thumb, Thumbnail) or thumb.media_type not in THUMBNAIL_MEDIA_TYPES.values():
                 raise InvalidParameterError(f"source {i}: thumbnails must be WebP or JPEG Thumbnails")
+            if thumb.seconds is not None and not (
+                isinstance(thumb.seconds, float) and 0 <= thumb.seconds < 1e9
+            ):
+                raise InvalidParameterError(f"source {i}: a video's duration must be a number of seconds")
             total += len(thumb.data)
         if total > MAX_THUMBNAIL_BYTES_PER_DOCUMENT:
             raise SourceTooLargeError(
@@ -182,23 +217,63 @@ def make_thumbnail(image: Any, size: int, fmt: str, limits: Any = None) -> Thumb
         img.thumbnail((size, size), Image.Resampling.LANCZOS)  # keeps the aspect ratio, never enlarges
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError("image could not be decoded for its thumbnail (truncated or corrupt)") from exc
+    return _encode_thumbnail(img, fmt)
+
+
+def _encode_thumbnail(img: Any, fmt: str, seconds: float | None = None) -> Thumbnail:
     out = io.BytesIO()
     if fmt == "webp":
         img.save(out, "WEBP", quality=THUMBNAIL_QUALITY["webp"], method=4)
     else:
         img.save(out, "JPEG", quality=THUMBNAIL_QUALITY["jpeg"], optimize=True)
-    return Thumbnail(THUMBNAIL_MEDIA_TYPES[fmt], out.getvalue())
+    return Thumbnail(THUMBNAIL_MEDIA_TYPES[fmt], out.getvalue(), seconds)
 
 
-def source_of_input(inp: Mapping[str, Any], options: Mapping[str, Any], limits: Any = None) -> Source:
-    """The source kept for an input object (its images already bytes or base64, not URLs)."""
+def media_limits(kw: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``model``'s (ImageLimits, VideoLimits) from ``service.limits.image_limits()``'s
+    keyword arguments: a thumbnail is made only of an image or video the model accepts."""
+    from model.inputs import ImageLimits
+    from model.video import VideoLimits
+
+    images = ImageLimits(
+        max_pixels=kw["max_image_pixels"],
+        max_images=kw["max_images_per_input"],
+        max_bytes=kw["max_image_bytes"],
+    )
+    videos = VideoLimits(
+        max_bytes=kw["max_video_bytes"],
+        max_seconds=kw["max_video_seconds"],
+        max_stream_frames=kw["max_video_stream_frames"],
+        max_frame_pixels=kw["max_video_frame_pixels"],
+        max_decoded_pixels=kw["max_video_decoded_pixels"],
+    )
+    return images, videos
+
+
+def make_video_thumbnail(video: Any, size: int, fmt: str, limits: Any = None) -> Thumbnail:
+    """A video's poster frame (its first frame, decoded within ``limits``, a
+    ``model.video.VideoLimits``) as a thumbnail, with the video's duration."""
+    from model.video import VideoLimits, poster_frame
+
+    poster, info = poster_frame(video, limits or VideoLimits(), side=size)
+    return _encode_thumbnail(poster.convert("RGB"), fmt, round(float(info.seconds), 3))
+
+
+def source_of_input(
+    inp: Mapping[str, Any], options: Mapping[str, Any], limits: Any = None, video_limits: Any = None
+) -> Source:
+    """The source kept for an input object (its images and videos already bytes or base64,
+    not URLs): its text, and a thumbnail per image and per video, in order."""
     from model.inputs import ImageLimits, parse_input
 
     limits = limits or ImageLimits()
     parsed = parse_input(dict(inp), limits)
+    size, fmt = options["thumbnail_size"], options["thumbnail_format"]
     thumbs = tuple(
-        make_thumbnail(image, options["thumbnail_size"], options["thumbnail_format"], limits)
-        for image in parsed.images
+        make_video_thumbnail(value, size, fmt, video_limits)
+        if kind == "video"
+        else make_thumbnail(value, size, fmt, limits)
+        for kind, value in parsed.media
     )
     return Source(input_text(parsed.parts), thumbs)
 

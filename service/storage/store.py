@@ -49,6 +49,7 @@ from service.storage.sources import (
     check_include,
     check_sources,
     resolve_source_options,
+    video_durations,
 )
 from service.storage.validation import (
     MAX_DIM,
@@ -544,7 +545,7 @@ class CollectionStore(IndexMaintenance):
         )
         conn.executemany(
             "INSERT INTO document_thumbnails (row_id, idx, media_type, data) VALUES (?, ?, ?, ?)",
-            [(r, i, t.media_type, t.data) for r, src in rows for i, t in enumerate(src.thumbnails)],
+            [(r, i, t.stored_type, t.data) for r, src in rows for i, t in enumerate(src.thumbnails)],
         )
 
     def _existing_rows(
@@ -578,15 +579,17 @@ class CollectionStore(IndexMaintenance):
             coll.live.replace(self._load_index(coll.name, coll.dim, coll.kind, coll.options))
 
     def get(self, name: str, doc_id: str, *, with_vector: bool = False) -> dict[str, Any]:
-        """``{"id", "metadata", "created_at", "updated_at", "text", "thumbnails"}`` (the source's
-        text or None, and how many thumbnails it has) plus ``"vector"`` (unit norm) if asked."""
+        """``{"id", "metadata", "created_at", "updated_at", "text", "thumbnails", "videos"}``
+        (the source's text or None, how many thumbnails it has, and which are videos'
+        posters with the videos' durations) plus ``"vector"`` (unit norm) if asked."""
         coll = self._get(name)
         check_doc_id(doc_id)
         source = (
             "(SELECT text FROM document_sources AS s WHERE s.row_id = d.row_id), "
-            "(SELECT count(*) FROM document_thumbnails AS t WHERE t.row_id = d.row_id)"
+            "(SELECT json_group_array(media_type) FROM "
+            "(SELECT media_type FROM document_thumbnails AS t WHERE t.row_id = d.row_id ORDER BY idx))"
             if self._has_sources
-            else "NULL, 0"
+            else "NULL, '[]'"
         )
         rows = self._read(
             f"SELECT d.metadata, d.created_at, d.updated_at, d.vector, {source} FROM documents AS d "
@@ -595,14 +598,16 @@ class CollectionStore(IndexMaintenance):
         )
         if not rows:
             raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
-        meta, created_at, updated_at, blob, text, thumbnails = rows[0]
+        meta, created_at, updated_at, blob, text, thumbnail_types = rows[0]
+        types = json.loads(thumbnail_types)
         doc = {
             "id": doc_id,
             "metadata": None if meta is None else json.loads(meta),
             "created_at": created_at,
             "updated_at": updated_at,
             "text": text,
-            "thumbnails": thumbnails,
+            "thumbnails": len(types),
+            "videos": video_durations(types),
         }
         if with_vector:
             doc["vector"] = np.frombuffer(blob, np.float32).reshape(coll.dim).copy()
@@ -626,7 +631,7 @@ class CollectionStore(IndexMaintenance):
             raise DocumentNotFoundError(f"document {shown(doc_id)} is not in collection {name!r}")
         if rows[0][0] is None:
             raise ThumbnailNotFoundError(f"document {shown(doc_id)} has no thumbnail {index}")
-        return Thumbnail(rows[0][0], bytes(rows[0][1]))
+        return Thumbnail.from_stored(rows[0][0], rows[0][1])
 
     def delete(self, name: str, doc_id: str) -> None:
         check_doc_id(doc_id)
@@ -721,7 +726,7 @@ class CollectionStore(IndexMaintenance):
             if kind == 0:
                 texts[row_id] = text
             else:
-                thumbs.setdefault(row_id, []).append(Thumbnail(media_type, bytes(data)))
+                thumbs.setdefault(row_id, []).append(Thumbnail.from_stored(media_type, data))
         return {
             row_id: Source(texts.get(row_id), tuple(thumbs.get(row_id, ()))) for row_id in {*texts, *thumbs}
         }
@@ -815,7 +820,7 @@ class CollectionStore(IndexMaintenance):
                     extra[row_id] = {
                         **({"text": text} if "text" in include else {}),
                         **(
-                            {"thumbnail": None if data is None else Thumbnail(media_type, bytes(data))}
+                            {"thumbnail": None if data is None else Thumbnail.from_stored(media_type, data)}
                             if "thumbnail" in include
                             else {}
                         ),

@@ -145,3 +145,84 @@ def test_video_urls_follow_the_image_url_rules(tiny_checkpoint, tmp_path, tiny_e
             asyncio.run(closed.resolve_inputs([{"video": host + "/clip.mp4"}]))
     finally:
         httpd.shutdown()
+
+
+def test_a_clip_document_keeps_its_first_frame_and_duration_and_finds_itself(server, tiny_embedder):
+    clip = make_clip(30, 15, 64, 48)
+    clip_b64 = base64.b64encode(clip).decode()
+    with server.client() as c:
+        r = c.post(
+            "/collections/clips/documents",
+            json={
+                "documents": [
+                    {"id": "clip-1", "video": clip_b64, "text": VIDEO_TEXT, "metadata": {"kind": "clip"}},
+                    {"id": "note", "text": "a note about something else"},
+                ]
+            },
+        )
+        assert r.status_code == 200, r.text
+        doc = c.get("/collections/clips/documents/clip-1", params={"with_vector": True}).json()
+        assert doc["thumbnails"] == 1 and doc["text"] == VIDEO_TEXT
+        assert doc["videos"] == [{"thumbnail": 0, "seconds": pytest.approx(2.0, abs=0.07)}]
+        expected = tiny_embedder.embed([{"video": clip, "text": VIDEO_TEXT}])[0]
+        np.testing.assert_allclose(doc["vector"], expected, atol=1e-5)
+        thumb = c.get("/collections/clips/documents/clip-1/thumbnail")
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+        _assert_first_frame(thumb.content, clip)
+        hits = c.post(
+            "/search",
+            json={
+                "collection": "clips",
+                "query": {"video": clip_b64, "text": VIDEO_TEXT},
+                "k": 2,
+                "include": ["thumbnail"],
+            },
+        ).json()["hits"]
+    assert hits[0]["id"] == "clip-1" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0]["thumbnail"].startswith("data:image/webp;base64,")
+    assert hits[0]["video_seconds"] == pytest.approx(2.0, abs=0.07) and "video_seconds" not in hits[1]
+
+
+def _assert_first_frame(webp: bytes, clip: bytes) -> None:
+    """The thumbnail shows the clip's first frame (decoded here by PyAV on its own)."""
+    import io
+
+    import av
+    from PIL import Image
+
+    with av.open(io.BytesIO(clip)) as container:
+        first = next(container.decode(video=0)).to_image()
+    shown = Image.open(io.BytesIO(webp)).convert("RGB")
+    assert shown.size == first.size  # 64x48: smaller than the thumbnail size, not enlarged
+    diff = np.abs(np.asarray(shown, dtype=np.int16) - np.asarray(first, dtype=np.int16))
+    assert diff.mean() < 6  # lossy WebP of the same picture (another frame differs by far more)
+
+
+def test_ingest_takes_video_files(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.service.conftest import REPO
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    (folder / "clip.mp4").write_bytes(make_clip(24, 24, 64, 48))
+    (folder / "clip.webm").write_bytes(make_clip(12, 12, 48, 48, codec="libvpx-vp9", container="webm"))
+    (folder / "readme.txt").write_text("not media")
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.ingest",
+        "--collection",
+        "media",
+        str(folder),
+        "--server",
+        server.url,
+    ]
+    out = subprocess.run([*cmd, "--no-progress"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["added"] == 2
+    with server.client() as c:
+        doc = c.get("/collections/media/documents/clip.webm").json()
+    assert doc["metadata"] == {"path": "clip.webm"} and doc["text"] == VIDEO_TEXT
+    assert doc["videos"] == [{"thumbnail": 0, "seconds": pytest.approx(1.0, abs=0.1)}]

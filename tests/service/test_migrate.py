@@ -9,17 +9,21 @@ import pytest
 
 from service import migrate as migrate_mod
 from service.storage.postgres import PostgresCollectionStore
-from service.storage.sources import Source, make_thumbnail
+from service.storage.sources import Source, make_thumbnail, make_video_thumbnail
 from service.storage.store import CollectionStore
 from tests.service.thumbnails import image_with_corner
+from tests.videos import make_clip
 
 
 def _sources(n: int) -> list[Source | None]:
-    """Texts for most documents, real thumbnails (one or two) for some, nothing for a few."""
+    """Texts for most documents, real thumbnails (one or two) for some, nothing for a few;
+    one thumbnail in three is a video's poster frame, which keeps the video's duration."""
     thumbs = [
         make_thumbnail(image_with_corner(90, 60, colour), 32, fmt)
-        for colour, fmt in (((200, 40, 40), "webp"), ((40, 200, 40), "jpeg"), ((40, 40, 200), "webp"))
+        for colour, fmt in (((200, 40, 40), "webp"), ((40, 200, 40), "jpeg"))
     ]
+    thumbs.append(make_video_thumbnail(make_clip(15, 6, 48, 32), 32, "webp"))
+    assert thumbs[-1].seconds == 2.5
     out: list[Source | None] = []
     for i in range(n):
         if i % 7 == 0:

@@ -261,6 +261,65 @@ def test_upload_an_image_and_find_it(page_server, page, tmp_path):
     assert page.locator("#collection option:checked").text_content() == "uploads (1)"
 
 
+def test_add_a_video_and_find_it_by_dropping_the_clip(page_server, page, tmp_path):
+    """A clip uploaded through the page is stored with its first frame and its length; dropping
+    the same clip on the query zone finds it first, shown with its duration."""
+    from tests.videos import make_clip
+
+    clip = make_clip(36, 12, 64, 64)  # 3 s; every 4th frame kept
+    path = tmp_path / "moving square.mp4"
+    path.write_bytes(clip)
+    from training.synthetic import Scene, render
+
+    other = tmp_path / "teal square.png"
+    render(Scene("green", "square", "large", "center"), random.Random(3), 80).save(other)
+    page.goto(page_server.url + "/")
+    page.locator("#upload-collection").fill("videos")
+    page.locator("#upload-files").set_input_files([str(path), str(other)])
+    page.locator("#upload-button").click()
+    page.wait_for_function("document.getElementById('upload-status').textContent.startsWith('Added')")
+    assert page.locator("#upload-status").text_content().startswith("Added 2 of 2")
+    assert page.locator("#message").is_hidden(), page.locator("#message").text_content()
+
+    # Drop the clip as a browser delivers a dropped file: a drop event carrying it.
+    page.evaluate(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, { type: "video/mp4" }));
+            document.getElementById("drop-zone").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+        }""",
+        [base64.b64encode(clip).decode(), path.name],
+    )
+    page.locator("#query-video-preview").wait_for(state="visible")
+    assert page.locator("#drop-hint").text_content() == path.name
+    page.locator("#search-button").click()
+    first = page.locator("#results .card").first
+    first.wait_for()
+    assert first.get_attribute("data-id") == path.name
+    assert float(first.locator(".score").text_content()) > 0.999  # the same clip
+    assert first.locator(".duration").text_content() == "▶ 0:03"
+    assert "video of 0:03" in first.get_attribute("aria-label")
+    assert page.locator("#results .card").nth(1).locator(".duration").count() == 0  # the image
+    # The thumbnail is the clip's first frame (decoded here by PyAV on its own).
+    import av
+
+    shown_image = thumbnails(page)[0].convert("RGB")
+    with av.open(io.BytesIO(clip)) as container:
+        frame0 = next(container.decode(video=0)).to_image().resize(shown_image.size)
+    # the bottom half: the duration badge covers a corner of the top
+    half = shown_image.size[1] // 2
+    shown = np.asarray(shown_image, dtype=np.float64)[half:]
+    expected = np.asarray(frame0, dtype=np.float64)[half:]
+    assert np.abs(shown - expected).mean() <= 0.05 * 255
+
+    first.click()
+    page.locator("#details-video").wait_for(state="visible")
+    assert page.locator("#details-video").text_content() == "Video (3.0 s); the picture is its first frame."
+    page.screenshot(path=str(tmp_path / "video-search.png"))
+
+
 def test_a_wrong_api_key_shows_a_message_and_the_right_one_works(guarded_server, page, tmp_path):
     page.goto(guarded_server.url + "/")
     dialog = page.locator("#key-dialog")

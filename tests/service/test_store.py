@@ -811,8 +811,13 @@ def _raw_sql(store, backend, statements: list[str]) -> None:
 
 
 def test_sources_round_trip_with_real_thumbnails(store):
+    import io
+
+    from PIL import Image
+
     from service.storage.sources import Source, ThumbnailNotFoundError, source_of_input
     from tests.service.thumbnails import assert_thumbnail_of, image_with_corner, rotated_jpeg
+    from tests.videos import make_clip
 
     wide, small, turned = image_with_corner(600, 300), image_with_corner(40, 90), rotated_jpeg(400, 200)
     options = {"thumbnail_size": 128, "thumbnail_format": "webp"}
@@ -827,16 +832,22 @@ def test_sources_round_trip_with_real_thumbnails(store):
         {"image": small, "text": "small", "instruction": "Represent the image:"},
         {"image": turned},
         {"text": "only text", "instruction": "not content"},
+        {"video": make_clip(30, 12, 64, 48), "text": "a clip"},  # 2.5 s; its first frame
     ]
     sources = [source_of_input(inp, options) for inp in inputs]
-    assert [s.text for s in sources] == ["a\nb", "small", None, "only text"]
-    x = random_data(5, 8, 0)
-    store.upsert("c", ids_for(5), x, sources=[*sources, None])
+    assert [s.text for s in sources] == ["a\nb", "small", None, "only text", "a clip"]
+    x = random_data(6, 8, 0)
+    store.upsert("c", ids_for(6), x, sources=[*sources, None])
     assert store.describe("c")["store_source"] is True  # created by the upsert: the defaults
-    got = [store.get("c", doc_id) for doc_id in ids_for(5)]
+    got = [store.get("c", doc_id) for doc_id in ids_for(6)]
     assert [(g["text"], g["thumbnails"]) for g in got] == [
-        ("a\nb", 1), ("small", 1), (None, 1), ("only text", 0), (None, 0)
+        ("a\nb", 1), ("small", 1), (None, 1), ("only text", 0), ("a clip", 1), (None, 0)
     ]  # fmt: skip
+    # A video's poster keeps the duration; the other thumbnails are plain images.
+    assert [g["videos"] for g in got] == [[], [], [], [], [{"thumbnail": 0, "seconds": 2.5}], []]
+    poster = store.thumbnail("c", "doc-4")
+    assert (poster.media_type, poster.seconds) == ("image/webp", 2.5)
+    assert Image.open(io.BytesIO(poster.data)).size == (64, 48)  # never enlarged
     # Decoded independently: size (never enlarged) and mean colour of the original.
     assert_thumbnail_of(store.thumbnail("c", "doc-0", 0).data, wide, 128)
     assert_thumbnail_of(store.thumbnail("c", "doc-1").data, small, 128)
@@ -854,11 +865,12 @@ def test_sources_round_trip_with_real_thumbnails(store):
     with pytest.raises(DocumentNotFoundError):
         store.thumbnail("c", "nope", 0)
 
-    hits = store.search("c", x[0], 5, include=["text", "thumbnail"])
+    assert store.search("c", x[4], 1, include=["thumbnail"])[0]["thumbnail"] == poster
+    hits = store.search("c", x[0], 6, include=["text", "thumbnail"])
     assert hits[0]["id"] == "doc-0" and hits[0]["text"] == "a\nb"
     assert hits[0]["thumbnail"].data == store.thumbnail("c", "doc-0").data
     by_id = {h["id"]: h for h in hits}
-    assert by_id["doc-3"]["thumbnail"] is None and by_id["doc-4"]["text"] is None
+    assert by_id["doc-3"]["thumbnail"] is None and by_id["doc-5"]["text"] is None
     assert set(store.search("c", x[0], 1)[0]) == {"id", "score", "metadata"}  # nothing unasked
     assert set(store.search("c", x[0], 1, include=["text"])[0]) == {"id", "score", "metadata", "text"}
     with pytest.raises(InvalidParameterError):
@@ -986,7 +998,8 @@ def test_database_of_the_previous_version_opens_and_migrates(make_store, backend
     with make_store(background_rebuild=False) as store:
         assert store.describe("c")["count"] == 6 and store.describe("c")["store_source"] is False
         assert store.get("c", "doc-1") | {"created_at": 0, "updated_at": 0} == {
-            "id": "doc-1", "metadata": {"i": 1}, "created_at": 0, "updated_at": 0, "text": None, "thumbnails": 0
+            "id": "doc-1", "metadata": {"i": 1}, "created_at": 0, "updated_at": 0, "text": None, "thumbnails": 0,
+            "videos": [],
         }  # fmt: skip
         assert_exact(store.search("c", x[2], 3), ids_for(6), x, x[2], 3)
         store.upsert("c", ["doc-1"], x[1:2], sources=[Source("ignored")])  # store_source is off

@@ -48,6 +48,7 @@ from service.storage.sources import (
     SOURCE_DEFAULTS,
     Source,
     Thumbnail,
+    media_limits,
     source_of_input,
 )
 
@@ -81,17 +82,10 @@ async def _call(store: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     return await asyncio.to_thread(getattr(store, method), *args, **kwargs)
 
 
-def image_limits(request: Request) -> Any:
-    """The image limits in force (``service/limits.py``): a thumbnail is made only of an image
-    the model accepts."""
-    from model.inputs import ImageLimits
-
-    kw = limits.image_limits(get_settings(request))
-    return ImageLimits(
-        max_pixels=kw["max_image_pixels"],
-        max_images=kw["max_images_per_input"],
-        max_bytes=kw["max_image_bytes"],
-    )
+def image_limits(request: Request) -> tuple[Any, Any]:
+    """The image and video limits in force (``service/limits.py``): a thumbnail is made only
+    of an image or a video the model accepts."""
+    return media_limits(limits.image_limits(get_settings(request)))
 
 
 @router.put(
@@ -138,12 +132,12 @@ async def _source_options(store: Any, name: str) -> dict[str, Any]:
 
 
 def _make_sources(
-    inputs: dict[int, dict[str, Any]], options: dict[str, Any], limits: Any
+    inputs: dict[int, dict[str, Any]], options: dict[str, Any], limits: tuple[Any, Any]
 ) -> dict[int, Source]:
     sources = {}
     for row, inp in inputs.items():
         try:
-            sources[row] = source_of_input(inp, options, limits)
+            sources[row] = source_of_input(inp, options, *limits)
         except Exception as exc:
             exc.input_index = row  # type: ignore[attr-defined]  (the error names the document)
             raise
@@ -160,11 +154,12 @@ async def upsert_documents(
     request: Request, name: str, body: Annotated[UpsertRequest, Body(openapi_examples=UPSERT_EXAMPLES)]
 ) -> JSONResponse:
     """Each document has an ``id``, optional ``metadata`` and either a ``vector`` or input
-    fields (``text``, ``image``, ``instruction``, ``content``), embedded like ``/embed``.
+    fields (``text``, ``image``, ``video``, ``instruction``, ``content``), embedded like ``/embed``.
     The whole request is stored in one transaction, or nothing is. An existing id is
     replaced (with its source). Vectors are L2-normalised; scores are cosine similarities.
     When the collection keeps sources (``store_source``, the default), an input document's
-    text and a thumbnail of each image are stored with it; raw-vector documents have none."""
+    text and a thumbnail of each image (of a video: its first frame, with its duration) are
+    stored with it; raw-vector documents have none."""
     store = get_store(request)
     docs = body.documents
     settings = get_settings(request)

@@ -28,10 +28,11 @@ _CONTENT = {name: (STATIC / name).read_bytes() for name in FILES}
 # Revalidate each time (cheap, and a new version of the server is picked up at once);
 # the page holds no secret, the key lives in the browser's session storage only.
 _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-# The page runs only its own script and styles and talks only to this server; images are
-# shown from data: URIs and blob: URLs.
+# The page runs only its own script and styles and talks only to this server; images (and a
+# query video's preview) are shown from data: URIs and blob: URLs.
 _CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
+    "default-src 'self'; img-src 'self' data: blob:; media-src data: blob:; script-src 'self'; "
+    "style-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 

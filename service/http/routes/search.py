@@ -48,7 +48,8 @@ async def search(
     collection holds, never a deleted or filtered-out document. ``filter``:
     ``{"field": value}`` is equality, ``{"field": [v1, v2]}`` any of the values.
     ``include``: ``["text", "thumbnail"]`` adds each hit's stored text and its first image's
-    thumbnail (a ``data:`` URI), null where the document has none. With ``include``, ``k``
+    thumbnail (a ``data:`` URI), null where the document has none; when that is a video's
+    first frame, ``video_seconds`` gives the video's duration. With ``include``, ``k``
     is at most ``max_k_with_sources`` and the texts and thumbnails of one answer at most
     ``max_search_response_bytes`` (both in ``/info``; 413 beyond either)."""
     store = get_store(request)
@@ -76,6 +77,9 @@ async def search(
     )
     if "thumbnail" in body.include:
         for hit in hits:
-            hit["thumbnail"] = data_uri(hit["thumbnail"])
+            thumb = hit["thumbnail"]
+            hit["thumbnail"] = data_uri(thumb)
+            if thumb is not None and thumb.seconds is not None:
+                hit["video_seconds"] = thumb.seconds  # the thumbnail is a video's first frame
     check_response_size(hits, get_settings(request).max_search_response_bytes)
     return JSONResponse({"hits": hits, "collection": body.collection}, headers=headers)

@@ -3,7 +3,25 @@
 
 const KEY_STORAGE = "llave-api-key";
 const $ = (id) => document.getElementById(id);
-const state = { image: null, collections: [], hits: [], opener: null };
+const state = { media: null, collections: [], hits: [], opener: null };
+// A clip is embedded as the LLaVE authors embed one for retrieval: this text after it.
+const VIDEO_TEXT = "Represent the given video.";
+const VIDEO_SUFFIXES = [".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".ts"];
+const DROP_HINT = "Drop an image or a video here, paste one (Ctrl+V) or press Enter to choose a file";
+
+// "image", "video" or null for anything else (by type, else by the name's extension).
+function mediaKind(file) {
+  if (!file) return null;
+  if (file.type.startsWith("image/")) return "image";
+  if (file.type.startsWith("video/")) return "video";
+  const name = (file.name || "").toLowerCase();
+  return VIDEO_SUFFIXES.some((s) => name.endsWith(s)) ? "video" : null;
+}
+
+function formatSeconds(seconds) {
+  const s = Math.round(seconds);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
 
 // --- messages ---------------------------------------------------------------------------
 
@@ -147,23 +165,35 @@ function readAsDataURL(file) {
 
 async function setQueryImage(file) {
   if (!file) return;
-  if (!file.type.startsWith("image/")) {
-    showMessage(`${file.name || "That file"} is not an image.`);
+  const kind = mediaKind(file);
+  if (!kind) {
+    showMessage(`${file.name || "That file"} is neither an image nor a video.`);
     return;
   }
-  state.image = await readAsDataURL(file);
+  showMessage("");
+  state.media = { kind, data: await readAsDataURL(file) };
   const preview = $("query-preview");
-  preview.src = state.image;
-  preview.hidden = false;
-  $("drop-hint").textContent = file.name ? `${file.name}` : "pasted image";
+  const video = $("query-video-preview");
+  preview.hidden = kind !== "image";
+  video.hidden = kind !== "video";
+  if (kind === "image") {
+    preview.src = state.media.data;
+    video.removeAttribute("src");
+  } else {
+    video.src = state.media.data;
+    preview.removeAttribute("src");
+  }
+  $("drop-hint").textContent = file.name ? `${file.name}` : `pasted ${kind}`;
   $("clear-image").hidden = false;
 }
 
 function clearQueryImage() {
-  state.image = null;
+  state.media = null;
   $("query-preview").hidden = true;
   $("query-preview").removeAttribute("src");
-  $("drop-hint").textContent = "Drop an image here, paste one (Ctrl+V) or press Enter to choose a file";
+  $("query-video-preview").hidden = true;
+  $("query-video-preview").removeAttribute("src");
+  $("drop-hint").textContent = DROP_HINT;
   $("clear-image").hidden = true;
   $("query-file").value = "";
 }
@@ -180,13 +210,15 @@ async function search(event) {
     showMessage("Choose a collection first (or add images to a new one below).");
     return;
   }
-  if (!text && !state.image) {
-    showMessage("Type a text or add an image to search.");
+  if (!text && !state.media) {
+    showMessage("Type a text or add an image or a video to search.");
     return;
   }
   const query = {};
   if (text) query.text = text;
-  if (state.image) query.image = state.image;
+  if (state.media) query[state.media.kind] = state.media.data;
+  // A video alone is embedded as the stored clips are, so that the same clip finds itself.
+  if (state.media && state.media.kind === "video" && !text && !instruction) query.text = VIDEO_TEXT;
   if (instruction) query.instruction = instruction;
   const k = Math.max(1, Math.min(100, parseInt($("query-k").value, 10) || 12));
   setStatus("Searching…");
@@ -214,12 +246,19 @@ function renderHits(hits) {
     card.className = "card";
     card.dataset.index = String(i);
     card.dataset.id = hit.id;
+    const isVideo = typeof hit.video_seconds === "number";
     if (hit.thumbnail) {
       const img = document.createElement("img");
       img.className = "thumb";
       img.src = hit.thumbnail;
-      img.alt = `image of ${hit.id}`;
+      img.alt = isVideo ? `first frame of the video ${hit.id}` : `image of ${hit.id}`;
       card.append(img);
+      if (isVideo) {
+        const badge = document.createElement("span");
+        badge.className = "duration";
+        badge.textContent = "▶ " + formatSeconds(hit.video_seconds);
+        card.append(badge);
+      }
     } else {
       const none = document.createElement("div");
       none.className = "thumb none";
@@ -239,7 +278,8 @@ function renderHits(hits) {
       text.textContent = hit.text;
       card.append(text);
     }
-    card.setAttribute("aria-label", `${i + 1}: ${hit.id}, score ${hit.score.toFixed(3)}`);
+    const what = isVideo ? `, video of ${formatSeconds(hit.video_seconds)}` : "";
+    card.setAttribute("aria-label", `${i + 1}: ${hit.id}${what}, score ${hit.score.toFixed(3)}`);
     card.addEventListener("click", () => openDetails(i, card));
     item.append(card);
     list.append(item);
@@ -262,6 +302,7 @@ async function openDetails(index, opener) {
   }
   $("details-text").textContent = hit.text || "";
   $("details-metadata").textContent = JSON.stringify(hit.metadata || {}, null, 2);
+  $("details-video").hidden = true;
   $("details").showModal();
   $("details-close").focus();
   try {
@@ -269,7 +310,13 @@ async function openDetails(index, opener) {
     const doc = await api("GET", path);
     $("details-text").textContent = doc.text || "";
     $("details-metadata").textContent = JSON.stringify(doc.metadata || {}, null, 2);
-    if (doc.thumbnails > 1) $("details-score").textContent += ` · ${doc.thumbnails} images`;
+    if (doc.thumbnails > 1) $("details-score").textContent += ` · ${doc.thumbnails} images and videos`;
+    const videos = doc.videos || [];
+    if (videos.length) {
+      const lengths = videos.map((v) => `${v.seconds.toFixed(1)} s`).join(", ");
+      $("details-video").textContent = `Video (${lengths}); the picture is its first frame.`;
+      $("details-video").hidden = false;
+    }
   } catch (err) {
     $("details-text").textContent = "Could not load the document: " + err.describe();
   }
@@ -282,11 +329,11 @@ async function upload() {
   const files = Array.from($("upload-files").files || []);
   const collection = $("upload-collection").value.trim() || $("collection").value;
   if (!collection) {
-    showMessage("Name the collection to add the images to.");
+    showMessage("Name the collection to add the images and videos to.");
     return;
   }
   if (!files.length) {
-    showMessage("Choose one or more image files to upload.");
+    showMessage("Choose one or more image or video files to upload.");
     return;
   }
   const progress = $("upload-progress");
@@ -299,8 +346,11 @@ async function upload() {
   for (const file of files) {
     $("upload-status").textContent = `Uploading ${file.name} (${done + 1} of ${files.length})…`;
     try {
-      const image = await readAsDataURL(file);
-      const doc = { id: file.name, image, metadata: { filename: file.name } };
+      const data = await readAsDataURL(file);
+      const doc =
+        mediaKind(file) === "video"
+          ? { id: file.name, video: data, text: VIDEO_TEXT, metadata: { filename: file.name } }
+          : { id: file.name, image: data, metadata: { filename: file.name } };
       await api("POST", `/collections/${encodeURIComponent(collection)}/documents`, { documents: [doc] });
     } catch (err) {
       failures.push(`${file.name}: ${err.describe ? err.describe() : err.message}`);
@@ -361,9 +411,7 @@ function wire() {
     setQueryImage(event.dataTransfer.files[0]);
   });
   document.addEventListener("paste", (event) => {
-    const file = Array.from(event.clipboardData ? event.clipboardData.files : []).find((f) =>
-      f.type.startsWith("image/"),
-    );
+    const file = Array.from(event.clipboardData ? event.clipboardData.files : []).find((f) => mediaKind(f));
     if (file) {
       event.preventDefault();
       setQueryImage(file);
