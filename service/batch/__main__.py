@@ -73,7 +73,9 @@ def _job_dir(args: argparse.Namespace) -> str:
     return str(Path(args.to) / "batch" / args.collection)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, embedder_factory: str | None = None) -> int:
+    """Run the job; ``embedder_factory`` ("module:function") replaces ``model.load_embedder``
+    in the model actors (tests only, as for ``python -m service``)."""
     args = _parser().parse_args(argv)
     if bool(args.out) == bool(args.to):
         raise SystemExit("give one target: --out FOLDER (Parquet) or --to STORE --collection NAME")
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 batch_size=args.batch_size,
                 torch_threads=args.torch_threads,
+                embedder_factory=embedder_factory,
             ),
             read=ReadOptions(
                 instruction=args.instruction,

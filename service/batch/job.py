@@ -189,8 +189,12 @@ def _results(ray: Any, todo: list[Block], job: JobSpec, cluster: ClusterOptions,
     )
     if job.sink.parallel:
         ds = ds.map(finish_block, fn_kwargs={"job": job}, num_cpus=cluster.cpus_per_task)
-    for row in ds.iter_rows():
-        block = Block.from_json(row["block"])
-        payload = pickle.loads(row["payload"])
-        report = payload if job.sink.parallel else write_finished(block, payload, sink)
-        yield block.key, report
+    # Each block as soon as the pipeline has it, so the manifest and the progress lines keep
+    # up with the work: iter_rows() holds a finished block back until the next one is out
+    # (its prefetch), which a driver killed meanwhile would have to redo.
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for row in batch.to_pylist():
+            block = Block.from_json(row["block"])
+            payload = pickle.loads(row["payload"])
+            report = payload if job.sink.parallel else write_finished(block, payload, sink)
+            yield block.key, report

@@ -15,6 +15,7 @@ whole, once per attempt, under a name (or ids) that a repeat overwrites.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import time
@@ -38,6 +39,9 @@ class ModelSpec:
     dtype: str = "auto"
     batch_size: int = 32  # inputs per forward
     torch_threads: int | None = None  # CPU actors: threads of the forward
+    # "module:function" called in each model actor with the JobSpec instead of
+    # model.load_embedder (tests' fault injection; not a command-line option)
+    embedder_factory: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,21 +119,28 @@ def prepare_block(row: dict[str, Any], job: JobSpec) -> dict[str, Any]:
     return {"block": row["block"], "payload": pickle.dumps(out, protocol=5)}
 
 
+def load_model(job: JobSpec) -> Any:
+    """The embedder of a model actor: ``model.load_embedder``, or the configured factory."""
+    if job.model.embedder_factory:
+        module, _, attr = job.model.embedder_factory.partition(":")
+        return getattr(importlib.import_module(module), attr)(job)
+    from model import load_embedder
+
+    return load_embedder(
+        job.model.checkpoint, device=job.model.device, dtype=job.model.dtype, **job.image_limits
+    )
+
+
 class EmbedBlocks:
     """Stage 2: one model per actor; Ray Data keeps a pool of them (``concurrency``)."""
 
     def __init__(self, job: JobSpec) -> None:
         import torch
 
-        from model import load_embedder
-
         if job.model.torch_threads:
             torch.set_num_threads(job.model.torch_threads)
         self.job = job
-        limits: dict[str, Any] = dict(job.image_limits)
-        self.embedder = load_embedder(
-            job.model.checkpoint, device=job.model.device, dtype=job.model.dtype, **limits
-        )
+        self.embedder = load_model(job)
         self.pid = os.getpid()
 
     def _forward(self, prepared: list[Any]) -> np.ndarray:

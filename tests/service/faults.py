@@ -16,12 +16,16 @@ batch holds an input whose text contains MARKER:
   raises ``StopIteration``, ``KeyboardInterrupt``, a bare ``BaseException`` subclass, or a
   plain ``RuntimeError``.
 
+The batch job's model actors (``service.batch``) take two more, through
+``ModelSpec.embedder_factory``: ``kill_batch_actor`` and ``hold_batch_actor`` below.
+
 Production code has no fault switches: this file is the only place they exist.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -112,3 +116,63 @@ def load(config: EngineConfig) -> Any:
 
     real = load_model(EngineConfig(**{**config.__dict__, "embedder_factory": None}))
     return FaultyEmbedder(real, _faults())
+
+
+# --- the batch job's model actors (service.batch, ModelSpec.embedder_factory) ---------------
+# $TEST_LLAVE_BATCH_FAULTS names a folder; it is set before the test's Ray cluster starts, so
+# every worker process inherits it. A fault fires on the BATCH_FAULT_AT-th forward of an actor
+# process, once: the process that fires it first creates its marker file (O_EXCL, one winner)
+# holding its pid, so the actor Ray restarts afterwards runs normally.
+BATCH_FAULT_AT = 3
+
+
+def _claim(name: str) -> bool:
+    marker = Path(os.environ["TEST_LLAVE_BATCH_FAULTS"]) / name
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+class _BatchFaultEmbedder:
+    def __init__(self, real: Any, name: str, fire: Any) -> None:
+        self._real, self._name, self._fire = real, name, fire
+        self._forwards = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def forward(self, batch: Any) -> Any:
+        self._forwards += 1
+        if self._forwards == BATCH_FAULT_AT and _claim(self._name):
+            self._fire()
+        return self._real.forward(batch)
+
+
+def _batch_model(job: Any) -> Any:
+    from dataclasses import replace
+
+    from service.batch.stages import load_model
+
+    return load_model(replace(job, model=replace(job.model, embedder_factory=None)))
+
+
+def kill_batch_actor(job: Any) -> Any:
+    """The actor SIGKILLs its own process in the middle of a block (marker ``killed``)."""
+    return _BatchFaultEmbedder(_batch_model(job), "killed", lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
+def hold_batch_actor(job: Any) -> Any:
+    """The actor waits in the middle of a block (marker ``held``) until the test creates
+    ``$TEST_LLAVE_BATCH_FAULTS/open`` (at most ``HOLD_MAX_S``)."""
+
+    def hold() -> None:
+        gate = Path(os.environ["TEST_LLAVE_BATCH_FAULTS"])
+        deadline = time.monotonic() + HOLD_MAX_S
+        while not (gate / "open").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    return _BatchFaultEmbedder(_batch_model(job), "held", hold)

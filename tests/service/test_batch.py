@@ -3,8 +3,9 @@
 Inputs are made by their real producers (Pillow images, JSON lines, Parquet by pyarrow,
 WebDataset shards by the ``webdataset`` library), on local disk and on an S3-compatible
 server (moto's server mode on loopback). Vectors are checked against the real server's
-``/embed``; faults are real: an actor process is SIGKILLed mid-run, the driver process is
-SIGKILLed and the job rerun.
+``/embed``; faults are real: an actor process is SIGKILLed in the middle of a block, the
+driver process is SIGKILLed while a block is in flight and the job rerun. Both faults fire at
+a set block (``tests/service/faults.py``), never after a timer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from service.batch.sources import ReadOptions  # noqa: E402
 from service.batch.stages import JobSpec, ModelSpec  # noqa: E402
 from tests.conftest import make_png  # noqa: E402
 from tests.service.conftest import REPO  # noqa: E402
+from tests.service.faults import BATCH_FAULT_AT  # noqa: E402
 
 INSTRUCTION = "Represent the given item:"
 BUCKET = "corpus"
@@ -70,7 +71,22 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_endpoint):
+def batch_faults(tmp_path_factory):
+    """The folder of the model actors' fault markers (``tests/service/faults.py``), named in
+    the environment before Ray starts so its workers inherit it."""
+    folder = tmp_path_factory.mktemp("batch-faults")
+    saved = os.environ.get("TEST_LLAVE_BATCH_FAULTS")
+    os.environ["TEST_LLAVE_BATCH_FAULTS"] = str(folder)
+    yield folder
+    (folder / "open").touch()
+    if saved is None:
+        os.environ.pop("TEST_LLAVE_BATCH_FAULTS")
+    else:
+        os.environ["TEST_LLAVE_BATCH_FAULTS"] = saved
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint, batch_faults):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, logging_level="warning")
@@ -161,12 +177,24 @@ EXPECTED_FAILURES = {"image_decode": 1, "bad_row": 3, "missing_file": 1, "empty"
 
 
 def _job(
-    checkpoint, sink: SinkSpec, *, block_size=3, instruction=INSTRUCTION, source_options=None
+    checkpoint,
+    sink: SinkSpec,
+    *,
+    block_size=3,
+    instruction=INSTRUCTION,
+    source_options=None,
+    embedder_factory=None,
 ) -> JobSpec:
     from service import limits
 
     return JobSpec(
-        model=ModelSpec(checkpoint=str(checkpoint), device="cpu", dtype="float32", batch_size=4),
+        model=ModelSpec(
+            checkpoint=str(checkpoint),
+            device="cpu",
+            dtype="float32",
+            batch_size=4,
+            embedder_factory=embedder_factory,
+        ),
         read=ReadOptions(instruction=instruction, block_size=block_size),
         sink=sink,
         source_options=source_options,
@@ -316,61 +344,80 @@ def _wait_for_records(job_dir: str, at_least: int, proc=None, timeout: float = 1
     raise AssertionError(f"fewer than {at_least} blocks finished in {timeout} s")
 
 
-def test_killed_actor_is_retried_without_duplicates(ray_cluster, tiny_checkpoint, tmp_path):
+def _wait_for_file(path: Path, proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout  # a hang guard only
+    while not path.exists():
+        assert proc.poll() is None, f"the job ended early: {proc.returncode}"
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+def test_killed_actor_is_retried_without_duplicates(ray_cluster, batch_faults, tiny_checkpoint, tmp_path):
+    """The model actor SIGKILLs its own process in the middle of its third block (once: the
+    actor Ray restarts runs normally): Ray retries the blocks it held, the rest run in the
+    new process, and every id is in the output once."""
     n = 60
     _text_rows(tmp_path / "docs.jsonl", n)
     out = str(tmp_path / "out")
-    killed: list[int] = []
-
-    def kill_the_model_actor():
-        records = _wait_for_records(out, 1)
-        pid = next(r["embedded_by"] for r in records.values())
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
-    killer = threading.Thread(target=kill_the_model_actor, daemon=True)
-    killer.start()
-    job = _job(tiny_checkpoint, SinkSpec(kind="parquet", where=out), block_size=2, instruction=None)
+    job = _job(
+        tiny_checkpoint,
+        SinkSpec(kind="parquet", where=out),
+        block_size=2,  # one forward per block (batch_size 4)
+        instruction=None,
+        embedder_factory="tests.service.faults:kill_batch_actor",
+    )
     summary = run_job([str(tmp_path / "docs.jsonl")], job, out)
-    killer.join(timeout=60)
-    assert killed, "the actor was not killed"
+    assert (batch_faults / "killed").exists(), "the actor was not killed"
+    killed = int((batch_faults / "killed").read_text())
     assert summary.blocks_done_before == 0 and summary.blocks_run == n // 2
-    assert len(summary.actor_pids) >= 2  # blocks after the kill ran in the restarted actor
-    assert killed[0] in summary.actor_pids
+    records = Manifest(out).finished()
+    by_killed = [k for k, r in records.items() if r["embedded_by"] == killed]
+    assert len(by_killed) == BATCH_FAULT_AT - 1  # the blocks before the kill
+    assert len(summary.actor_pids - {killed}) >= 1  # the rest ran in the restarted actor
     vectors = _vectors(out)  # asserts no id twice
     assert sorted(vectors) == [f"d{i:03d}" for i in range(n)]
 
 
-def test_killed_driver_resumes_from_the_manifest(ray_cluster, tiny_checkpoint, tmp_path):
+def test_killed_driver_resumes_from_the_manifest(ray_cluster, batch_faults, tiny_checkpoint, tmp_path):
+    """The first run's model actor holds its third block; the test SIGKILLs the driver once
+    the two blocks before it are in the manifest. The rerun skips those two and finishes."""
     n = 80
     _text_rows(tmp_path / "docs.jsonl", n)
     with (tmp_path / "docs.jsonl").open("a") as f:
         f.write('{"id": "bad", "text": 3}\n')  # a bad item: the exit status says so
     out = str(tmp_path / "out")
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.batch",
-        "--model",
-        str(tiny_checkpoint),
-        str(tmp_path / "docs.jsonl"),
-    ]
-    cmd += ["--out", out, "--block-size", "1", "--device", "cpu", "--dtype", "float32"]
+    args = [str(tmp_path / "docs.jsonl"), "--model", str(tiny_checkpoint)]
+    args += ["--out", out, "--block-size", "1", "--device", "cpu", "--dtype", "float32"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(REPO)}
     log = (tmp_path / "first.log").open("wb")
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # python -m service.batch whose actor holds in its third forward (one block each)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tests.service.batch_driver", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        _wait_for_records(out, 3, proc=first)
+        _wait_for_file(batch_faults / "held", first)
+        _wait_for_records(out, BATCH_FAULT_AT - 1, proc=first)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     done_before = len(Manifest(out).finished())
-    assert done_before < n + 1, "the first run finished before it was killed"
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done_before == BATCH_FAULT_AT - 1  # the held block never finished
+    second = subprocess.run(
+        [sys.executable, "-m", "service.batch", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 2, second.stderr[-3000:]  # finished, with one failed item
     summary = json.loads(second.stdout.strip().splitlines()[-1])
-    assert summary["blocks_done_before"] >= done_before
-    assert summary["blocks_run"] == n + 1 - summary["blocks_done_before"]
+    assert summary["blocks_done_before"] == done_before
+    assert summary["blocks_run"] == n + 1 - done_before
     assert (summary["items_total"], summary["failures_by_reason"]) == (n, {"invalid_input": 1})
     assert "batch: 100%" in second.stderr
     vectors = _vectors(out)  # asserts no id twice
