@@ -16,7 +16,11 @@ summed over live processes, the ready/alive gauges are the live processes' maxim
   ``queue`` (per input, admission to the device), ``inference`` (per forward pass).
 - ``llave_forward_isolations_total``: forward passes that failed and were run again by
   halves, so that only the failing inputs fail (``service/inference/engine.py``).
-- ``llave_ready``, ``llave_worker_alive``: 0/1 gauges for alerting.
+- ``llave_ready``, ``llave_worker_alive``: 0/1 gauges for alerting (1 while any engine is).
+- Per engine (one per device, ``--devices``), labelled ``engine`` (its index) and
+  ``device`` (``cuda:1``, ``cpu``): ``llave_batches_total`` (forward passes run),
+  ``llave_engine_queue_inputs`` (inputs the engine holds: queued or on the device) and
+  ``llave_engine_ready`` (1 while it serves), all written by the engine process itself.
 - ``llave_connections_open``: client connections open in this process (``--max-connections``).
 - ``llave_connections_closed_total{reason}``: connections the server's guards closed
   (``service/http/connections.py``): ``header_timeout``, ``body_timeout`` (408),
@@ -97,6 +101,23 @@ class Metrics:
         self.worker_alive = Gauge(
             "llave_worker_alive",
             "1 while the engine process is running",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.batches = Counter(
+            "llave_batches", "Forward passes run, per engine", ["engine", "device"], registry=self.registry
+        )
+        self.engine_queue_inputs = Gauge(
+            "llave_engine_queue_inputs",
+            "Inputs an engine holds (queued or on the device), per engine",
+            ["engine", "device"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.engine_ready = Gauge(
+            "llave_engine_ready",
+            "1 while an engine serves, per engine",
+            ["engine", "device"],
             registry=self.registry,
             multiprocess_mode="livemax",
         )

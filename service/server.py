@@ -1,21 +1,23 @@
 """``python -m service``: the process tree of one server.
 
 With ``--api-workers 1``: this process is the front end (uvicorn, HTTP, preprocessing,
-the store) and supervises one engine process (the model).
+the store) and supervises the engine processes (the model: one per device, ``--devices``).
 
 With ``--api-workers N`` > 1: this process only supervises. It binds the listening socket
 once and starts
 
-- the engine process (``service/inference/engine.py``), restarted when it dies;
+- the engine processes (``service/inference/engine.py``), one per device, each restarted
+  alone when it dies;
 - the store process (``service/storage/server.py``) when collections are in the embedded
   store (PostgreSQL is opened by every front end instead);
 - N front-end processes that share the listening socket (the kernel spreads connections
-  among them), each with its own event loop and preprocessing threads, all feeding the one
-  engine; a front end that dies is started again.
+  among them), each with its own event loop and preprocessing threads, each sending every
+  request to the least loaded engine; a front end that dies is started again.
 
 SIGTERM (or Ctrl-C) stops the front ends first (each finishes its in-flight requests), then
-the engine and the store. When the engine cannot be kept alive (``--engine-restarts``
-spent, or the model does not load) the server exits with status 1.
+the engines and the store. When no engine can be kept alive (``--engine-restarts`` spent,
+or the model does not load; with ``--require-all-devices``, any engine) the server exits
+with status 1.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class Child:
 
 def serve_many(settings: Settings, embedder_factory: str | None = None) -> int:
     from service.http.app import EngineLink
-    from service.inference.supervisor import EngineSupervisor, _forget_metrics
+    from service.inference.supervisor import EngineGroup, _forget_metrics
 
     ctx = multiprocessing.get_context("spawn")
     run_dir = tempfile.mkdtemp(prefix="llave-")
@@ -129,10 +131,14 @@ def serve_many(settings: Settings, embedder_factory: str | None = None) -> int:
         exit_code = 1
         stop.set()
 
-    engine = EngineSupervisor(
-        settings.engine_config(embedder_factory), run_dir, log_level=settings.log_level, on_give_up=on_give_up
+    engines = EngineGroup(
+        settings.engine_configs(embedder_factory),
+        run_dir,
+        log_level=settings.log_level,
+        require_all=settings.require_all_devices,
+        on_give_up=on_give_up,
     )
-    engine.start()
+    engines.start()
     children: list[Child] = []
     store_address = None
     if not settings.store_url:
@@ -153,7 +159,7 @@ def serve_many(settings: Settings, embedder_factory: str | None = None) -> int:
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
     sock.set_inheritable(True)
-    link = EngineLink(engine.address, engine.board_path, queue_share=settings.front_end_queue_share)
+    link = EngineLink(tuple(engines.links), queue_share=settings.front_end_queue_share)
     for i in range(settings.api_workers):
         children.append(
             Child(
@@ -166,9 +172,10 @@ def serve_many(settings: Settings, embedder_factory: str | None = None) -> int:
     for child in children:
         child.start(ctx)
     logger.info(
-        "%d front ends, engine process %s%s",
+        "%d front ends, engine process%s %s%s",
         settings.api_workers,
-        engine.pid,
+        "es" if len(engines.pids) > 1 else "",
+        ", ".join(str(pid) for pid in engines.pids),
         ", store process" if store_address else "",
     )
 
@@ -205,7 +212,7 @@ def serve_many(settings: Settings, embedder_factory: str | None = None) -> int:
         if child.proc.is_alive():
             child.proc.kill()
             child.proc.join()
-    engine.stop()
+    engines.stop()
     for child in children:
         if child not in front_ends and child.proc.is_alive():
             child.proc.terminate()

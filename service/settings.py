@@ -13,6 +13,7 @@ the app gets its settings from ``create_app(settings)`` (routes read ``app.state
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
@@ -21,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import limits
 from service.inference.config import EngineConfig
+from service.inference.hardware import parse_devices, resolve_devices
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -32,7 +34,20 @@ class Settings(BaseSettings):
 
     # --- model -------------------------------------------------------------------------
     model: str = Field(description="Checkpoint to serve: a local folder or a hub id (required).")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N: the device of the one engine.")
+    devices: str | None = Field(
+        None,
+        description="One engine process per device, each with its own model copy and batcher, "
+        "requests sent to the least loaded: auto (every visible CUDA device, else the CPU), a "
+        "list (cuda:0,cuda:2; cpu,cpu runs two CPU engines) or a count (the first N CUDA "
+        "devices; N CPU engines on a host without CUDA). Unset: one engine on --device.",
+    )
+    require_all_devices: bool = Field(
+        False,
+        description="With several engines: /health and /ready answer 503 unless every engine "
+        "serves, and the server exits when any engine is given up on. Default: 200 while at "
+        "least one serves; the server exits when none is left.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights and compute dtype."
     )
@@ -106,14 +121,15 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="HTTP front-end processes (HTTP, validation, image decoding, tokenising); the "
-        "model runs in its own engine process that they all feed. Default: a quarter of the cores, "
+        "model runs in its own engine processes (one per device) that they all feed. Default: a quarter of the cores, "
         "from 1 to 8; 1 keeps one front end on small machines.",
     )
     engine_restarts: int = Field(
         3,
         ge=0,
-        description="Times the engine process is restarted after it dies (each logged); then the "
-        "server exits non-zero for an orchestrator to restart it. 0: exit at the first death.",
+        description="Times each engine process is restarted after it dies (each logged; the other "
+        "engines keep serving). When no engine is left (with --require-all-devices: any one) the "
+        "server exits non-zero for an orchestrator to restart it. 0: no restart.",
     )
 
     # --- batching and overload ---------------------------------------------------------
@@ -258,6 +274,23 @@ class Settings(BaseSettings):
     image_url_max_bytes: int = Field(limits.IMAGE_URL_MAX_BYTES, ge=1, description="Largest fetched image.")
     image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit of one image fetch.")
 
+    def engine_configs(
+        self, embedder_factory: str | None = None, *, cuda_count: int | None = None
+    ) -> list[EngineConfig]:
+        """One configuration per engine process (``--devices``; else the one ``--device``).
+
+        Engines that share the CPU split its cores between their torch thread pools."""
+        one = self.engine_config(embedder_factory)
+        if self.devices is None:
+            return [one]
+        names = resolve_devices(self.devices, cuda_count)
+        on_cpu = sum(1 for name in names if name == "cpu")
+        threads = max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu > 1 else None
+        return [
+            replace(one, device=name, index=i, cpu_threads=threads if name == "cpu" else None)
+            for i, name in enumerate(names)
+        ]
+
     def engine_config(self, embedder_factory: str | None = None) -> EngineConfig:
         """The inference layer's configuration (it never sees the HTTP settings)."""
         return EngineConfig(
@@ -295,6 +328,14 @@ class Settings(BaseSettings):
     def _lower_hosts(cls, value: list[str]) -> list[str]:
         return [host.lower().rstrip(".") for host in value]
 
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():  # LLAVE_DEVICES= means one engine on --device
+            return None
+        parse_devices(value)  # raises ValueError with the reason
+        return value.strip().lower()
+
     @field_validator("api_key")
     @classmethod
     def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -314,6 +355,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        if self.devices is not None and self.device != "auto" and "device" in self.model_fields_set:
+            raise ValueError(f"give either device ({self.device}) or devices ({self.devices}), not both")
         if self.store_read_url and not self.store_url:
             raise ValueError("store_read_url needs store_url: writes go to the primary at --store-url")
         # A request larger than the queue could never be admitted (413). Two explicit values

@@ -3,10 +3,10 @@
 Nothing heavy happens at import or in the factory. The app is one front end: it talks to
 an engine process (``service/inference/``) and to the collection store.
 
-- Given ``engine=EngineLink(address, board_path)`` (``python -m service`` with several
-  front ends), it connects to the engine its parent supervises.
+- Given ``engine=EngineLink(engines)`` (``python -m service`` with several front ends), it
+  connects to the engines (one per device) its parent supervises.
 - Without it (one front end, and in-process use such as tests), the lifespan starts and
-  supervises its own engine process; the model loads and warms up there in the
+  supervises its own engine processes; the model loads and warms up there in the
   background, so ``/health`` and ``/ready`` answer meanwhile.
 - Given ``store=`` (a store client, or an opened store), it uses it; otherwise the
   lifespan opens the store named by the settings in this process.
@@ -46,7 +46,7 @@ from service.http.routes import collections, embed, health, openai, page, search
 from service.http.security import ApiKeyMiddleware, BodyLimitMiddleware
 from service.inference.client import EngineClient
 from service.inference.images import ImageFetcher
-from service.inference.supervisor import EngineSupervisor
+from service.inference.supervisor import EngineGroup
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -130,10 +130,9 @@ def _open_store(settings: Settings) -> Any:
 
 @dataclass(frozen=True)
 class EngineLink:
-    """Where a front end finds an engine that another process supervises."""
+    """Where a front end finds the engines that another process supervises."""
 
-    address: str
-    board_path: str
+    engines: tuple[tuple[str, str, str], ...]  # (address, status board, device) per engine
     queue_share: int | None = None  # this front end's share of --max-queue
 
 
@@ -156,21 +155,25 @@ def create_app(
         timeout_s=settings.image_url_timeout_s,
     )
     run_dir: tempfile.TemporaryDirectory[str] | None = None
-    supervisor: EngineSupervisor | None = None
+    supervisor: EngineGroup | None = None
     if engine is None:
         run_dir = tempfile.TemporaryDirectory(prefix="llave-")
-        supervisor = EngineSupervisor(
-            config, run_dir.name, log_level=settings.log_level, on_give_up=on_engine_give_up
+        supervisor = EngineGroup(
+            settings.engine_configs(embedder_factory),
+            run_dir.name,
+            log_level=settings.log_level,
+            require_all=settings.require_all_devices,
+            on_give_up=on_engine_give_up,
         )
-        engine = EngineLink(supervisor.address, supervisor.board_path)
+        engine = EngineLink(tuple(supervisor.links))
     client = EngineClient(
         config,
-        engine.address,
-        engine.board_path,
+        engine.engines,
         images,
         metrics,
         queue_share=engine.queue_share,
         served_names=[settings.model_name],
+        require_all=settings.require_all_devices,
     )
 
     @asynccontextmanager
@@ -243,7 +246,7 @@ def create_app(
 
 async def _stop_engine(
     client: EngineClient,
-    supervisor: EngineSupervisor | None,
+    supervisor: EngineGroup | None,
     run_dir: tempfile.TemporaryDirectory[str] | None,
 ) -> None:
     await client.stop()

@@ -271,8 +271,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class DeviceStatus(BaseModel):
+    engine: int = Field(description="The engine's index (one engine process per device).")
+    device: str = Field(description="Its device: cuda:0, cpu...")
+    status: str = Field(description="starting, loading, warming, ready, dead, restarting, failed or stopped.")
+
+
 class ProbeResponse(BaseModel):
     status: str
+    devices: list[DeviceStatus] = Field(default_factory=list, description="Each engine's state.")
     error: ErrorDetail | None = None
 
 

@@ -1,4 +1,4 @@
-"""The front end's side of the engine: preprocessing here, the forward pass over IPC.
+"""The front end's side of the engines: preprocessing here, the forward pass over IPC.
 
 Routes embed through ``EngineClient.embed``::
 
@@ -9,16 +9,19 @@ Routes embed through ``EngineClient.embed``::
 
 ``inputs`` are input objects as plain dicts in the HTTP shapes. Flow of one call: admit
 its n inputs against this front end's share of ``max_queue`` (never below
-``max_inputs_per_request``; the engine admits against the whole queue again) and its
+``max_inputs_per_request``; each engine admits against the whole queue again) and its
 images' largest possible crops against the front end's pixel budget (``max_pixel_bytes``)
 (``EngineOverloadedError`` at once when either is full) -> fetch image URLs -> decode,
 tile and tokenise each input in this process's thread pool -> the pixel reservation
 shrinks to the crops' real size -> put the pixels in shared memory (under a random name)
-and drop this process's copy -> one message to the engine,
-which batches the inputs with every front end's -> raw pooled rows back -> normalised
-here (``service.vectors``). The whole call is bounded by ``request_timeout_s``; when it
-runs out or the caller is cancelled (the client went away) the engine is told to drop
-the inputs not yet on the device.
+and drop this process's copy -> one message to the least loaded engine (one per device;
+``connection.py``), which batches the inputs with every front end's -> raw pooled rows
+back -> normalised here (``service.vectors``). A request is never split between engines:
+its inputs are batched together as on one device. When its engine dies with the request
+in flight, it is sent once to another ready engine (embedding is idempotent; its pixels
+are still in shared memory) before any 503. The whole call is bounded by
+``request_timeout_s``; when it runs out or the caller is cancelled (the client went
+away) the engine is told to drop the inputs not yet on the device.
 
 Errors (``service/inference/errors.py``; the HTTP layer maps them): not ready / engine
 dead / timed out / shutting down -> ``EngineUnavailableError``; queue full ->
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import itertools
 import logging
 import os
 import time
@@ -47,8 +49,10 @@ import numpy as np
 from service.budget import ByteBudget
 from service.inference import ipc
 from service.inference.config import EngineConfig
+from service.inference.connection import EngineConnection
 from service.inference.engine import EngineInfo
 from service.inference.errors import (
+    EngineDiedError,
     EngineOverloadedError,
     EngineUnavailableError,
     ForwardError,
@@ -64,8 +68,6 @@ from service.vectors import normalised_rows
 
 logger = logging.getLogger("llave.client")
 
-WATCH_INTERVAL_S = 0.02  # how often the status board is read
-
 
 @dataclass(frozen=True)
 class EmbedResult:
@@ -75,165 +77,105 @@ class EmbedResult:
 
 
 class EngineClient:
-    """One front end's connection to one engine process."""
+    """One front end's connection to the server's engines (one per device)."""
 
     def __init__(
         self,
         config: EngineConfig,
-        address: str,
-        board_path: str | Path,
+        engines: Sequence[tuple[str, str, str]],
         images: ImageFetcher,
         metrics: Metrics | None = None,
         *,
         queue_share: int | None = None,
         served_names: Sequence[str] = (),
+        require_all: bool = False,
     ) -> None:
+        """``engines``: (address, status board path, device) of each engine."""
+        if not engines:
+            raise ValueError("no engines to connect to")
         self.config = config
-        self.address = address
-        self.board_path = Path(board_path)
         self.images = images
         self.metrics = metrics or Metrics()
         self.queue_share = queue_share or config.max_queue
         self.pixels = ByteBudget(config.max_pixel_bytes, self.metrics.pixel_bytes)  # decoded crops held here
         self.served_names = set(served_names)
-        self.engine: EngineInfo | None = None
-        self._board: ipc.StatusBoard | None = None
+        self.require_all = require_all
+        self.connections = [
+            EngineConnection(i, address, board, device, on_change=self._update_gauges)
+            for i, (address, board, device) in enumerate(engines)
+        ]
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._hello: asyncio.Future[Any] | None = None
-        self._ids = itertools.count(1)
         self._in_flight = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._seen: tuple[int, int] = (-1, -1)
+        self._turn = 0  # rotates the first engine looked at, so ties take turns
         self._gauges: tuple[float, float] = (-1.0, -1.0)
-        self._segment_prefix = f"llave-{self.board_path.parent.name}-{os.getpid()}"
+        run_dir = Path(engines[0][1]).parent.name
+        self._segment_prefix = f"llave-{run_dir}-{os.getpid()}"
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        import zmq
         import zmq.asyncio
 
         self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.address)
+        for connection in self.connections:
+            await connection.start(self._ctx)
         self._pool = ThreadPoolExecutor(self.config.preprocess_workers, thread_name_prefix="llave-preprocess")
         # The preprocessor the engine sends once it is ready unpickles into the model core
         # (torch, transformers): import those now, while the engine loads, not after it.
         self._pool.submit(importlib.import_module, "model.embedder")
-        self._tasks = [
-            asyncio.create_task(self._receive(), name="llave-engine-replies"),
-            asyncio.create_task(self._watch(), name="llave-engine-watch"),
-        ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._fail_pending(EngineUnavailableError("the server is shutting down", retry=False))
+        for connection in self.connections:
+            connection.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         await self.images.aclose()
-        self._sock.close()
         self._ctx.term()
-        if self._board is not None:
-            self._board.close()
-            self._board = None
 
-    def _read_board(self) -> tuple[int, int, int, int] | None:
-        if self._board is None:
-            if not self.board_path.exists():
-                return None
-            self._board = ipc.StatusBoard(self.board_path)
-        return self._board.read()
-
-    async def _watch(self) -> None:
-        """Follow the engine's state: fail waiting calls when it dies, greet it when ready."""
-        while True:
-            board = self._read_board()
-            if board is not None:
-                state, generation = board[0], board[1]
-                if (state, generation) != self._seen:
-                    self._seen = (state, generation)
-                    if state != ipc.READY and self._pending:
-                        self._fail_pending(
-                            EngineUnavailableError("the model engine stopped; it is being restarted")
-                        )
-                gauges = (1.0 if self.ready else 0.0, 1.0 if self.alive else 0.0)
-                if gauges != self._gauges:  # written on change only (they are shared files)
-                    self._gauges = gauges
-                    self.metrics.ready.set(gauges[0])
-                    self.metrics.worker_alive.set(gauges[1])
-                if state == ipc.READY and (self.engine is None or self.engine.generation != generation):
-                    await self._greet()
-            await asyncio.sleep(WATCH_INTERVAL_S)
-
-    async def _greet(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._hello = loop.create_future()
-        await self._sock.send_multipart([ipc.HELLO, b""])
-        try:
-            info = await asyncio.wait_for(self._hello, timeout=5.0)
-        except TimeoutError:
-            return
-        if info is not None:
-            self.engine = info
-
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=True)
-            kind = frames[0]
-            if kind == ipc.HELLO:
-                if self._hello is not None and not self._hello.done():
-                    self._hello.set_result(ipc.load(frames[1]))
-                continue
-            header = ipc.load(frames[1])
-            fut = self._pending.pop(header["id"], None)
-            if fut is None or fut.done():
-                continue  # cancelled meanwhile
-            if kind == ipc.OK:
-                fut.set_result((header, frames[2]))
-            else:
-                fut.set_exception(header["error"])
-
-    def _fail_pending(self, exc: BaseException) -> None:
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+    def _update_gauges(self) -> None:
+        gauges = (1.0 if self.ready else 0.0, 1.0 if self.alive else 0.0)
+        if gauges != self._gauges:  # written on change only (they are shared files)
+            self._gauges = gauges
+            self.metrics.ready.set(gauges[0])
+            self.metrics.worker_alive.set(gauges[1])
 
     # --- state -------------------------------------------------------------------------
 
+    def _count(self, serving: list[bool]) -> bool:
+        return all(serving) if self.require_all else any(serving)
+
     @property
-    def board_state(self) -> int:
-        board = self._read_board()
-        return ipc.STARTING if board is None else board[0]
+    def engine(self) -> EngineInfo | None:
+        """The model's facts, from any engine that has said hello (all serve the same model)."""
+        ready = next((c.engine for c in self.connections if c.ready), None)
+        return ready or next((c.engine for c in self.connections if c.engine is not None), None)
 
     @property
     def state(self) -> str:
-        state = self.board_state
-        if state == ipc.READY and not self.ready:
-            return "warming"  # ready, not greeted yet
-        return ipc.STATE_NAMES[state]
+        """The state of the server's model: the best state among its engines (with
+        ``require_all``, the worst)."""
+        states = [c.state for c in self.connections]
+        order = ("ready", "warming", "loading", "starting", "restarting", "dead", "stopped", "failed")
+        ranked = sorted(states, key=order.index)
+        return ranked[-1] if self.require_all else ranked[0]
 
     @property
     def ready(self) -> bool:
-        board = self._read_board()
-        return (
-            board is not None
-            and board[0] == ipc.READY
-            and self.engine is not None
-            and self.engine.generation == board[1]
-        )
+        return self._count([c.ready for c in self.connections])
 
     @property
     def alive(self) -> bool:
-        """False while the engine is dead, restarting, failed or stopped (``/health`` 503)."""
-        return self.board_state in (ipc.STARTING, ipc.LOADING, ipc.WARMING, ipc.READY)
+        """False when no engine runs (with ``require_all``: when any does not): ``/health`` 503."""
+        return self._count([c.alive for c in self.connections])
 
     @property
     def dim(self) -> int | None:
-        return self.engine.dim if self.engine is not None else None
+        engine = self.engine
+        return engine.dim if engine is not None else None
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Each engine's index, device and state (``/health``, ``/ready``, ``/info``)."""
+        return [c.describe() for c in self.connections]
 
     def accepts_model_name(self, name: str) -> bool:
         names = set(self.served_names) | {self.config.model, Path(self.config.model).name}
@@ -243,25 +185,42 @@ class EngineClient:
         return name in names
 
     def check_ready(self) -> None:
-        if self.ready:
+        if any(c.ready for c in self.connections):
             return
-        state = self.board_state
-        if state in (ipc.FAILED, ipc.STOPPED):
+        states = {c.board_state for c in self.connections}
+        if states <= {ipc.FAILED, ipc.STOPPED}:
             raise EngineUnavailableError("the model engine is not running", retry=False)
-        if state in (ipc.DEAD, ipc.RESTARTING):
+        if states & {ipc.DEAD, ipc.RESTARTING}:
             raise EngineUnavailableError("the model engine stopped; it is being restarted")
         raise EngineUnavailableError(f"the model is not ready yet ({self.state})")
 
     def describe(self) -> dict[str, Any]:
-        """Model facts for ``/info`` (None until the engine is ready)."""
+        """Model facts for ``/info`` (None until an engine is ready)."""
         e = self.engine
+        devices = [c.device for c in self.connections]
         return {
             "status": self.state,
             "dim": e.dim if e else None,
             "dtype": e.dtype if e else self.config.dtype,
-            "device": e.device if e else self.config.device,
+            "device": e.device if e and len(devices) == 1 else ",".join(devices),
             "max_length": e.max_length if e else None,
         }
+
+    def _pick(self, tried: Sequence[EngineConnection]) -> EngineConnection | None:
+        """The ready engine, not yet tried for this request, with the fewest queued tokens."""
+        n = len(self.connections)
+        start = self._turn
+        self._turn = (self._turn + 1) % n
+        best: EngineConnection | None = None
+        best_load = 0
+        for k in range(n):
+            connection = self.connections[(start + k) % n]
+            if connection in tried or not connection.ready:
+                continue
+            load = connection.load()
+            if best is None or load < best_load:
+                best, best_load = connection, load
+        return best
 
     # --- embedding ---------------------------------------------------------------------
 
@@ -328,34 +287,24 @@ class EngineClient:
         resolved = await self.images.resolve_inputs([dict(inp) for inp in inputs])
         prepared = await self._preprocess_all(resolved, truncate)
         preprocess_s = time.perf_counter() - started
-        engine = self.engine
-        if engine is None:
+        if self.engine is None:
             self.check_ready()
-        assert engine is not None
         self._hold_exactly(
             held, sum(int(p.pixel_values.nbytes) for p in prepared if p.pixel_values is not None)
         )
         segment, slots = ipc.put_pixels([p.pixel_values for p in prepared], self._segment_prefix)
         for p in prepared:  # the engine reads the shared copy: free this process's one now
             p.pixel_values = None
-        request_id = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = fut
         header = {
-            "id": request_id,
             "shm": segment.name if segment is not None else None,
             "items": [
                 (p.input_ids, p.image_sizes, slot, p.cut_image_tokens, p.video_frames)
                 for p, slot in zip(prepared, slots, strict=True)
             ],
         }
+        tokens = sum(p.cost for p in prepared)
         try:
-            await self._sock.send_multipart([ipc.EMBED, ipc.dump(header)])
-            reply, data = await fut
-        except BaseException:
-            if self._pending.pop(request_id, None) is not None:
-                await self._sock.send_multipart([ipc.CANCEL, ipc.dump(request_id)])
-            raise
+            engine, reply, data = await self._send(header, tokens)
         finally:
             ipc.release(segment, unlink=True)
         rows = np.frombuffer(data, dtype=np.float32).reshape(len(prepared), engine.dim)
@@ -373,7 +322,6 @@ class EngineClient:
                 "serving with --dtype bfloat16 or float32 avoids float16 overflow"
             )
         self.metrics.stage_seconds.labels(stage="queue").observe(reply["queue_ms"] / 1000.0)
-        tokens = sum(p.cost for p in prepared)
         return EmbedResult(
             embeddings=np.array(rows, dtype=np.float32),
             usage={
@@ -389,6 +337,32 @@ class EngineClient:
                 "inference_ms": reply["inference_ms"],
             },
         )
+
+    async def _send(self, header: dict[str, Any], tokens: int) -> tuple[EngineInfo, dict[str, Any], bytes]:
+        """One request to the least loaded engine; once more to another if that one dies."""
+        tried: list[EngineConnection] = []
+        while True:
+            connection = self._pick(tried)
+            if connection is None:
+                if tried:  # no other engine to retry on
+                    raise EngineDiedError()
+                self.check_ready()
+                raise EngineUnavailableError("the model engine is not ready")
+            engine = connection.engine
+            assert engine is not None
+            tried.append(connection)
+            try:
+                reply, data = await connection.request(header, tokens)
+            except EngineDiedError:
+                if len(tried) > 1:
+                    raise
+                logger.warning(
+                    "engine %d (%s) died with a request in flight; sending it to another engine",
+                    connection.index,
+                    connection.device,
+                )
+                continue
+            return engine, reply, data
 
     async def _preprocess_all(self, inputs: Sequence[Mapping[str, Any]], truncate: bool) -> list[Any]:
         """Preprocess every input in the pool; the first failure fails the call at once

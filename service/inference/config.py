@@ -14,6 +14,8 @@ class EngineConfig:
 
     model: str
     device: str = "auto"
+    index: int = 0  # which of the server's engines (one per device; --devices)
+    cpu_threads: int | None = None  # torch threads, when several engines share the CPU
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     max_input_tokens: int | None = None

@@ -35,7 +35,12 @@ import numpy as np
 from service.inference import ipc
 from service.inference.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
 from service.inference.config import EngineConfig
-from service.inference.errors import EngineOverloadedError, EngineUnavailableError, ForwardError
+from service.inference.errors import (
+    EngineDiedError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    ForwardError,
+)
 from service.inference.hardware import dtype_warning
 from service.inference.worker import DeviceWorker, FatalDeviceError, WorkerDeadError
 
@@ -77,6 +82,10 @@ def _is_input_error(exc: BaseException) -> bool:
 
 def load_model(config: EngineConfig) -> Any:
     """The embedder this engine serves: ``model.load_embedder``, or the configured factory."""
+    if config.cpu_threads is not None:  # several engines share the CPU: split its cores
+        import torch
+
+        torch.set_num_threads(config.cpu_threads)
     if config.embedder_factory:
         module, _, attr = config.embedder_factory.partition(":")
         return getattr(importlib.import_module(module), attr)(config)
@@ -125,6 +134,17 @@ class EngineCore:
         )
         self.metrics: Any = None  # service.metrics.Metrics, when the process exports metrics
         self.isolations = 0  # failed batches run again by halves
+        self.labels = {"engine": str(config.index), "device": config.device}
+
+    def export_state(self) -> None:
+        """This engine's own series, labelled with its index and device, from now on."""
+        if self.metrics is None:
+            return
+        if self.embedder is not None:
+            self.labels["device"] = str(self.embedder.device)
+        self.metrics.batches.labels(**self.labels)
+        self.metrics.engine_queue_inputs.labels(**self.labels).set(0)
+        self.metrics.engine_ready.labels(**self.labels).set(1.0 if self.state == ipc.READY else 0.0)
 
     def _set_state(self, state: int) -> None:
         self.state = state
@@ -253,6 +273,7 @@ class EngineCore:
 
     def _observe_batch(self, stats: BatchStats) -> None:
         if self.metrics is not None:
+            self.metrics.batches.labels(**self.labels).inc()
             self.metrics.batch_size.observe(stats.size)
             self.metrics.batch_tokens.observe(stats.padded_tokens)
             self.metrics.stage_seconds.labels(stage="inference").observe(stats.run_s)
@@ -279,7 +300,7 @@ class EngineCore:
                 # Said on the board before the answer leaves: whoever reads this 503 and
                 # then asks /health must already see the engine dead.
                 self._set_state(ipc.DEAD)
-                raise EngineUnavailableError("the model engine stopped; it is being restarted") from None
+                raise EngineDiedError() from None
             if isinstance(exc, BatcherClosedError):
                 raise EngineUnavailableError("the model engine is shutting down") from None
             if isinstance(exc, Exception) and not _is_input_error(exc):
@@ -329,6 +350,15 @@ class EngineServer:
         self.tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self.draining = False
         self.parent_pid = os.getppid()
+        self.queued = [0, 0]  # tokens, inputs: admitted here and not yet answered
+
+    def _add_load(self, tokens: int, inputs: int) -> None:
+        """Keep the board's load (front ends route by it) and the queue gauge current."""
+        self.queued[0] += tokens
+        self.queued[1] += inputs
+        self.board.set_load(*self.queued)
+        if self.core.metrics is not None:
+            self.core.metrics.engine_queue_inputs.labels(**self.core.labels).set(self.queued[1])
 
     async def run(self) -> int:
         import zmq
@@ -347,8 +377,10 @@ class EngineServer:
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         receiver = asyncio.create_task(self._receive())
+        self.board.set_load(0, 0)  # a restarted engine holds nothing of its predecessor's
         try:
             await self.core.start()
+            self.core.export_state()
         except Exception:
             logger.exception("loading or warming up the model failed; the engine cannot embed")
             self.board.write(ipc.FAILED)
@@ -410,7 +442,12 @@ class EngineServer:
             if self.draining:
                 raise EngineUnavailableError("the model engine is shutting down")
             items = _prepared(header, segment)
-            rows, timings = await self.core.embed(items)
+            tokens = sum(p.cost for p in items)
+            self._add_load(tokens, len(items))
+            try:
+                rows, timings = await self.core.embed(items)
+            finally:
+                self._add_load(-tokens, -len(items))
             del items
             reply = [ident, ipc.OK, ipc.dump({"id": request_id, **timings}), rows.tobytes()]
         except asyncio.CancelledError:
@@ -426,11 +463,13 @@ class EngineServer:
         await self.sock.send_multipart(reply)
 
 
-def main(config: EngineConfig, address: str, board_path: str, generation: int, log_level: str) -> None:
+def main(
+    config: EngineConfig, address: str, board_path: str, generation: int, log_level: str, role: str = "engine"
+) -> None:
     """Entry point of the engine process (spawned by ``EngineSupervisor``)."""
     from service.proctitle import set_role
 
-    set_role("engine")
+    set_role(role)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The parent's terminal Ctrl-C reaches every process of the group; the supervisor
     # decides when the engine stops (after the front ends drained), so ignore SIGINT here.

@@ -33,6 +33,17 @@ def _rebuild_unavailable(message: str, retry: bool) -> EngineUnavailableError:
     return EngineUnavailableError(message, retry=retry)
 
 
+class EngineDiedError(EngineUnavailableError):
+    """The engine died (or its device did) with the request in flight. Embedding is
+    idempotent: a front end with another engine retries the request there once."""
+
+    def __init__(self, message: str = "the model engine stopped; it is being restarted") -> None:
+        super().__init__(message, retry=True)
+
+    def __reduce__(self):
+        return (EngineDiedError, (self.message,))
+
+
 class EngineOverloadedError(InferenceError):
     """The queue is full: retry later."""
 

@@ -63,3 +63,63 @@ def dtype_warning(device: str, dtype: str, cpuinfo: str | None = None) -> str | 
         "it, about 6x slower than float32 (a 339 s warm-up was measured on an AVX2-only CPU). "
         "Serve with --dtype float32, or auto, which picks float32 on CPU."
     )
+
+
+# --- which devices get an engine -----------------------------------------------------------
+
+
+def cuda_device_count() -> int:
+    """CUDA devices this process may use (``CUDA_VISIBLE_DEVICES`` applies).
+
+    torch is imported only where an NVIDIA driver is installed: on a CPU-only host the
+    answer is 0 without the second or two that importing it costs. Counting devices does
+    not create a CUDA context (the engines, spawned, create their own)."""
+    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()):
+        return 0
+    try:
+        import torch
+    except ImportError:
+        return 0
+    try:
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver: serve on the CPU rather than not at all
+        return 0
+
+
+def parse_devices(spec: str) -> list[str] | int | None:
+    """``--devices``: None for ``auto``, a count, or the list of device names (checked)."""
+    text = spec.strip().lower()
+    if text == "auto":
+        return None
+    if text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise ValueError("devices: a count must be at least 1")
+        return count
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError("devices: give auto, a count, or a list such as cuda:0,cuda:1")
+    for name in names:
+        kind, _, index = name.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"devices: {name!r} is not a device (cpu, cuda or cuda:N)")
+    return names
+
+
+def resolve_devices(spec: str, cuda_count: int | None = None) -> list[str]:
+    """One device name per engine for a ``--devices`` value.
+
+    ``auto``: every visible CUDA device, else the CPU. ``N``: the first N CUDA devices; on a
+    host without CUDA, N engines on the CPU (replicas sharing its cores). A list is taken
+    as given (``cuda`` alone means ``cuda:0``)."""
+    parsed = parse_devices(spec)
+    if isinstance(parsed, list):
+        return ["cuda:0" if name == "cuda" else name for name in parsed]
+    visible = cuda_device_count() if cuda_count is None else cuda_count
+    if parsed is None:
+        return [f"cuda:{i}" for i in range(visible)] or ["cpu"]
+    if visible == 0:
+        return ["cpu"] * parsed
+    if parsed > visible:
+        raise ValueError(f"devices: {parsed} engines asked for, but {visible} CUDA device(s) are visible")
+    return [f"cuda:{i}" for i in range(parsed)]

@@ -13,9 +13,10 @@ Three channels, each chosen for what it carries (measurements: bench/README.md,
   offset and shape; the engine maps the same pages (no pickled copy of megabytes of
   pixels) and the front end unlinks the segment when the reply arrives.
 - **Engine state** on a status board: a small memory-mapped file in the run directory
-  that the engine writes (loading, warming, ready) and its supervisor writes (dead,
-  restarting, failed); front ends read it on every probe and within milliseconds of a
-  change, so ``/health`` turns 503 at once when the engine dies, without any message.
+  that the engine writes (loading, warming, ready; its queued tokens) and its supervisor
+  writes (dead, restarting, failed); front ends read it on every probe, before each
+  request (to pick the least loaded engine) and within milliseconds of a change, so
+  ``/health`` turns 503 at once when the engine dies, without any message.
 """
 
 from __future__ import annotations
@@ -41,16 +42,24 @@ from service.inference.errors import EngineOverloadedError
 STARTING, LOADING, WARMING, READY, FAILED, DEAD, STOPPED, RESTARTING = range(8)
 STATE_NAMES = ("starting", "loading", "warming", "ready", "failed", "dead", "stopped", "restarting")
 
-_BOARD = struct.Struct("<iiii")  # state, generation, pid, restarts
+_BOARD = struct.Struct("<iiiiqq")  # state, generation, pid, restarts, queued tokens, queued inputs
+_HEAD = struct.Struct("<iiii")
+_LOAD = struct.Struct("<qq")
+_LOAD_OFFSET = _HEAD.size
 
 
 class StatusBoard:
-    """The engine's state in a 16-byte shared file: any process opens it by path."""
+    """An engine's state in a 32-byte shared file: any process opens it by path.
+
+    The supervisor writes the lifecycle fields (state, generation, pid, restarts) and the
+    engine writes its state and its load: the tokens and inputs it has admitted and not
+    answered, which front ends read to send each request to the least loaded engine. Each
+    writer writes only its own fields, so neither undoes the other's."""
 
     def __init__(self, path: str | Path, *, create: bool = False) -> None:
         self.path = Path(path)
         if create:
-            self.path.write_bytes(_BOARD.pack(STARTING, 0, 0, 0))
+            self.path.write_bytes(_BOARD.pack(STARTING, 0, 0, 0, 0, 0))
         fd = os.open(self.path, os.O_RDWR)
         try:
             self._map = mmap.mmap(fd, _BOARD.size)
@@ -60,7 +69,14 @@ class StatusBoard:
     def read(self) -> tuple[int, int, int, int]:
         """(state, generation, pid, restarts); a 16-byte read of one page is atomic enough
         for a flag that changes a few times in a process's life."""
-        return _BOARD.unpack(self._map[: _BOARD.size])  # type: ignore[return-value]
+        return _HEAD.unpack_from(self._map)  # type: ignore[return-value]
+
+    def load(self) -> tuple[int, int]:
+        """(queued tokens, queued inputs) of the engine: admitted, not yet answered."""
+        return _LOAD.unpack_from(self._map, _LOAD_OFFSET)  # type: ignore[return-value]
+
+    def set_load(self, tokens: int, inputs: int) -> None:
+        _LOAD.pack_into(self._map, _LOAD_OFFSET, tokens, inputs)
 
     @property
     def state(self) -> int:
@@ -72,7 +88,9 @@ class StatusBoard:
 
     def write(self, state: int, *, generation: int | None = None, pid: int | None = None) -> None:
         old_state, old_gen, old_pid, restarts = self.read()
-        self._map[: _BOARD.size] = _BOARD.pack(
+        _HEAD.pack_into(
+            self._map,
+            0,
             state,
             old_gen if generation is None else generation,
             old_pid if pid is None else pid,
@@ -81,7 +99,7 @@ class StatusBoard:
 
     def count_restart(self) -> int:
         state, gen, pid, restarts = self.read()
-        self._map[: _BOARD.size] = _BOARD.pack(state, gen, pid, restarts + 1)
+        _HEAD.pack_into(self._map, 0, state, gen, pid, restarts + 1)
         return restarts + 1
 
     def close(self) -> None:

@@ -14,8 +14,10 @@ from service.metrics import CONTENT_TYPE
 router = APIRouter(tags=["operations"])
 
 
-def _probe(status_code: int, status: str, message: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"status": status}
+def _probe(
+    status_code: int, status: str, devices: list[dict[str, Any]], message: str | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {"status": status, "devices": devices}
     if message is not None:
         body["error"] = {"type": "unavailable", "message": message}
     return JSONResponse(body, status_code=status_code)
@@ -24,29 +26,33 @@ def _probe(status_code: int, status: str, message: str | None = None) -> JSONRes
 @router.get(
     "/health",
     response_model=ProbeResponse,
-    responses={503: {"model": ProbeResponse, "description": "The model worker is dead"}},
-    summary="Liveness: 503 when the model worker died or the model failed to load",
+    responses={503: {"model": ProbeResponse, "description": "No model engine is running"}},
+    summary="Liveness: 503 when no engine runs (each died, or the model failed to load); "
+    "with --require-all-devices, when any one does not",
 )
 async def health(request: Request) -> JSONResponse:
     engine = get_engine(request)
+    devices = engine.devices()
     if not engine.alive:
-        return _probe(503, engine.state, "the model engine is not running")
-    return _probe(200, "ok")
+        return _probe(503, engine.state, devices, "the model engine is not running")
+    return _probe(200, "ok", devices)
 
 
 @router.get(
     "/ready",
     response_model=ProbeResponse,
     responses={503: {"model": ProbeResponse, "description": "Still loading or warming up, or dead"}},
-    summary="Readiness: 200 once the model is loaded and warmed up",
+    summary="Readiness: 200 once an engine has loaded and warmed up the model (with "
+    "--require-all-devices, every engine)",
 )
 async def ready(request: Request) -> JSONResponse:
     engine = get_engine(request)
+    devices = engine.devices()
     if engine.ready:
-        return _probe(200, "ready")
+        return _probe(200, "ready", devices)
     if not engine.alive:
-        return _probe(503, engine.state, "the model engine is not running")
-    return _probe(503, engine.state, f"the model is {engine.state}")
+        return _probe(503, engine.state, devices, "the model engine is not running")
+    return _probe(503, engine.state, devices, f"the model is {engine.state}")
 
 
 @router.get(
@@ -72,7 +78,13 @@ async def info(request: Request) -> dict[str, Any]:
             "batch_sort_window": s.batch_sort_window,
             "preprocess_workers": s.preprocess_workers,
         },
-        "processes": {"api_workers": s.api_workers, "engine_restarts": s.engine_restarts},
+        "devices": engine.devices(),
+        "processes": {
+            "api_workers": s.api_workers,
+            "engines": len(engine.connections),
+            "engine_restarts": s.engine_restarts,
+            "require_all_devices": s.require_all_devices,
+        },
         "auth": s.api_key is not None,
     }
 
