@@ -44,6 +44,10 @@ class Summary:
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     forward_seconds: float = 0.0
+    prepare_seconds: float = 0.0
+    write_seconds: float = 0.0
+    actor_load_seconds: float = 0.0
+    first_block_seconds: float = 0.0  # from the start to the first finished block
     actors: int = 0
     gpus_per_actor: float = 0.0
     actor_pids: set[int] = field(default_factory=set)
@@ -68,6 +72,11 @@ class Summary:
             # GPU time held by the model actors (what a bill counts) and the part spent in forwards
             "gpu_seconds": round(self.actors * self.gpus_per_actor * self.seconds, 1),
             "forward_seconds": round(self.forward_seconds, 3),
+            # where the rest went (summed over workers: these overlap each other)
+            "prepare_seconds": round(self.prepare_seconds, 3),
+            "write_seconds": round(self.write_seconds, 3),
+            "actor_load_seconds": round(self.actor_load_seconds, 3),
+            "first_block_seconds": round(self.first_block_seconds, 3),
             "actors": self.actors,
             "actor_processes_used": len(self.actor_pids),
         }
@@ -141,6 +150,11 @@ def run_job(
                 summary.blocks_run += 1
                 summary.items += report["items"]
                 summary.forward_seconds += report["forward_seconds"]
+                summary.prepare_seconds += report["prepare_seconds"]
+                summary.write_seconds += report["write_seconds"]
+                summary.actor_load_seconds += report["actor_load_seconds"]
+                if summary.blocks_run == 1:
+                    summary.first_block_seconds = time.monotonic() - started
                 if report.get("embedded_by"):
                     summary.actor_pids.add(report["embedded_by"])
                 progress.block_done(report["items"], len(report["failures"]))

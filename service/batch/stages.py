@@ -135,6 +135,7 @@ class EmbedBlocks:
     """Stage 2: one model per actor; Ray Data keeps a pool of them (``concurrency``)."""
 
     def __init__(self, job: JobSpec) -> None:
+        started = time.perf_counter()
         import torch
 
         if job.model.torch_threads:
@@ -142,6 +143,7 @@ class EmbedBlocks:
         self.job = job
         self.embedder = load_model(job)
         self.pid = os.getpid()
+        self.load_seconds: float | None = time.perf_counter() - started  # reported once
 
     def _forward(self, prepared: list[Any]) -> np.ndarray:
         return self.embedder.postprocess(self.embedder.forward(prepared), normalize=False)
@@ -168,6 +170,7 @@ class EmbedBlocks:
         payload["embed_failed"] = {i: (reason_of(e), str(e)) for i, e in failed.items()}
         payload["forward_seconds"] = time.perf_counter() - started
         payload["embedded_by"] = self.pid
+        payload["actor_load_seconds"], self.load_seconds = self.load_seconds or 0.0, None
         return {"block": row["block"], "payload": pickle.dumps(payload, protocol=5)}
 
 
@@ -195,6 +198,7 @@ def write_finished(block: Block, payload: dict[str, Any], sink: Any) -> dict[str
     keep = [i for i in range(len(ids)) if i not in bad]
     for i, (reason, message) in sorted(bad.items()):
         failures.append(Failure(ids[i], reason, message, ids[i]).as_dict())
+    started = time.perf_counter()
     unit = normalised_rows(vectors[keep]) if keep else np.zeros((0, vectors.shape[1]), np.float32)
     written = sink.write(
         block.key,
@@ -210,5 +214,7 @@ def write_finished(block: Block, payload: dict[str, Any], sink: Any) -> dict[str
         "written": written,
         "prepare_seconds": payload.get("prepare_seconds", 0.0),
         "forward_seconds": payload.get("forward_seconds", 0.0),
+        "write_seconds": time.perf_counter() - started,
+        "actor_load_seconds": payload.get("actor_load_seconds", 0.0),
         "embedded_by": payload.get("embedded_by"),
     }

@@ -175,6 +175,59 @@ def _source_params(source: Source | None) -> tuple[Any, Any, Any]:
     return source.text, [t.data for t in source.thumbnails], [t.stored_type for t in source.thumbnails]
 
 
+# A document row as upserts write it (``_source_params`` gives the last three).
+_ROW_COLUMNS = "id, metadata, created_at, updated_at, embedding, source_text, thumbnails, thumbnail_types"
+_UPSERT_TAIL = (
+    "ON CONFLICT (id) DO UPDATE SET "
+    "metadata = excluded.metadata, updated_at = excluded.updated_at, "
+    "embedding = excluded.embedding, source_text = excluded.source_text, "
+    "thumbnails = excluded.thumbnails, thumbnail_types = excluded.thumbnail_types "
+    "RETURNING (xmax = 0)"
+)
+# From this many rows an upsert streams them with COPY into a temporary table and upserts
+# from there in one statement (bulk writers: service.batch, service.migrate pages); fewer go
+# as one pipelined INSERT per row.
+COPY_MIN_ROWS = 64
+
+
+def _write_rows(conn: Any, table: str, rows: list[tuple[Any, ...]], dim: int) -> int:
+    """Insert or replace document rows (in the caller's transaction); return how many were new."""
+    with conn.cursor() as cur:
+        if len(rows) < COPY_MIN_ROWS:
+            cur.executemany(
+                f"INSERT INTO {table} ({_ROW_COLUMNS}) VALUES (%s, %s::jsonb, %s, %s, %b, %s, %s, %s) "
+                + _UPSERT_TAIL,
+                rows,
+                returning=True,
+            )
+            inserted = 0
+            while True:
+                inserted += sum(1 for (new,) in cur.fetchall() if new)
+                if not cur.nextset():
+                    return inserted
+        # metadata travels as text and becomes jsonb in the INSERT (the same cast as above)
+        cur.execute(
+            "CREATE TEMP TABLE llave_upsert_rows (id text, metadata text, created_at double precision, "
+            f"updated_at double precision, embedding vector({int(dim)}), source_text text, thumbnails bytea[], "
+            "thumbnail_types text[]) ON COMMIT DROP"
+        )
+        types = ["text", "text", "float8", "float8", "vector", "text", "bytea[]", "text[]"]
+        with cur.copy(f"COPY llave_upsert_rows ({_ROW_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([_vector_oid(conn) if t == "vector" else t for t in types])
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(
+            f"INSERT INTO {table} ({_ROW_COLUMNS}) SELECT id, metadata::jsonb, created_at, updated_at, "
+            "embedding, source_text, thumbnails, thumbnail_types FROM llave_upsert_rows ORDER BY id "
+            + _UPSERT_TAIL
+        )
+        return sum(1 for (new,) in cur.fetchall() if new)
+
+
+def _vector_oid(conn: Any) -> int:
+    return conn.adapters.get_dumper(_Vec, "b").oid
+
+
 def _parse_vec(text: str) -> np.ndarray:
     return np.array(json.loads(text), np.float32)
 
@@ -678,23 +731,8 @@ class PostgresCollectionStore:
             table = self._table(row)
             now = time.time()
             keep = [src if row["source"]["store_source"] else None for src in kept]
-            with conn.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO {table} (id, metadata, created_at, updated_at, embedding, source_text, "
-                    f"thumbnails, thumbnail_types) VALUES (%s, %s::jsonb, %s, %s, %b, %s, %s, %s) "
-                    "ON CONFLICT (id) DO UPDATE SET "
-                    "metadata = excluded.metadata, updated_at = excluded.updated_at, "
-                    "embedding = excluded.embedding, source_text = excluded.source_text, "
-                    "thumbnails = excluded.thumbnails, thumbnail_types = excluded.thumbnail_types "
-                    "RETURNING (xmax = 0)",
-                    [(ids[i], texts[i], now, now, _Vec(vectors[i]), *_source_params(keep[i])) for i in order],
-                    returning=True,
-                )
-                inserted = 0
-                while True:
-                    inserted += sum(1 for (new,) in cur.fetchall() if new)
-                    if not cur.nextset():
-                        break
+            rows = [(ids[i], texts[i], now, now, _Vec(vectors[i]), *_source_params(keep[i])) for i in order]
+            inserted = _write_rows(conn, table, rows, dim)
             count = conn.execute(
                 "UPDATE llave_collections SET count = count + %s WHERE name = %s RETURNING count",
                 (inserted, name),

@@ -394,6 +394,45 @@ def test_largest_in_row_vectors_with_the_longest_ids(pg):
     np.testing.assert_allclose(pg.get("wide", ids[0], with_vector=True)["vector"], unit(x[:1])[0], atol=1e-7)
 
 
+def test_bulk_upserts_through_copy_equal_row_by_row_upserts(pg, monkeypatch):
+    """A batch of COPY_MIN_ROWS or more goes through COPY and a staging table: the same rows,
+    replacements, count, metadata and sources as the same documents upserted in small batches."""
+    from service.storage.postgres import COPY_MIN_ROWS
+    from service.storage.sources import Source, Thumbnail
+
+    n = COPY_MIN_ROWS + 36
+    x = random_data(n, 24, 1)
+    ids = [f"doc-{i:04d}" for i in range(n)]
+    meta = [{"i": i, "tag": "é\u2028"} if i % 3 else None for i in range(n)]
+    sources = [
+        Source(f"text {i}", (Thumbnail("image/webp", bytes([i % 256]) * 9),)) if i % 2 else None
+        for i in range(n)
+    ]
+    pg.upsert("small", ids[:10], x[:10] * 3)  # replaced below
+    for start in range(0, n, 16):
+        pg.upsert(
+            "small",
+            ids[start : start + 16],
+            x[start : start + 16],
+            meta[start : start + 16],
+            sources=sources[start : start + 16],
+        )
+    pg.upsert("bulk", ids[:10], x[:10] * 3)
+    copies: list[str] = []
+    real_copy = psycopg.Cursor.copy
+    monkeypatch.setattr(
+        psycopg.Cursor, "copy", lambda cur, sql, *a, **k: copies.append(sql) or real_copy(cur, sql, *a, **k)
+    )
+    pg.upsert("bulk", ids, x, meta, sources=sources)  # one COPY: 10 replaced, the rest new
+    assert len(copies) == 1
+    assert pg.describe("bulk")["count"] == pg.describe("small")["count"] == n
+    page = lambda name: pg.list_documents(name, None, 1000, with_vector=True, with_source=True)[0]  # noqa: E731
+    for a, b in zip(page("small"), page("bulk"), strict=True):
+        assert (a["id"], a["metadata"], a["source"]) == (b["id"], b["metadata"], b["source"])
+        np.testing.assert_array_equal(a["vector"], b["vector"])
+    assert pg.search("bulk", x[7], 1)[0]["id"] == ids[7]
+
+
 # --- read replica (--store-read-url) ---------------------------------------------------------
 
 
