@@ -67,7 +67,10 @@ class PromptTokenizer:
         if not texts:
             return []
         if self._plain is not None:
-            return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
+            # One text at a time: encode_batch hands even three short strings to the rayon
+            # pool, whose threads then spin waiting for more (measured: bench/README.md,
+            # "Profile of one request"); the preprocessing pool already runs inputs in parallel.
+            return [self._plain.encode(text, add_special_tokens=False).ids for text in texts]
         out = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)[
             "input_ids"
         ]

@@ -24,15 +24,17 @@ class ByteBudget:
             raise ValueError("negative bytes")
         if self.used + n > self.capacity:
             return False
-        self.used += n
-        self._report()
+        if n:  # a shared gauge write per call otherwise (a text request holds no pixels)
+            self.used += n
+            self._report()
         return True
 
     def give_back(self, n: int) -> None:
         if not 0 <= n <= self.used:
             raise ValueError(f"giving back {n} bytes of {self.used} held")
-        self.used -= n
-        self._report()
+        if n:
+            self.used -= n
+            self._report()
 
     def _report(self) -> None:
         if self._gauge is not None:

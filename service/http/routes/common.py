@@ -50,6 +50,17 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
+def served_name(request: Request) -> str:
+    """``settings.model_name``, worked out once per app: it parses the model's path, which
+    cost a measurable share of a small request (bench/README.md, "Profile of one request")."""
+    state = request.app.state
+    settings = state.settings
+    cached = getattr(state, "served_name", None)
+    if cached is None or cached[0] is not settings:
+        cached = state.served_name = (settings, settings.model_name)
+    return cached[1]  # type: ignore[no-any-return]
+
+
 def get_engine(request: Request) -> EngineClient:
     return request.app.state.engine  # type: ignore[no-any-return]
 

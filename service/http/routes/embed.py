@@ -14,6 +14,7 @@ from service.http.routes.common import (
     check_input_count,
     get_engine,
     get_settings,
+    served_name,
     timing_headers,
 )
 from service.http.schemas import EMBED_EXAMPLES, EmbedRequest, EmbedResponse
@@ -43,7 +44,7 @@ async def embed(
     )
     content = {
         "embeddings": result.embeddings.tolist(),
-        "model": settings.model_name,
+        "model": served_name(request),
         "dim": int(result.embeddings.shape[1]),
         "usage": result.usage,
     }

@@ -18,6 +18,7 @@ from service.http.routes.common import (
     check_input_count,
     get_engine,
     get_settings,
+    served_name,
     timing_headers,
 )
 from service.http.schemas import (
@@ -74,7 +75,7 @@ async def create_embeddings(
             {"object": "embedding", "index": i, "embedding": encode(vector)}
             for i, vector in enumerate(result.embeddings)
         ],
-        "model": settings.model_name,
+        "model": served_name(request),
         "usage": {
             "prompt_tokens": result.usage["prompt_tokens"],
             "total_tokens": result.usage["total_tokens"],
