@@ -7,6 +7,7 @@
     python bench/serve.py --kinds text --inputs-per-request 8   # requests of 8 inputs each
     python bench/serve.py --plot-only bench/results/serve.json   # redraw the chart
     python bench/serve.py --simulate --designs new,old   # SIMULATED GPU (bench/simdevice.py)
+    python bench/serve.py --simulate --sim-devices 1,2,4 --concurrency 64,256   # 1, 2, 4 SIMULATED GPUs
 
 What it does, per checkpoint:
 
@@ -42,6 +43,9 @@ closed loop from one low-overhead client process (``--client raw``); it reports 
 served/offline (offline: the stand-in's nominal best rate), p50 at c=1 against one direct
 call, mean batch size and CPU ms per request of every server process by role
 (``bench/results/serve-sim[-TAG].json``).
+With ``--sim-devices 1,2,4`` the new design also runs with one engine process per
+simulated device (``--devices cpu,cpu,...``) and a second table gives, per device count and
+concurrency, requests/s, the gain over one device and served / (devices x offline).
 
 Results: a table on stdout, ``bench/results/serve[-TAG].json``, and a PNG chart of
 throughput and latency against concurrency (``--plot``, default on when matplotlib is
@@ -100,6 +104,7 @@ class Server:
     launcher: list[str] = field(default_factory=lambda: ["-m", "service"])
     model_args: bool = True
     pythonpath: str | None = None  # put first on PYTHONPATH (e.g. an old tree)
+    devices: int = 1  # engine processes (--devices), each with its own (simulated) device
 
     @property
     def url(self) -> str:
@@ -744,6 +749,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--old-repo", type=Path, default=Path("/tmp/old-design"),
                    help="a checkout of the old design (git worktree add /tmp/old-design 3b9179b)")  # fmt: skip
     g.add_argument("--api-workers", default="1,2", help="--api-workers values for the new design")
+    g.add_argument("--sim-devices", default="1",
+                   help="comma-separated simulated device counts for the new design: one engine "
+                        "process per device (--devices cpu,cpu,...), each with its own stand-in")  # fmt: skip
     g.add_argument("--sim-profile", default="h100", help="h100 (flat in batch size) or linear (a CPU's)")
     g.add_argument("--no-bare", action="store_true", help="skip the bare FastAPI reference")
     g.add_argument("--c1-duration", type=float, default=5.0, help="seconds measured at c=1")
@@ -979,7 +987,8 @@ def sim_offline(dim: int, sizes: list[int], duration: float) -> list[dict[str, A
 
 def _sim_servers(args: argparse.Namespace, ckpt: Path, env: dict[str, str], dim: int) -> list[Server]:
     cmax = max(int(c) for c in args.concurrency.split(","))
-    base = ["--max-batch-size", str(cmax), "--warmup-tokens", "64", "--gil-switch-interval-ms", "0.1",
+    # Batches of at most 64: the stand-in is calibrated up to 64 (beyond, its cost is extrapolated).
+    base = ["--max-batch-size", str(min(cmax, 64)), "--warmup-tokens", "64", "--gil-switch-interval-ms", "0.1",
             *args.server_arg]  # fmt: skip
     sim = ["-m", "bench.simserver"]
     servers: list[Server] = []
@@ -995,9 +1004,16 @@ def _sim_servers(args: argparse.Namespace, ckpt: Path, env: dict[str, str], dim:
             servers.append(Server("inproc", ckpt, "cpu", "float32", list(base), dict(env),
                                   launcher=[*sim, "--old-design"]))  # fmt: skip
         elif design == "new":
+            counts = [int(x) for x in args.sim_devices.split(",") if x]
             for w in [int(x) for x in args.api_workers.split(",") if x]:
-                servers.append(Server(f"new-w{w}", ckpt, "cpu", "float32", [*base, "--api-workers", str(w)],
-                                      dict(env), launcher=list(sim)))  # fmt: skip
+                for d in counts:
+                    name = f"new-w{w}" + (f"-d{d}" if counts != [1] else "")
+                    # Several devices: one engine per device (--devices cpu,cpu,...), each with
+                    # its own stand-in; one is the single engine on --device as before.
+                    many = ["--devices", ",".join(["cpu"] * d)] if d > 1 else []
+                    servers.append(Server(name, ckpt, "auto" if many else "cpu", "float32",
+                                          [*base, "--api-workers", str(w), *many], dict(env),
+                                          launcher=list(sim), devices=d))  # fmt: skip
         else:
             raise SystemExit(f"unknown design {design!r}: old, inproc, new")
     for spec in args.variant:  # NAME='ENV=VALUE --flag value': a variant of the first server
@@ -1052,7 +1068,12 @@ async def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
         "direct_latency_ms": profile.total_ms(1),
     }
     for server in _sim_servers(args, ckpt, env, dim):
-        entry: dict[str, Any] = {"name": server.name, "env": server.env, "points": []}
+        entry: dict[str, Any] = {
+            "name": server.name,
+            "devices": server.devices,
+            "env": server.env,
+            "points": [],
+        }
         try:
             server.start()
             entry["command"] = server.command
@@ -1158,7 +1179,53 @@ def sim_summary(result: dict[str, Any]) -> dict[str, Any]:
         "direct_latency_ms_measured": measured_direct,
         "bare_fastapi_requests_per_s": bare,
         "rows": rows,
+        "devices": sim_devices_rows(result, offline["throughput"]),
     }
+
+
+def sim_devices_rows(result: dict[str, Any], offline: float) -> list[dict[str, Any]]:
+    """One row per server with several simulated devices (or its one-device baseline) and
+    concurrency above 1: requests/s, served over N devices' offline limit, and the gain
+    over the one-device server of the same front ends at the same concurrency."""
+    entries = [
+        e for e in result["servers"] if e.get("devices") and e["name"].startswith("new-") and e["points"]
+    ]
+    if not any(e["devices"] > 1 for e in entries):
+        return []
+    base = {
+        (e["name"].rsplit("-d", 1)[0], p["concurrency"]): p["throughput"]
+        for e in entries
+        if e["devices"] == 1
+        for p in e["points"]
+    }
+    rows = []
+    for e in entries:
+        for p in e["points"]:
+            if p["concurrency"] == 1:
+                continue
+            n = max(p["requests"], 1)
+            one = base.get((e["name"].rsplit("-d", 1)[0], p["concurrency"]), float("nan"))
+            rows.append(
+                {
+                    "server": e["name"],
+                    "devices": e["devices"],
+                    "concurrency": p["concurrency"],
+                    "requests_per_s": p["throughput"],
+                    "over_one_device": p["throughput"] / one,
+                    "served_over_offline_per_device": p["throughput"] / (offline * e["devices"]),
+                    "mean_batch_size": p["mean_batch_size"],
+                    "p50_ms": p["p50_ms"],
+                    "p99_ms": p["p99_ms"],
+                    "server_cpu_ms_per_request": sum(q["cpu_s"] for q in p["processes"]) * 1000 / n,
+                    "cpu_ms_per_request_by_process": "; ".join(
+                        f"{q['role']} {q['cpu_s'] * 1000 / n:.2f}" for q in p["processes"] if q["cpu_s"] > 0
+                    ),
+                    "client_cpu_cores": p["client_cpu_cores"],
+                    "foreign_cpu_cores": p["foreign_cpu_cores"],
+                    "errors": sum(p["errors"].values()),
+                }
+            )
+    return rows
 
 
 def sim_report(result: dict[str, Any]) -> str:
@@ -1196,6 +1263,12 @@ def sim_report(result: dict[str, Any]) -> str:
         ],  # fmt: skip
         title="Served with a SIMULATED device, closed loop (one text input per request)",
     )
+    if s.get("devices"):  # its rows' keys, in order, are the columns
+        table += "\n" + common.table(
+            s["devices"],
+            list(s["devices"][0]),
+            title="SIMULATED devices, one engine each (--sim-devices): scaling, served / (devices x offline)",
+        )
     return head + "\n" + table
 
 
