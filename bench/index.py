@@ -64,8 +64,14 @@ from common import log  # noqa: E402
 DIM = 896
 GEN_CHUNK = 8192
 CENTRES = 1000
-GROUPS = 100  # metadata {"g": i % GROUPS}: {"g": 7} selects 1%, ten values 10%
-FILTERS = {"1%": {"g": 7}, "10%": {"g": list(range(10))}}
+GROUPS = 100  # metadata {"g": i % GROUPS, "s": i % 1000}: {"g": 7} selects 1%, ten values 10%
+FILTERS = {
+    "0.1%": {"s": 7},
+    "1%": {"g": 7},
+    "10%": {"g": list(range(10))},
+    "50%": {"g": {"lt": 50}},
+}
+PAYLOAD_INDEXES = {"g": "integer", "s": "integer"}
 
 
 # --------------------------------------------------------------------------- data
@@ -115,7 +121,8 @@ def upsert_direct(store: Any, name: str, n: int, batch: int, seed: int) -> dict[
         for lo in range(0, len(block), batch):
             part = block[lo : lo + batch]
             ids = [f"d{done + lo + i}" for i in range(len(part))]
-            store.upsert(name, ids, part, [{"g": (done + lo + i) % GROUPS} for i in range(len(part))])
+            meta = [{"g": (done + lo + i) % GROUPS, "s": (done + lo + i) % 1000} for i in range(len(part))]
+            store.upsert(name, ids, part, meta)
         done += len(block)
         marks.append((done, time.perf_counter() - started))
     inserted_s = time.perf_counter() - started
@@ -240,7 +247,12 @@ def pg_create_index(store: Any, indexdef: str, workers: int) -> float:
 
 
 def recall(found: list[list[str]], truth: list[list[str]], k: int) -> float:
-    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth, strict=True)]))
+    """Mean share of the true top k found (a filter matching fewer than k: of those that match)."""
+    return float(
+        np.mean(
+            [len(set(f[:k]) & set(t[:k])) / max(1, len(t[:k])) for f, t in zip(found, truth, strict=True)]
+        )
+    )
 
 
 # --------------------------------------------------------------------------- reload probe
@@ -477,7 +489,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         except Exception:
                             pass
                     store.create_collection(
-                        "bench", DIM, kind, {"precision": precision} if precision else None
+                        "bench",
+                        DIM,
+                        kind,
+                        {"precision": precision} if precision else None,
+                        indexes=None if args.no_payload_index else PAYLOAD_INDEXES,
                     )
                     indexdef = None
                     if args.store == "postgres" and kind == "hnsw":
@@ -630,6 +646,30 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
+def selectivity_table(result: dict[str, Any]) -> str:
+    """One row per index and filter selectivity: latency, recall@10 and index bytes per vector."""
+    rows = []
+    for r in result["rows"]:
+        kind, _, precision = r["index"].partition(":")
+        per_vector = r.get("memory", {}).get("index_bytes", float("nan")) / r["n"]
+        cases = {"none": {**r["search"], "recall_at_10": r.get("recall_at_10", float("nan"))}}
+        for sel, f in {**cases, **r.get("filtered", {})}.items():
+            rows.append(
+                {
+                    "backend": r.get("store", "embedded"),
+                    "n": f"{r['n']:,}",
+                    "index": kind,
+                    "precision": precision or "float32",
+                    "selectivity": sel,
+                    "p50_ms": f["p50_ms"],
+                    "p99_ms": f["p99_ms"],
+                    "recall@10": f["recall_at_10"],
+                    "bytes/vector": per_vector,
+                }
+            )
+    return common.table(rows, list(rows[0]) if rows else [], title="Filtered search by selectivity")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated collection sizes")
@@ -656,6 +696,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-reload",
         action="store_true",
         help="skip the reload probe (a fresh process rebuilding the index)",
+    )
+    p.add_argument(
+        "--no-payload-index",
+        action="store_true",
+        help="filter by scanning the metadata (no payload index on g and s)",
     )
     p.add_argument(
         "--pg-build-workers", type=int, default=1, help="parallel workers for the pgvector HNSW build"
@@ -711,6 +756,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     common.write_results(args.out_name, result)
     print(report(result))
+    print(selectivity_table(result))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ INDEX_TYPES = ("flat", "hnsw", "ivf")
 # A reduced-precision index (sq8 in FAISS, halfvec in pgvector) finds candidates and their
 # exact scores pick the k returned: RESCORE_FACTOR x k candidates, at least RESCORE_MIN.
 RESCORE_FACTOR, RESCORE_MIN = 4, 40
+# A binary index (sign bits, Hamming distance) ranks coarsely: BINARY_RESCORE_FACTOR x k
+# candidates (at least RESCORE_MIN) are rescored.
+BINARY_RESCORE_FACTOR = 10
 # Documents' sources (service/storage/sources.py). Per document: the text as UTF-8, and all
 # its thumbnails together; a thumbnail of the largest side is at most a few hundred KB, so
 # these only stop abuse.
@@ -65,6 +68,22 @@ MIN_THUMBNAIL_SIZE, MAX_THUMBNAIL_SIZE = 16, 1024  # longest side, pixels
 MAX_SOURCE_TEXT_BYTES = 1024 * 1024
 MAX_THUMBNAIL_BYTES_PER_DOCUMENT = 8 * 1024 * 1024
 MAX_THUMBNAILS_PER_DOCUMENT = 64
+MAX_PAYLOAD_INDEXES = 32  # metadata keys one collection may index (service/storage/payload.py)
+PAYLOAD_INDEX_TYPES = ("keyword", "integer", "float", "datetime")
+
+# --- filtered search planner (service/storage/planner.py; both backends) ------------------
+# A filter matching at most this many vector components (rows x dim: ~18k rows at 896-d) is
+# answered by an exact scan of the matching rows: cheap, and an exact answer.
+EXACT_SCAN_BUDGET = 16 * 1024 * 1024
+# Otherwise the approximate index proposes candidates and the filter checks them: this many
+# times k / selectivity of them (a match's expected rank, with room for the spread).
+POSTFILTER_OVERSAMPLE = 2.0
+POSTFILTER_MAX_CANDIDATES = 1000  # past it (a rare filter on a huge collection): graph walk
+MAX_EF_SEARCH = 1000  # the search beam a filtered HNSW walk may grow to (pgvector's maximum)
+# Hybrid search (service/storage/hybrid.py): hits each ranking contributes (at least k), and
+# reciprocal rank fusion's constant (60, as in Cormack et al. and most search engines).
+HYBRID_CANDIDATES = 100
+RRF_K = 60
 
 
 def image_limits(settings: object | None = None) -> dict[str, int | float]:

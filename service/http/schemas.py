@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service import limits
+from service.http.encodings import EmbedDtype, EncodingFormat
 from service.storage import sources as source_limits
 
 
@@ -90,14 +91,25 @@ class Usage(BaseModel):
     truncated: int = Field(0, description="Inputs cut to the model's maximum length.")
 
 
+ENCODING_DESCRIPTION = (
+    "float: numbers; base64: little-endian bytes of embed_dtype; int8: round(127 * v / max|v|) "
+    "per vector; uint8: int8 + 128; binary: sign bits (1 where > 0) packed 8 per byte, first "
+    "dimension highest, as byte - 128 (sentence-transformers, Cohere); ubinary: the same bytes "
+    "unsigned. Details: service/http/encodings.py."
+)
+DTYPE_DESCRIPTION = "float32, float16 or bfloat16: the values of float and the bytes of base64 (vLLM)."
+
+
 class EmbedRequest(Strict):
     inputs: list[InputObject] = Field(min_length=1)
     normalize: bool = Field(True, description="L2-normalise (false: the pooled hidden state as is).")
     truncate: bool = Field(True, description="Cut over-long inputs (false: refuse them with 413).")
+    encoding_format: EncodingFormat = Field("float", description=ENCODING_DESCRIPTION)
+    embed_dtype: EmbedDtype = Field("float32", description=DTYPE_DESCRIPTION)
 
 
 class EmbedResponse(BaseModel):
-    embeddings: list[list[float]]
+    embeddings: list[list[float]] | list[list[int]] | list[str]
     model: str
     dim: int
     usage: Usage
@@ -191,9 +203,10 @@ class OpenAIEmbeddingRequest(Strict):
         "(one vector).",
     )
     model: str | None = Field(None, description="Optional; must name the served model if given.")
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="base64: each vector as little-endian float32 bytes."
+    encoding_format: EncodingFormat = Field(
+        "float", description="base64: each vector as little-endian float32 bytes. " + ENCODING_DESCRIPTION
     )
+    embed_dtype: EmbedDtype = Field("float32", description=DTYPE_DESCRIPTION)
     dimensions: int | None = Field(None, description="Optional; must equal the model's dimension.")
     user: str | None = Field(None, description="Accepted for compatibility and ignored.")
 
@@ -232,7 +245,7 @@ class OpenAIEmbeddingRequest(Strict):
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
 
 
 class OpenAIUsage(BaseModel):
@@ -430,6 +443,14 @@ class CreateCollectionRequest(Strict):
         f"{source_limits.SOURCE_DEFAULTS['thumbnail_size']}); smaller images are not enlarged.",
     )
     thumbnail_format: Literal["webp", "jpeg"] | None = Field(None, description="Default webp.")
+    indexes: dict[str, Literal["keyword", "integer", "float", "datetime"]] | None = Field(
+        None,
+        max_length=limits.MAX_PAYLOAD_INDEXES,
+        description="Payload indexes: the metadata keys filters use, with their type, e.g. "
+        '{"kind": "keyword", "price": "float", "date": "datetime"} (ISO 8601 strings). A filter on '
+        "an indexed key reads only the matching documents; other keys are filtered by a scan. "
+        "Replaces the collection's declaration; new indexes are built in the background.",
+    )
 
     def source_options(self) -> dict[str, Any]:
         return self.model_dump(
@@ -446,6 +467,8 @@ class CollectionInfo(BaseModel):
     store_source: bool = Field(description="Whether new documents keep their text and thumbnails.")
     thumbnail_size: int
     thumbnail_format: Literal["webp", "jpeg"]
+    indexes: dict[str, str] = Field(default_factory=dict, description="Payload indexes: key -> type.")
+    indexing: list[str] = Field(default_factory=list, description="Payload indexes still being built.")
 
 
 class CollectionList(BaseModel):
@@ -503,9 +526,37 @@ class VectorQuery(Strict):
     vector: list[float] = Field(min_length=1)
 
 
+class HybridWeights(Strict):
+    vector: float = Field(1.0, ge=0, le=100, allow_inf_nan=False)
+    keyword: float = Field(1.0, ge=0, le=100, allow_inf_nan=False)
+
+
+class SearchInput(InputObject):
+    """An input object to search with, and how: by its embedding, by its text's words, or both."""
+
+    mode: Literal["vector", "keyword", "hybrid"] = Field(
+        "vector",
+        description="vector: nearest embeddings; keyword: the stored texts holding the query's words, "
+        "ranked by BM25 (embedded) or ts_rank_cd (PostgreSQL); hybrid: both rankings fused by "
+        "reciprocal rank fusion, score = w_vector / (60 + rank) + w_keyword / (60 + rank).",
+    )
+    weights: HybridWeights | None = Field(None, description="hybrid: the two rankings' weights (1, 1).")
+
+    @model_validator(mode="after")
+    def _words_to_search(self) -> SearchInput:
+        if self.mode != "vector" and not (self.text or "").strip():
+            raise ValueError(f"mode {self.mode!r} needs the query's 'text'")
+        return self
+
+    def to_input(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"mode", "weights"})
+
+
 class SearchRequest(Strict):
     collection: str = "default"
-    query: VectorQuery | InputObject = Field(description="An input object, or {'vector': [...]}.")
+    query: VectorQuery | SearchInput = Field(
+        description="An input object (with 'mode' vector, keyword or hybrid), or {'vector': [...]}."
+    )
     k: int = Field(10, ge=1, le=limits.MAX_K)
     filter: (
         dict[str, MetadataValue | list[MetadataValue] | dict[str, MetadataValue | list[MetadataValue]]] | None
@@ -543,7 +594,11 @@ class SearchRequest(Strict):
 
 class Hit(BaseModel):
     id: str
-    score: float = Field(description="Cosine similarity.")
+    score: float = Field(
+        description="Cosine similarity; keyword mode: the text rank (BM25 / ts_rank_cd); hybrid: the fused score."
+    )
+    vector_score: float | None = Field(None, description="hybrid: the cosine similarity, if ranked by it.")
+    keyword_score: float | None = Field(None, description="hybrid: the text rank, if the words matched.")
     metadata: dict[str, Any] | None = None
     text: str | None = Field(None, description='With "include": ["text"]: the document\'s text or null.')
     thumbnail: str | None = Field(
@@ -556,6 +611,11 @@ class Hit(BaseModel):
 class SearchResponse(BaseModel):
     hits: list[Hit]
     collection: str
+    scanned_keys: list[str] = Field(
+        default_factory=list,
+        description="Filter keys no (ready) payload index serves: evaluated by a scan of every "
+        "document. Declare them in the collection's indexes to make the filter cost what it selects.",
+    )
 
 
 UPSERT_EXAMPLES: dict[str, dict[str, Any]] = {
@@ -585,6 +645,10 @@ SEARCH_EXAMPLES: dict[str, dict[str, Any]] = {
             "k": 5,
             "filter": {"colour": ["red", "blue"]},
         },
+    },
+    "hybrid": {
+        "summary": "Hybrid query (vector + keywords, fused)",
+        "value": {"collection": "default", "query": {"text": "bolt AX-7731", "mode": "hybrid"}, "k": 5},
     },
     "vector": {
         "summary": "Raw vector query",

@@ -44,7 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from service.limits import RESCORE_FACTOR, RESCORE_MIN
+from service.limits import (
+    BINARY_RESCORE_FACTOR,
+    EXACT_SCAN_BUDGET,
+    MAX_EF_SEARCH,
+    RESCORE_FACTOR,
+    RESCORE_MIN,
+)
+from service.storage import postgres_payload
 from service.storage.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
@@ -55,6 +62,16 @@ from service.storage.errors import (
     InvalidParameterError,
     StoreUnavailableError,
 )
+from service.storage.hybrid import query_words
+from service.storage.payload import check_payload_indexes
+from service.storage.postgres_filters import COLUMN as _PAYLOAD_COLUMN
+from service.storage.postgres_filters import (
+    EPOCH_FUNCTION,
+    compile_filter,
+    create_text_index_sql,
+    keyword_sql,
+)
+from service.storage.postgres_filters import compile_jsonb_filter as compile_jsonb_filter
 from service.storage.sources import (
     LEGACY_SOURCE_OPTIONS,
     Source,
@@ -69,12 +86,10 @@ from service.storage.validation import (
     MAX_DIM,
     MAX_K,
     MAX_METADATA_BYTES,
-    RANGE_OPS,
     check_collection_name,
     check_doc_id,
     check_k,
     check_upsert_batch,
-    parse_filter,
     resolve_index_options,
     search_one,
     shown,
@@ -91,7 +106,10 @@ HALFVEC_MAX_DIM = 4000
 PLAIN_MAX_DIM = 1500
 # precision "halfvec": the index holds 16-bit floats (half the size); the candidates it finds
 # are rescored against the full-precision column. Above INDEX_MAX_DIM it is halfvec anyway.
-PRECISIONS = ("float32", "halfvec")
+# precision "binary": the index holds the sign bits (``binary_quantize(embedding)::bit(dim)``,
+# Hamming distance ``<~>``, 1/32 of the vectors' size); BINARY_RESCORE_FACTOR x k candidates
+# are rescored likewise.
+PRECISIONS = ("float32", "halfvec", "binary")
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
     "hnsw": {"m": 32, "ef_search": 128, "ef_construction": 160, "precision": "float32"},
@@ -232,44 +250,7 @@ def _parse_vec(text: str) -> np.ndarray:
     return np.array(json.loads(text), np.float32)
 
 
-def compile_jsonb_filter(filter: Any) -> tuple[str, list[Any]]:
-    """SQL condition on the documents table's ``metadata`` for the store's filter language.
-
-    The filter is checked by ``validation.parse_filter`` (as for the embedded store), with
-    the same semantics as ``validation.compile_filter``: type-aware equality, ``null`` only
-    matches an explicit null, numbers by value. Each value is a jsonb containment
-    ``metadata @> {"field": value}`` (served by the GIN index) plus a check that the field
-    is not an array (``@>`` would find a value inside one).
-    """
-    clauses: list[str] = []
-    params: list[Any] = []
-
-    def equality(key: str, values: list[Any]) -> str:
-        ors = []
-        for v in values:
-            if isinstance(v, str) and "\x00" in v:  # jsonb cannot hold it, so no stored value has it
-                ors.append("false")
-                continue
-            ors.append("metadata @> %s::jsonb")
-            params.append(json.dumps({key: v}, ensure_ascii=False))
-        params.append(key)
-        return f"(({' OR '.join(ors)}) AND jsonb_typeof(metadata -> %s) <> 'array')"
-
-    for key, equal, ranges, negated in parse_filter(filter):
-        if equal is not None:
-            clauses.append(equality(key, equal))
-        if ranges:
-            conds = " AND ".join(f"(metadata ->> %s)::numeric {RANGE_OPS[op]} %s" for op in ranges)
-            clauses.append(f"(jsonb_typeof(metadata -> %s) = 'number' AND {conds})")
-            params.append(key)
-            for v in ranges.values():
-                params += [key, v]
-        if negated is not None:
-            clauses.append(f"NOT coalesce(({equality(key, negated)}), false)")
-    return " AND ".join(clauses), params
-
-
-class PostgresCollectionStore:
+class PostgresCollectionStore(postgres_payload.PostgresPayloadIndexes):
     """``CollectionStore``'s contract on PostgreSQL (see the module docstring).
 
     Thread-safe; a small pool of connections (``pool_size`` kept idle at most).
@@ -312,6 +293,8 @@ class PostgresCollectionStore:
         # replica only once it has replayed that far (a server sees its own writes at once)
         self._written_lsn: str | None = None
         self._replica_down_logged = 0.0
+        self._builds: set[threading.Thread] = set()  # payload-index builds (postgres_payload.py)
+        self._builds_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -335,6 +318,11 @@ class PostgresCollectionStore:
                     conn.execute("SELECT pg_advisory_xact_lock(7305410242)")
                     conn.execute(_SCHEMA)
                     self._migrate_sources(conn)
+                    conn.execute(EPOCH_FUNCTION)
+                    conn.execute(_PAYLOAD_COLUMN)
+                    for (serial,) in conn.execute("SELECT serial FROM llave_collections").fetchall():
+                        conn.execute(create_text_index_sql(f"llave_docs_{int(serial)}"))  # keyword search
+                self._resume_payload_builds(conn)
                 _use_binary_vectors(conn)
         except BaseException:
             self._open = False
@@ -358,9 +346,6 @@ class PostgresCollectionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def wait_for_maintenance(self, timeout: float | None = None) -> bool:
-        return True  # PostgreSQL maintains its indexes inside each transaction
 
     def _connect(self, url: str) -> Any:
         """A pooled or new autocommit connection to ``url``."""
@@ -491,7 +476,7 @@ class PostgresCollectionStore:
     def _check_dim(dim: int, kind: str, options: dict[str, Any]) -> None:
         if dim > PG_MAX_DIM:
             raise InvalidParameterError(f"{dim} dimensions: over pgvector's limit of {PG_MAX_DIM}")
-        if kind != "flat" and dim > HALFVEC_MAX_DIM:
+        if kind != "flat" and dim > HALFVEC_MAX_DIM and options.get("precision") != "binary":
             raise InvalidParameterError(
                 f"{dim} dimensions: pgvector indexes at most {HALFVEC_MAX_DIM} (halfvec); use a flat collection"
             )
@@ -521,18 +506,30 @@ class PostgresCollectionStore:
 
     def _row(self, conn: Any, name: str, lock: str = "") -> dict[str, Any] | None:
         row = conn.execute(
-            "SELECT serial, dim, index_type, options, created_at, count, ann_built, source "
+            "SELECT serial, dim, index_type, options, created_at, count, ann_built, source, "
+            f"{'payload_indexes' if self._has_payload(conn) else 'NULL'} "
             f"FROM llave_collections WHERE name = %s {lock}",
             (name,),
         ).fetchone()
         if row is None:
             return None
-        keys = ("serial", "dim", "kind", "options", "created_at", "count", "ann_built", "source")
+        keys = ("serial", "dim", "kind", "options", "created_at", "count", "ann_built", "source", "payload")
         found = {"name": name, **dict(zip(keys, row, strict=True))}
         found["source"] = (
             LEGACY_SOURCE_OPTIONS if found["source"] is None else resolve_source_options(found["source"])
         )
         return found
+
+    def _has_payload(self, conn: Any) -> bool:
+        """The database has the payload-index column (a read-only one of an earlier version may not)."""
+        if getattr(self, "_payload_column", None) is None:
+            self._payload_column = bool(
+                conn.execute(
+                    "SELECT 1 FROM pg_attribute WHERE attrelid = 'llave_collections'::regclass "
+                    "AND attname = 'payload_indexes' AND NOT attisdropped"
+                ).fetchone()
+            )
+        return self._payload_column
 
     @staticmethod
     def _describe(row: dict[str, Any]) -> dict[str, Any]:
@@ -543,6 +540,8 @@ class PostgresCollectionStore:
             "index": row["kind"],
             "created_at": row["created_at"],
             **row["source"],
+            "indexes": postgres_payload.declared(row.get("payload")),
+            "indexing": sorted(k for k, e in (row.get("payload") or {}).items() if not e["ready"]),
         }
 
     def _require(self, conn: Any, name: str, lock: str = "") -> dict[str, Any]:
@@ -585,6 +584,7 @@ class PostgresCollectionStore:
             # in the row itself, not TOASTed: an exact scan reads ~2x faster (bench/README.md)
             conn.execute(f"ALTER TABLE {table} ALTER COLUMN embedding SET STORAGE PLAIN")
         conn.execute(f"CREATE INDEX {table}_meta ON {table} USING gin (metadata jsonb_path_ops)")
+        conn.execute(create_text_index_sql(table))
         if kind == "hnsw":
             expr, ops = self._index_expr(dim, options)
             conn.execute(
@@ -594,6 +594,8 @@ class PostgresCollectionStore:
         return row
 
     def _index_expr(self, dim: int, options: dict[str, Any]) -> tuple[str, str]:
+        if options.get("precision") == "binary":
+            return f"(binary_quantize(embedding)::bit({dim}))", "bit_hamming_ops"
         if self._halfvec(dim, options):
             return f"embedding::halfvec({dim})", "halfvec_ip_ops"
         return "embedding", "vector_ip_ops"
@@ -607,15 +609,19 @@ class PostgresCollectionStore:
         exist_ok: bool = True,
         *,
         source: dict[str, Any] | None = None,
+        indexes: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """``CollectionStore.create_collection``: ``source`` options are set on a new collection
-        and changed on an existing one."""
+        and changed on an existing one; so is the ``indexes`` declaration (built in the background)."""
         check_collection_name(name)
         if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
             raise InvalidParameterError(f"dim must be an integer from 1 to {MAX_DIM}")
         resolved = self._resolve_options(index, options)
         self._check_dim(dim, index, resolved)
         resolve_source_options(source)
+        if indexes is not None:
+            indexes = check_payload_indexes(indexes)
+        build: list[bool] = []
 
         def body(conn: Any) -> dict[str, Any]:
             row = self._row(conn, name)
@@ -641,27 +647,20 @@ class PostgresCollectionStore:
                         (json.dumps(wanted), name),
                     )
                     row["source"] = wanted
+            if indexes is not None:
+                build.append(self._declare_payload(conn, row, indexes))
             return self._describe(row)
 
-        return self._write("create the collection", body)
+        described = self._write("create the collection", body)
+        if any(build):
+            self._build_payload(name)
+        return described  # type: ignore[no-any-return]
 
     def list_collections(self) -> list[dict[str, Any]]:
         with self._conn("read the database", read=True) as conn:
-            rows = conn.execute(
-                "SELECT name, count, dim, index_type, created_at, source FROM llave_collections "
-                'ORDER BY name COLLATE "C"'
-            ).fetchall()
-        return [
-            {
-                "name": n,
-                "count": c,
-                "dim": d,
-                "index": k,
-                "created_at": t,
-                **(LEGACY_SOURCE_OPTIONS if src is None else resolve_source_options(src)),
-            }
-            for n, c, d, k, t, src in rows
-        ]
+            names = conn.execute('SELECT name FROM llave_collections ORDER BY name COLLATE "C"').fetchall()
+            rows = [self._row(conn, name) for (name,) in names]
+        return [self._describe(row) for row in rows if row is not None]
 
     def source_options(self, name: str) -> dict[str, Any]:
         """The collection's source options (``service/storage/sources.py``)."""
@@ -904,9 +903,9 @@ class PostgresCollectionStore:
         check_collection_name(name)
         check_k(k, self.max_k)
         q = normalised_rows(queries, what="query vector")
-        where, params = compile_jsonb_filter(filter)
         with self._conn("search", read=True) as conn, conn.transaction():
             row = self._require(conn, name)
+            where, params, _ = compile_filter(filter, postgres_payload.ready(row.get("payload")))
             if q.shape[1] != row["dim"]:
                 raise DimensionMismatchError(
                     f"collection {name!r} holds {row['dim']}-d vectors, the query is {q.shape[1]}-d"
@@ -945,21 +944,31 @@ class PostgresCollectionStore:
         cond = f"WHERE {where}" if where else ""
         qv = _Vec(q)
         approximate = row["kind"] == "hnsw" or (row["kind"] == "ivf" and row["ann_built"])
+        beam = int(options.get("ef_search") or 0)
+        if approximate and where:
+            # the planner (service/storage/planner.py): an exact scan of few matches, else the
+            # index with its beam grown as the filter skips nodes (iterative scans do the rest)
+            matching = max(1, self._estimate_rows(conn, table, cond, params))
+            if matching * dim <= EXACT_SCAN_BUDGET:
+                approximate = False
+            beam = min(MAX_EF_SEARCH, math.ceil(beam * max(1.0, row["count"] / matching)))
         if approximate:
-            half = self._halfvec(dim, options)
-            # halfvec ranks candidates; their exact scores (full-precision column) pick the k best
-            want = min(_EF_SEARCH_MAX, max(RESCORE_FACTOR * k, RESCORE_MIN)) if half else k
+            binary = options.get("precision") == "binary"
+            half = not binary and self._halfvec(dim, options)
+            # halfvec/bits rank candidates; their exact scores (full-precision column) pick the k best
+            factor = BINARY_RESCORE_FACTOR if binary else RESCORE_FACTOR
+            want = min(_EF_SEARCH_MAX, max(factor * k, RESCORE_MIN)) if half or binary else k
             if row["kind"] == "hnsw":
-                conn.execute(
-                    f"SET LOCAL hnsw.ef_search = {int(min(_EF_SEARCH_MAX, max(want, options['ef_search'])))}"
-                )
+                conn.execute(f"SET LOCAL hnsw.ef_search = {int(min(_EF_SEARCH_MAX, max(want, beam)))}")
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             else:
                 lists = int(options.get("lists_built") or 1)
                 probes = options.get("nprobe") or max(1, int(math.sqrt(lists)))
                 conn.execute(f"SET LOCAL ivfflat.probes = {int(min(probes, lists))}")
                 conn.execute("SET LOCAL ivfflat.iterative_scan = relaxed_order")
-            if half:
+            if binary:
+                order = f"binary_quantize(embedding)::bit({dim}) <~> binary_quantize(%b::vector)"
+            elif half:
                 order = f"embedding::halfvec({dim}) <#> %b::halfvec({dim})"
             else:
                 order = "embedding <#> %b::vector"
@@ -978,6 +987,48 @@ class PostgresCollectionStore:
             [qv, *params, qv, k],
         ).fetchall()
         return self._hits(rows)
+
+    def keyword_search(
+        self,
+        name: str,
+        text: str,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        *,
+        include: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
+        """``CollectionStore.keyword_search`` on PostgreSQL full-text search (``simple``
+        configuration, GIN index, ``ts_rank_cd`` as the score)."""
+        include = check_include(include)
+        check_collection_name(name)
+        check_k(k, self.max_k)
+        if not isinstance(text, str):
+            raise InvalidParameterError("a keyword query is a string")
+        words = [w for w in query_words(text) if "\x00" not in w]
+        with self._conn("search", read=True) as conn, conn.transaction():
+            row = self._require(conn, name)
+            where, params, _ = compile_filter(filter, postgres_payload.ready(row.get("payload")))
+            if not words:
+                return []
+            rows = conn.execute(keyword_sql(self._table(row), words, where), [*words, *params, k]).fetchall()
+            results = [self._hits(rows)]
+            if include:
+                self._add_sources(conn, row, results, include)
+            return results[0]
+
+    @staticmethod
+    def _estimate_rows(conn: Any, table: str, cond: str, params: list[Any]) -> int:
+        """PostgreSQL's estimate of the rows a filter selects (from the expression indexes'
+        statistics for declared keys; a fixed guess for jsonb containment)."""
+        (plan,) = conn.execute(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {table} {cond}", params).fetchone()
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        return int(plan[0]["Plan"]["Plan Rows"])
+
+    def search_plan(self, name: str, filter: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``{"scanned": [keys]}``: the filter's keys that no ready payload index serves."""
+        with self._conn("read the database", read=True) as conn:
+            row = self._require(conn, name)
+        return {"scanned": compile_filter(filter, postgres_payload.ready(row.get("payload")))[2]}
 
     @staticmethod
     def _hits(rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:

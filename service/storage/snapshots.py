@@ -62,7 +62,9 @@ def save(data_dir: Path, collection: str, index: ApproximateIndex) -> Path:
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        faiss.write_index(faiss_index, str(tmp / "index.faiss"))
+        (faiss.write_index_binary if facts.get("binary") else faiss.write_index)(
+            faiss_index, str(tmp / "index.faiss")
+        )
         np.save(tmp / "labels.npy", labels)
         np.save(tmp / "alive.npy", alive)
         meta = {
@@ -126,7 +128,8 @@ def load(
                 "index snapshot of %r not used: the collection changed since it was saved", collection
             )
             return None
-        faiss_index = faiss.read_index(str(path / "index.faiss"))
+        read = faiss.read_index_binary if meta.get("binary") else faiss.read_index
+        faiss_index = read(str(path / "index.faiss"))
         return ApproximateIndex.restore(
             dim, kind, options, faiss_index, labels, alive, meta, tombstone_ratio=tombstone_ratio
         )

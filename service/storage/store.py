@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from service.storage import sqlite_payload, sqlite_text
 from service.storage.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
@@ -40,7 +41,10 @@ from service.storage.errors import (
     InvalidParameterError,
     StoreUnavailableError,
 )
+from service.storage.hybrid import fts5_query, query_words
 from service.storage.maintenance import IndexMaintenance, _Collection, _is_bug
+from service.storage.payload import check_payload_indexes
+from service.storage.planner import search_filtered
 from service.storage.sources import (
     LEGACY_SOURCE_OPTIONS,
     Source,
@@ -59,7 +63,6 @@ from service.storage.validation import (
     check_doc_id,
     check_k,
     check_upsert_batch,
-    compile_filter,
     resolve_index_options,
     search_one,
     shown,
@@ -111,7 +114,7 @@ def _unavailable(exc: BaseException, action: str) -> StoreUnavailableError:
     return StoreUnavailableError(f"the collection store could not {action}: {exc}")
 
 
-class CollectionStore(IndexMaintenance):
+class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
     """Named collections of (id, unit vector, JSON metadata) with cosine-similarity search.
 
     Thread-safe; every method is synchronous (the HTTP layer calls them from a threadpool).
@@ -155,7 +158,9 @@ class CollectionStore(IndexMaintenance):
         self._write_lock = threading.Lock()  # serialises every write; taken before any collection lock
         self._collections: dict[str, _Collection] = {}
         self._source_options: dict[str, dict[str, Any]] = {}  # per collection (sources.py)
+        self._payload: dict[str, dict[str, dict[str, Any]]] = {}  # per collection (sqlite_payload.py)
         self._has_sources = False  # the database has the source tables (read-only: maybe not)
+        self._has_text_index = False  # ... and the FTS5 index of the texts (sqlite_text.py)
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []  # every read-only connection opened
         self._idle_readers: list[sqlite3.Connection] = []  # the pool: one per concurrent reader at most
@@ -180,13 +185,21 @@ class CollectionStore(IndexMaintenance):
             if not self.read_only:
                 self._writer.executescript(_SCHEMA)
                 self._migrate_sources(self._writer)
+                sqlite_payload.migrate(self._writer)
             self._has_sources = self._source_schema_present(self._writer)
+            if self._has_sources and not self.read_only:
+                sqlite_text.migrate(self._writer)
+            self._has_text_index = self._has_sources and sqlite_text.present(self._writer)
             source_column = "source" if self._has_sources else "NULL"
+            columns = {row[1] for row in self._writer.execute("PRAGMA table_info(collections)").fetchall()}
+            payload_column = "payload_indexes" if "payload_indexes" in columns else "NULL"
             with self._write_lock:
-                for name, dim, kind, options, created_at, source in self._writer.execute(
-                    f"SELECT name, dim, index_type, options, created_at, {source_column} FROM collections"
+                for name, dim, kind, options, created_at, source, payload in self._writer.execute(
+                    f"SELECT name, dim, index_type, options, created_at, {source_column}, {payload_column} "
+                    "FROM collections"
                 ).fetchall():
                     options = json.loads(options)
+                    self._payload[name] = sqlite_payload.load(payload)
                     self._source_options[name] = (
                         LEGACY_SOURCE_OPTIONS
                         if source is None
@@ -200,6 +213,7 @@ class CollectionStore(IndexMaintenance):
                     )
                 for coll in self._collections.values():
                     self._maybe_rebuild(coll)
+                    self._maybe_fill_payload(coll.name)
         except (OSError, sqlite3.Error) as exc:
             self._release()
             if _is_bug(exc):
@@ -249,6 +263,7 @@ class CollectionStore(IndexMaintenance):
         self._readers, self._idle_readers, self._writer = [], [], None
         self._collections.clear()
         self._source_options.clear()
+        self._payload.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -275,6 +290,7 @@ class CollectionStore(IndexMaintenance):
     def _connect(self, *, read_only: bool) -> sqlite3.Connection:
         uri = self.path.resolve().as_uri() + ("?mode=ro" if read_only else "")
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+        sqlite_payload.register_functions(conn)
         if not read_only:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
             if mode != "wal":
@@ -357,7 +373,10 @@ class CollectionStore(IndexMaintenance):
     # --- collections ------------------------------------------------------------------------
 
     def _resolve_options(self, kind: str, options: dict[str, Any] | None) -> dict[str, Any]:
-        return resolve_index_options(kind, options, self._defaults, PRECISIONS)
+        resolved = resolve_index_options(kind, options, self._defaults, PRECISIONS)
+        if kind == "ivf" and resolved["precision"] == "binary":
+            raise InvalidParameterError("precision 'binary' is for hnsw collections (FAISS IndexBinaryHNSW)")
+        return resolved
 
     def _get(self, name: str) -> _Collection:
         self._check_open()
@@ -375,17 +394,22 @@ class CollectionStore(IndexMaintenance):
         exist_ok: bool = True,
         *,
         source: dict[str, Any] | None = None,
+        indexes: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Create a collection; an existing one is returned if dim, type and given options agree.
 
         ``source``: source options (``service/storage/sources.py``); on an existing collection
-        the ones given are changed (they do not concern the index)."""
+        the ones given are changed (they do not concern the index). ``indexes``: the payload
+        indexes (``service/storage/payload.py``), ``{key: type}``; on an existing collection
+        they replace its declaration, and the new ones are built in the background."""
         self._check_open()
         check_collection_name(name)
         if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
             raise InvalidParameterError(f"dim must be an integer from 1 to {MAX_DIM}")
         resolved = self._resolve_options(index, options)
         resolve_source_options(source)  # checked before anything is written
+        if indexes is not None:
+            indexes = check_payload_indexes(indexes)
         with self._write_lock:
             coll = self._collections.get(name)
             if coll is not None:
@@ -410,9 +434,20 @@ class CollectionStore(IndexMaintenance):
                         )
                         conn.execute("COMMIT")
                     self._source_options[name] = wanted
+                if indexes is not None:
+                    self._declare_payload(name, indexes)
                 return self.describe(name)
             with self._transaction("create the collection") as conn:
                 coll = self._insert_collection(conn, name, dim, index, resolved, source)
+                if indexes:
+                    state = {
+                        key: {"type": kind, "ready": True, "upto": 0, "done": 0}
+                        for key, kind in indexes.items()
+                    }
+                    conn.execute(
+                        "UPDATE collections SET payload_indexes = ? WHERE name = ?", (json.dumps(state), name)
+                    )
+                    self._payload[name] = state
                 conn.execute("COMMIT")
             self._collections[name] = coll
             return self.describe(name)
@@ -434,20 +469,28 @@ class CollectionStore(IndexMaintenance):
             (name, dim, kind, json.dumps(options), now, json.dumps(sources)),
         )
         self._source_options[name] = sources  # a rolled-back create leaves no _collections entry
+        self._payload[name] = {}
         index = new_index(dim, kind, options, tombstone_ratio=self.tombstone_rebuild_ratio)
         return _Collection(name, dim, kind, options, now, LiveIndex(index))
 
     def list_collections(self) -> list[dict[str, Any]]:
         self._check_open()
         return [
-            {**coll.describe(), **self._source_options.get(coll.name, LEGACY_SOURCE_OPTIONS)}
+            self.describe(coll.name)
             for coll in sorted(list(self._collections.values()), key=lambda c: c.name)
         ]
 
     def describe(self, name: str) -> dict[str, Any]:
-        """``{"name", "count", "dim", "index", "created_at"}`` and the source options
-        (``store_source``, ``thumbnail_size``, ``thumbnail_format``)."""
-        return {**self._get(name).describe(), **self._source_options.get(name, LEGACY_SOURCE_OPTIONS)}
+        """``{"name", "count", "dim", "index", "created_at"}``, the source options
+        (``store_source``, ``thumbnail_size``, ``thumbnail_format``), the payload ``indexes``
+        (``{key: type}``) and ``indexing`` (the keys whose index is still being built)."""
+        state = self._payload.get(name, {})
+        return {
+            **self._get(name).describe(),
+            **self._source_options.get(name, LEGACY_SOURCE_OPTIONS),
+            "indexes": sqlite_payload.declared(state),
+            "indexing": sorted(key for key, entry in state.items() if not entry["ready"]),
+        }
 
     def source_options(self, name: str) -> dict[str, Any]:
         """The collection's source options (``service/storage/sources.py``)."""
@@ -465,6 +508,7 @@ class CollectionStore(IndexMaintenance):
                     coll.live.retired = True
                     del self._collections[name]
                     self._source_options.pop(name, None)
+                    self._payload.pop(name, None)
 
     # --- documents ---------------------------------------------------------------------------
 
@@ -529,6 +573,9 @@ class CollectionStore(IndexMaintenance):
                 )
                 if self._source_options.get(name, LEGACY_SOURCE_OPTIONS)["store_source"]:
                     self._insert_sources(conn, labels, kept)
+                sqlite_payload.fill(
+                    conn, name, sqlite_payload.declared(self._payload.get(name, {})), int(labels[0])
+                )
                 with coll.live.lock.write():
                     conn.execute("COMMIT")
                     self._apply_committed(coll, removed, labels, vectors)
@@ -769,21 +816,89 @@ class CollectionStore(IndexMaintenance):
             raise DimensionMismatchError(
                 f"collection {name!r} holds {coll.dim}-d vectors, the query is {q.shape[1]}-d"
             )
-        where, params = compile_filter(filter)
+        where, params, _ = self._compile_filter(name, filter)
         with coll.live.lock.read():
             if coll.live.retired:
                 raise CollectionNotFoundError(f"collection {name!r} does not exist")
-            allowed = None
-            if where:
-                rows = self._read(
-                    f"SELECT d.row_id FROM documents AS d WHERE d.collection = ? AND {where}", [name, *params]
-                )
-                allowed = np.fromiter((row[0] for row in rows), np.int64, len(rows))
             index = coll.live.index
-            scores, labels = index.search(q, index.candidates(k), allowed)
+            if where:
+                (scores, labels), _plan = self._search_filtered(
+                    name, index, q, index.candidates(k), where, params
+                )
+            else:
+                scores, labels = index.search(q, index.candidates(k))
             if index.reduced:  # sq8: exact cosine of the candidates from SQLite's float32 vectors
                 scores, labels = rescore(q, labels, k, self._stored_vectors)
             return self._hits(scores, labels, include)
+
+    def keyword_search(
+        self,
+        name: str,
+        text: str,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        *,
+        include: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
+        """Up to ``k`` hits whose stored text holds any word of ``text``, best first by BM25
+        (``"score"``: FTS5's ``-bm25``, higher is better); as ``search`` otherwise."""
+        include = check_include(include)
+        self._get(name)
+        check_k(k, self.max_k)
+        if not isinstance(text, str):
+            raise InvalidParameterError("a keyword query is a string")
+        where, params, _ = self._compile_filter(name, filter)
+        words = query_words(text)
+        if not words or not self._has_text_index:
+            return []
+        rows = self._read(
+            sqlite_text.search_sql(where or "d.collection = ?"), [fts5_query(words), *(params or [name]), k]
+        )
+        scores = np.array([[row[1] for row in rows]], np.float32)
+        labels = np.array([[row[0] for row in rows]], np.int64)
+        return self._hits(scores, labels, include)[0]
+
+    def _compile_filter(self, name: str, filter: Any) -> tuple[str, list[Any], list[str]]:
+        return sqlite_payload.compile_filter(name, filter, sqlite_payload.ready(self._payload.get(name, {})))
+
+    def search_plan(self, name: str, filter: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``{"scanned": [keys]}``: the filter's keys that no ready payload index serves."""
+        self._get(name)
+        return {"scanned": self._compile_filter(name, filter)[2]}
+
+    def _search_filtered(
+        self, name: str, index: Any, q: np.ndarray, k: int, where: str, params: list[Any]
+    ) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+        """``planner.search_filtered`` with the filter read from SQLite (caller holds the read lock)."""
+        matching: list[np.ndarray] = []
+        select = f"FROM documents AS d WHERE {where}"
+
+        def allowed() -> np.ndarray:
+            if not matching:
+                rows = self._read(f"SELECT d.row_id {select}", params)
+                matching.append(np.fromiter((row[0] for row in rows), np.int64, len(rows)))
+            return matching[0]
+
+        def count() -> int:
+            if matching or "json_each" in where:  # a scan: keep what it found
+                return len(allowed())
+            return int(self._read(f"SELECT count(*) {select}", params)[0][0])
+
+        def members(labels: np.ndarray) -> np.ndarray:
+            if matching:
+                return np.isin(labels, matching[0])
+            wanted = [int(x) for x in np.unique(labels[labels >= 0])]
+            found = {
+                row[0]
+                for start in range(0, len(wanted), 500)
+                for row in self._read(
+                    f"SELECT d.row_id {select} AND d.row_id IN ({', '.join('?' * len(wanted[start : start + 500]))})",
+                    [*params, *wanted[start : start + 500]],
+                )
+            }
+            return np.isin(labels, np.fromiter(found, np.int64, len(found)))
+
+        return search_filtered(index, q, k, count, allowed, members)
 
     def _stored_vectors(self, labels: np.ndarray) -> np.ndarray:
         """The float32 vectors of rows ``labels`` (sorted, all present: the caller holds the read lock)."""

@@ -9,6 +9,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,8 @@ def check_upsert_batch(
 
 def filter_operators(key: str, value: dict[Any, Any]) -> tuple[dict[str, Any], Any]:
     """Check ``{"gt"|"gte"|"lt"|"lte": number, "not": value | [values]}``: (ranges, not-value or
-    ``_ABSENT``). Numbers are finite and not booleans; ``not`` takes what equality takes."""
+    ``_ABSENT``). Numbers are finite and not booleans; bounds may instead all be ISO 8601
+    datetime strings (``service/storage/payload.py``); ``not`` takes what equality takes."""
     if not value or any(op not in RANGE_OPS and op != "not" for op in value):
         raise InvalidFilterError(
             f"filter field {key!r}: an object takes operators {', '.join([*RANGE_OPS, 'not'])}"
@@ -131,8 +133,14 @@ def filter_operators(key: str, value: dict[Any, Any]) -> tuple[dict[str, Any], A
             and -(2**63) <= v < 2**63
             or isinstance(v, float)
             and math.isfinite(v)
+            or datetime_epoch(v) is not None
         ):
-            raise InvalidFilterError(f"filter field {key!r}: {op} takes a finite number, not {shown(v)}")
+            raise InvalidFilterError(
+                f"filter field {key!r}: {op} takes a finite number or an ISO 8601 datetime "
+                f"string, not {shown(v)}"
+            )
+    if len({isinstance(v, str) for v in ranges.values()}) > 1:
+        raise InvalidFilterError(f"filter field {key!r}: bounds are all numbers or all datetimes")
     negated = value.get("not", _ABSENT)
     if isinstance(negated, dict):
         raise InvalidFilterError(f"filter field {key!r}: not takes a value or a list of values")
@@ -159,6 +167,42 @@ def check_filter_value(key: str, v: Any) -> None:
     )
 
 
+# The datetime strings both backends parse the same way (Python's fromisoformat, PostgreSQL's
+# timestamptz input); PostgreSQL's index function tests the same pattern (postgres_filters.py).
+ISO_DATETIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?(Z|[+-]\d{2}:\d{2})?$"
+_ISO = re.compile(ISO_DATETIME, re.ASCII)
+
+
+def datetime_epoch(value: Any) -> float | None:
+    """Seconds since 1970 of an ISO 8601 string (UTC when it has no offset); None otherwise."""
+    if not isinstance(value, str) or not _ISO.fullmatch(value):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:  # a date that does not exist (2026-02-30)
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def range_bounds(key: str, ranges: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """(datetime range?, bounds): string bounds become seconds since 1970."""
+    if all(_number(v) for v in ranges.values()):
+        return False, ranges
+    return True, {op: datetime_epoch(v) for op, v in ranges.items()}
+
+
+def check_filter_key(key: Any) -> str:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_FILTER_KEY_CHARS or _FORBIDDEN_CHARS.search(key):
+        raise InvalidFilterError(f"invalid filter field {shown(key)}")
+    return key
+
+
 FilterClause = tuple[str, "list[Any] | None", dict[str, Any], "list[Any] | None"]
 
 
@@ -178,12 +222,7 @@ def parse_filter(filter: Any) -> list[FilterClause]:
     clauses: list[FilterClause] = []
     total = 0
     for key, value in filter.items():
-        if (
-            not isinstance(key, str)
-            or not 0 < len(key) <= MAX_FILTER_KEY_CHARS
-            or _FORBIDDEN_CHARS.search(key)
-        ):
-            raise InvalidFilterError(f"invalid filter field {shown(key)}")
+        check_filter_key(key)
         equal: list[Any] | None = None
         ranges: dict[str, Any] = {}
         negated: list[Any] | None = None
@@ -210,13 +249,21 @@ def compile_filter(filter: Any) -> tuple[str, list[Any]]:
     Matching is type-aware: ``true`` never matches ``1``, ``null`` matches only an explicit
     null (not a missing field), and numbers compare by value (``1`` matches ``1.0``).
     Operators: ``{"gte": 10, "lt": 20}`` (numbers only: a field holding a string or nothing
-    does not match) and ``{"not": value | [values]}`` (every document the equality would not
-    match, a missing field included); they combine with AND.
+    does not match; with ISO 8601 string bounds, datetimes: only strings of that form match)
+    and ``{"not": value | [values]}`` (every document the equality would not match, a missing
+    field included); they combine with AND.
     """
-    clauses: list[str] = []
     params: list[Any] = []
+    conds = [c for clause in parse_filter(filter) for c in scan_clause(clause, params)]
+    return " AND ".join(conds), params
 
-    def equality(key: str, values: list[Any]) -> str:
+
+def scan_clause(clause: FilterClause, params: list[Any]) -> list[str]:
+    """SQLite conditions (ANDed) of one parsed clause, evaluated on each document's metadata
+    with ``json_each``; their parameters are appended to ``params``."""
+    key, equal, ranges, negated = clause
+
+    def equality(values: list[Any]) -> str:
         kinds: dict[str, list[Any]] = {"null": [], "true": [], "false": [], "number": [], "text": []}
         for v in values:
             if v is None or isinstance(v, bool):
@@ -231,19 +278,21 @@ def compile_filter(filter: Any) -> tuple[str, list[Any]]:
         # json_each decodes keys, so any key works (a '$."key"' path breaks on quotes/escapes).
         return f"EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND ({' OR '.join(conds)}))"
 
-    for key, equal, ranges, negated in parse_filter(filter):
-        if equal is not None:
-            clauses.append(equality(key, equal))
-        if ranges:
-            conds = " AND ".join(f"j.atom {RANGE_OPS[op]} ?" for op in ranges)
-            clauses.append(
-                "EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? "
-                f"AND j.type IN ('integer', 'real') AND {conds})"
-            )
-            params.extend([key, *ranges.values()])
-        if negated is not None:
-            clauses.append(f"NOT ({equality(key, negated)})")
-    return " AND ".join(clauses), params
+    clauses = []
+    if equal is not None:
+        clauses.append(equality(equal))
+    if ranges:
+        dated, bounds = range_bounds(key, ranges)
+        # llave_epoch: service.storage.sqlite_payload registers it on every connection
+        value, types = ("llave_epoch(j.atom)", "'text'") if dated else ("j.atom", "'integer', 'real'")
+        conds = " AND ".join(f"{value} {RANGE_OPS[op]} ?" for op in bounds)
+        clauses.append(
+            f"EXISTS (SELECT 1 FROM json_each(d.metadata) AS j WHERE j.key = ? AND j.type IN ({types}) AND {conds})"
+        )
+        params.extend([key, *bounds.values()])
+    if negated is not None:
+        clauses.append(f"NOT ({equality(negated)})")
+    return clauses
 
 
 # --- search and index options (both backends) ------------------------------------------------

@@ -20,13 +20,20 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.limits import INDEX_TYPES, RESCORE_FACTOR, RESCORE_MIN  # noqa: F401  (INDEX_TYPES re-exported)
+from service.limits import (
+    BINARY_RESCORE_FACTOR,
+    INDEX_TYPES,  # noqa: F401  (re-exported)
+    RESCORE_FACTOR,
+    RESCORE_MIN,
+)
 from service.vectors import normalised_rows  # noqa: F401  (re-exported: the one normalisation)
 
 # precision "sq8": the approximate index keeps each vector as 8-bit codes (FAISS scalar
 # quantizer QT_8bit, one trained min/max per dimension): a quarter of the memory. It finds
 # candidates; ``rescore`` recomputes their exact scores from SQLite's float32 vectors.
-PRECISIONS = ("float32", "sq8")
+# precision "binary" (HNSW only): the graph holds each vector's sign bits (``IndexBinaryHNSW``,
+# Hamming distance): 1/32 of the vectors' size; BINARY_RESCORE_FACTOR x k candidates are rescored.
+PRECISIONS = ("float32", "sq8", "binary")
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
     # ef_construction 160: a wider beam while building gives a better graph, so the default
@@ -76,6 +83,11 @@ def rescore(
     return out_scores[:, :width], out_labels[:, :width]
 
 
+def sign_bits(vectors: np.ndarray) -> np.ndarray:
+    """(n, ceil(dim / 8)) uint8: 1 where a component is > 0, first dimension highest."""
+    return np.packbits(np.asarray(vectors) > 0, axis=1)
+
+
 def _empty(nq: int) -> SearchResult:
     return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
 
@@ -111,7 +123,9 @@ class FlatIndex:
     def candidates(self, k: int) -> int:
         return k
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, **_plan: Any
+    ) -> SearchResult:
         k = min(k, len(self) if allowed is None else len(allowed))
         if k <= 0:
             return _empty(len(queries))
@@ -160,6 +174,7 @@ class ApproximateIndex:
         self._trained_on = 0
         self._nprobe = 1
         self.sq8 = options.get("precision") == "sq8"
+        self.binary = options.get("precision") == "binary"
         self._sq_trained: np.ndarray | None = None  # the scalar quantizer's trained ranges
         self._index: Any
         if kind == "hnsw" and not exact and not self.sq8:
@@ -170,7 +185,9 @@ class ApproximateIndex:
 
     def _make_hnsw(self, train: np.ndarray | None) -> None:
         m = int(self.options["m"])
-        if self.sq8:
+        if self.binary:
+            index = faiss.IndexBinaryHNSW(8 * -(-self.dim // 8), m)
+        elif self.sq8:
             index = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit, m, faiss.METRIC_INNER_PRODUCT)
             self._train_sq(index, faiss.downcast_index(index.storage), train)
         else:
@@ -194,11 +211,17 @@ class ApproximateIndex:
 
     @property
     def reduced(self) -> bool:
-        """Scores are approximate (sq8 codes): rescore ``candidates(k)`` hits."""
-        return self.sq8 and self._mode != "exact"
+        """Scores are approximate (sq8 codes, sign bits): rescore ``candidates(k)`` hits."""
+        return (self.sq8 or self.binary) and self._mode != "exact"
 
     def candidates(self, k: int) -> int:
-        return max(RESCORE_FACTOR * k, RESCORE_MIN) if self.reduced else k
+        factor = BINARY_RESCORE_FACTOR if self.binary else RESCORE_FACTOR
+        return max(factor * k, RESCORE_MIN) if self.reduced else k
+
+    @property
+    def _bits(self) -> bool:
+        """The FAISS index holds sign bits (queries and vectors are packed before it sees them)."""
+        return self.binary and self._mode != "exact"
 
     @classmethod
     def build(
@@ -242,6 +265,7 @@ class ApproximateIndex:
             "trained_on": self._trained_on,
             "nprobe": self._nprobe,
             "sq8": self.sq8,
+            "binary": self.binary,
         }
         return self._index, self._labels[: self._size].copy(), self._alive[: self._size].copy(), facts
 
@@ -276,6 +300,8 @@ class ApproximateIndex:
             ("ivf", False): faiss.IndexIVFFlat,
             ("ivf", True): faiss.IndexIVFScalarQuantizer,
         }[mode, index.sq8]
+        if index.binary:
+            expected = faiss.IndexBinaryHNSW
         if not isinstance(faiss_index, expected):
             raise ValueError(f"snapshot holds a {type(faiss_index).__name__}, not a {expected.__name__}")
         if index.sq8:
@@ -347,7 +373,7 @@ class ApproximateIndex:
             alive = np.zeros(cap, bool)
             alive[: self._size] = self._alive[: self._size]
             self._alive = alive
-        self._index.add(np.ascontiguousarray(vectors, np.float32))
+        self._index.add(sign_bits(vectors) if self._bits else np.ascontiguousarray(vectors, np.float32))
         last = self._labels[self._size - 1] if self._size else np.iinfo(np.int64).min
         self._ascending = self._ascending and labels[0] > last and bool(np.all(np.diff(labels) > 0))
         self._labels[self._size : need] = labels
@@ -374,6 +400,9 @@ class ApproximateIndex:
     def live_items(self) -> tuple[np.ndarray, np.ndarray]:
         """(labels, vectors) of every live entry, in insertion order."""
         positions = np.flatnonzero(self._alive[: self._size])
+        if self._bits:  # +-1 per bit: packing them again gives the very same codes
+            bits = np.unpackbits(self._codes()[positions], axis=1)[:, : self.dim]
+            return self._labels[positions].copy(), bits.astype(np.float32) * 2 - 1
         vectors = (
             self._index.reconstruct_batch(positions)
             if len(positions)
@@ -381,14 +410,32 @@ class ApproximateIndex:
         )
         return self._labels[positions].copy(), vectors
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+    def _codes(self) -> np.ndarray:
+        storage = faiss.downcast_IndexBinary(self._index.storage)
+        return faiss.vector_to_array(storage.xb).reshape(-1, storage.code_size)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        *,
+        exact: bool = False,
+        ef_search: int | None = None,
+    ) -> SearchResult:
+        """The ``k`` best live entries (of ``allowed`` labels, when given). ``exact``: scan
+        the selected entries instead of walking the graph / probing lists; ``ef_search``: the
+        HNSW beam for this search (default: the collection's option)."""
         positions = None if allowed is None else self._positions(np.asarray(allowed, np.int64))
         n_allowed = len(self._pos) if positions is None else len(positions)
         k = min(k, n_allowed)
         if k <= 0:
             return _empty(len(queries))
-        if positions is not None and len(positions) <= EXACT_SUBSET_MAX and self._mode != "exact":
+        small = positions is not None and len(positions) <= EXACT_SUBSET_MAX
+        if small and self._mode != "exact" and not self._bits:
             return self._exact(queries, k, positions)
+        if self._bits:  # Hamming distances of sign bits; the caller rescores the candidates
+            queries, exact = sign_bits(queries), exact or small
         if positions is None and not self.tombstones:
             mask = None
         elif positions is None:
@@ -398,15 +445,20 @@ class ApproximateIndex:
             mask[positions] = True
         bits = None if mask is None else np.packbits(mask, bitorder="little")
         selector = None if bits is None else faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(bits))
+        if exact and self._mode != "exact":
+            scores, found = self._exhaustive(queries, k, selector)
+            return scores, np.where(found >= 0, self._labels[np.maximum(found, 0)], -1)
         if self._mode == "hnsw":
             params = _faiss.SearchParametersHNSW(
-                sel=selector, efSearch=max(int(self.options["ef_search"]), k)
+                sel=selector, efSearch=max(int(ef_search or self.options["ef_search"]), k)
             )
         elif self._mode == "ivf":
             params = _faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe)
         else:
             params = _faiss.SearchParameters(sel=selector)
         scores, found = self._index.search(queries, k, params=params)
+        if self._bits:
+            scores = -scores.astype(np.float32)  # higher is better, as for inner products
         short = (found >= 0).sum(axis=1) < k
         if short.any():  # the approximate search came back with too few hits: scan everything instead
             scores[short], found[short] = self._exhaustive(queries[short], k, selector)
@@ -419,6 +471,10 @@ class ApproximateIndex:
             return self._index.search(
                 queries, k, params=_faiss.SearchParametersIVF(sel=selector, nprobe=self._index.nlist)
             )
+        if self._bits:
+            storage = faiss.downcast_IndexBinary(self._index.storage)
+            distances, found = storage.search(queries, k, params=_faiss.SearchParameters(sel=selector))
+            return -distances.astype(np.float32), found
         storage = faiss.downcast_index(self._index.storage) if self._mode == "hnsw" else self._index
         return storage.search(queries, k, params=_faiss.SearchParameters(sel=selector))
 

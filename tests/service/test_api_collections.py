@@ -375,6 +375,23 @@ def test_range_and_not_filters_over_http(srv):
         assert sorted(int(h["id"][1:]) for h in r.json()["hits"]) == [11, 13, 15, 17, 19]
         for bad in ({"price": {"between": [1, 2]}}, {"price": {"gte": "1"}}, {"price": {}}):
             assert c.post("/search", json={**query, "filter": bad}).status_code == 422
+        assert r.json()["scanned_keys"] == ["price", "tag"]  # no payload index yet
+        r = c.put("/collections/ranged", json={"indexes": {"price": "float", "when": "datetime"}})
+        assert r.status_code == 200, r.text
+        assert r.json()["indexes"] == {"price": "float", "when": "datetime"}
+        for _ in range(200):  # built in the background
+            info = c.get("/collections/ranged").json()
+            if not info["indexing"]:
+                break
+        assert info["indexing"] == [] and info["indexes"] == {"price": "float", "when": "datetime"}
+        r = c.post("/search", json={**query, "filter": f})
+        assert sorted(int(h["id"][1:]) for h in r.json()["hits"]) == [11, 13, 15, 17, 19]
+        assert r.json()["scanned_keys"] == ["tag"]
+        r = c.post("/search", json={**query, "filter": {"when": {"gte": "2026-01-01T00:00:00Z"}}})
+        assert r.status_code == 200 and r.json() == {"hits": [], "collection": "ranged", "scanned_keys": []}
+        for bad in ({"price": "vector"}, {"": "float"}, "price"):
+            r = c.put("/collections/ranged", json={"indexes": bad})
+            assert r.status_code == 422 and r.json()["error"]["type"], r.text
 
 
 # --- sources: text and thumbnails kept with the documents ------------------------------------------
@@ -517,3 +534,28 @@ def test_thumbnail_route_needs_the_api_key(guarded_server):
     with guarded_server.client() as c:
         r = c.get("/collections/guarded/documents/k/thumbnail")
         assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+
+
+def test_keyword_and_hybrid_modes_over_http(srv):
+    codes = ["QX-4821", "BT-1290", "LM-7733", "ZR-5150"]
+    docs = [
+        {"id": c, "text": f"hex bolt, part number {c}", "metadata": {"n": i}} for i, c in enumerate(codes)
+    ]
+    with srv.client() as c:
+        assert c.post("/collections/modes/documents", json={"documents": docs}).status_code == 200
+        base = {"collection": "modes", "k": 4, "include": ["text"]}
+        r = c.post("/search", json={**base, "query": {"text": "LM-7733", "mode": "keyword"}})
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["hits"]] == ["LM-7733"] and "LM-7733" in r.json()["hits"][0]["text"]
+        query = {"text": "LM-7733", "mode": "hybrid", "weights": {"vector": 1, "keyword": 2}}
+        r = c.post("/search", json={**base, "query": query, "filter": {"n": {"gte": 1}}})
+        hits = r.json()["hits"]
+        assert r.status_code == 200 and hits[0]["id"] == "LM-7733" and len(hits) == 3, r.text
+        assert hits[0]["keyword_score"] > 0 and -1 <= hits[0]["vector_score"] <= 1
+        vector = c.post("/search", json={**base, "query": {"text": "LM-7733"}, "filter": {"n": {"gte": 1}}})
+        rank = [h["id"] for h in vector.json()["hits"]].index("LM-7733") + 1
+        assert hits[0]["score"] == pytest.approx(2 / 61 + 1 / (60 + rank))
+        for bad in ({"mode": "keyword"}, {"text": " ", "mode": "hybrid"}, {"text": "x", "mode": "fuzzy"},
+                    {"text": "x", "mode": "hybrid", "weights": {"vector": -1}}):  # fmt: skip
+            r = c.post("/search", json={**base, "query": bad})
+            assert r.status_code == 422 and r.json()["error"]["type"], r.text

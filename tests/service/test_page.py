@@ -439,3 +439,31 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_the_mode_switch_finds_a_part_number_by_its_words(page_server, page):
+    """Keyword and hybrid modes find the one document whose text holds the typed part number
+    (the tiny model's random embedding cannot tell the parts apart)."""
+    codes = ["QX-4821", "BT-1290", "LM-7733", "ZR-5150", "KP-3306", "HV-9082"]
+    documents = [
+        {"id": f"bolt-{code}", "text": f"Hex bolt M8, zinc plated, part number {code}"} for code in codes
+    ]
+    with page_server.client() as client:
+        response = client.post("/collections/parts/documents", json={"documents": documents})
+        assert response.status_code == 200, response.text
+    page.goto(page_server.url + "/")
+    page.locator("#collection").select_option("parts")
+    assert page.locator("#query-mode option").evaluate_all("os => os.map(o => o.value)") == [
+        "vector", "keyword", "hybrid"
+    ]  # fmt: skip
+    for mode, expected in (("keyword", 1), ("hybrid", len(codes))):
+        page.locator("#query-mode").select_option(mode)
+        page.locator("#query-text").fill("LM-7733")
+        page.locator("#search-button").click()
+        page.wait_for_function(
+            f"document.querySelectorAll('#results .card').length === {expected} && "
+            "document.querySelector('#results .card').dataset.id === 'bolt-LM-7733'"
+        )
+    page.locator("#query-text").fill("")
+    page.locator("#search-button").click()
+    assert "type one" in page.locator("#message").text_content()

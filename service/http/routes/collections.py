@@ -97,8 +97,9 @@ def image_limits(request: Request) -> tuple[Any, Any]:
 async def create_collection(request: Request, name: str, body: CreateCollectionRequest) -> dict[str, Any]:
     """Collections are also created on their first upsert (flat index, the upsert's
     dimension, the default source options). Create one explicitly to choose an approximate
-    index (``hnsw``/``ivf``) or the source options (``store_source``, ``thumbnail_size``,
-    ``thumbnail_format``). Repeating the same request is fine; different index options give
+    index (``hnsw``/``ivf``), the source options (``store_source``, ``thumbnail_size``,
+    ``thumbnail_format``) or payload ``indexes`` (the metadata keys filters use; changeable,
+    built in the background: ``indexing`` lists those not ready yet). Repeating the same request is fine; different index options give
     409. Source options given for an existing collection change it (for documents stored from
     then on)."""
     store = get_store(request)
@@ -120,6 +121,7 @@ async def create_collection(request: Request, name: str, body: CreateCollectionR
         options=body.options,
         exist_ok=True,
         source=body.source_options() or None,
+        indexes=body.indexes,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
+from service.http.encodings import encode
 from service.http.routes.common import (
     ERROR_RESPONSES,
     VectorJSONResponse,
@@ -33,7 +34,9 @@ async def embed(
 ) -> JSONResponse:
     """One vector per input, in order. ``normalize: false`` returns the pooled hidden state
     before L2 normalisation; ``truncate: false`` refuses over-long inputs (413) instead of
-    cutting them as the authors do. Timing headers: ``x-llave-preprocess-ms``,
+    cutting them as the authors do. ``encoding_format``: ``float`` (default), ``base64``,
+    ``int8``, ``uint8``, ``binary``, ``ubinary``; ``embed_dtype``: ``float32``, ``float16``,
+    ``bfloat16`` (``service/http/encodings.py`` has the scale rules). Timing headers: ``x-llave-preprocess-ms``,
     ``x-llave-queue-ms``, ``x-llave-inference-ms``."""
     settings = get_settings(request)
     engine = get_engine(request)
@@ -43,7 +46,7 @@ async def embed(
         request, engine.embed(inputs, truncate=body.truncate, normalize=body.normalize)
     )
     content = {
-        "embeddings": result.embeddings.tolist(),
+        "embeddings": encode(result.embeddings, body.encoding_format, body.embed_dtype),
         "model": served_name(request),
         "dim": int(result.embeddings.shape[1]),
         "usage": result.usage,

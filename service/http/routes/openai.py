@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
+from service.http.encodings import encode
 from service.http.errors import InvalidRequestError, NotFoundError
 from service.http.routes.common import (
     ERROR_RESPONSES,
@@ -33,11 +32,6 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 _STARTED = int(time.time())
 
 
-def encode_base64(vector: np.ndarray) -> str:
-    """Little-endian float32 bytes, base64: what OpenAI's clients decode."""
-    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
-
-
 @router.post(
     "/embeddings",
     response_model=OpenAIEmbeddingResponse,
@@ -53,7 +47,8 @@ async def create_embeddings(
     with the same parts (one vector). Token ids are refused: they come from another
     tokenizer. ``model`` is optional (when given it must name the served model);
     ``encoding_format: base64`` returns each vector as base64 of its little-endian float32
-    bytes."""
+    bytes (``embed_dtype`` float16/bfloat16: those bytes); ``int8``, ``uint8``, ``binary``,
+    ``ubinary`` as Infinity and Cohere name them (``service/http/encodings.py``)."""
     settings = get_settings(request)
     engine = get_engine(request)
     if body.model is not None and not engine.accepts_model_name(body.model):
@@ -68,12 +63,11 @@ async def create_embeddings(
     if body.dimensions is not None and body.dimensions != engine.dim:
         raise InvalidRequestError(f"dimensions: this model only produces {engine.dim}-dimensional vectors")
     result = await cancel_on_disconnect(request, engine.embed(inputs, truncate=True, normalize=True))
-    encode: Any = encode_base64 if body.encoding_format == "base64" else (lambda v: v.tolist())
+    vectors = encode(result.embeddings, body.encoding_format, body.embed_dtype)
     content = {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": i, "embedding": encode(vector)}
-            for i, vector in enumerate(result.embeddings)
+            {"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)
         ],
         "model": served_name(request),
         "usage": {

@@ -13,7 +13,14 @@ from service import limits
 from service.http.errors import PayloadTooLargeError
 from service.http.routes.collections import RESPONSES, get_store
 from service.http.routes.common import cancel_on_disconnect, get_engine, get_settings, timing_headers
-from service.http.schemas import SEARCH_EXAMPLES, SearchRequest, SearchResponse, VectorQuery
+from service.http.schemas import (
+    SEARCH_EXAMPLES,
+    HybridWeights,
+    SearchRequest,
+    SearchResponse,
+    VectorQuery,
+)
+from service.storage.hybrid import hybrid_search
 from service.storage.sources import Thumbnail
 
 router = APIRouter(tags=["search"])
@@ -51,7 +58,11 @@ async def search(
     thumbnail (a ``data:`` URI), null where the document has none; when that is a video's
     first frame, ``video_seconds`` gives the video's duration. With ``include``, ``k``
     is at most ``max_k_with_sources`` and the texts and thumbnails of one answer at most
-    ``max_search_response_bytes`` (both in ``/info``; 413 beyond either)."""
+    ``max_search_response_bytes`` (both in ``/info``; 413 beyond either). ``query.mode``:
+    ``vector`` (default), ``keyword`` (the stored texts holding the query's words) or
+    ``hybrid`` (both rankings fused by reciprocal rank fusion, ``query.weights``).
+    ``scanned_keys``: the filter's keys that no payload index serves (filtered by a scan of
+    every document)."""
     store = get_store(request)
     if body.include and body.k > limits.MAX_K_WITH_SOURCES:
         raise PayloadTooLargeError(
@@ -60,7 +71,10 @@ async def search(
         )
     headers: dict[str, str] = {}
     query: Any
-    if isinstance(body.query, VectorQuery):
+    mode = getattr(body.query, "mode", "vector")
+    if mode == "keyword":
+        query = None
+    elif isinstance(body.query, VectorQuery):
         query = body.query.vector  # the store reads it as float64 and refuses float32 overflow
     else:
         # Check the collection first: an unknown one should not cost a forward pass.
@@ -72,8 +86,25 @@ async def search(
         )
         query = result.embeddings[0]
         headers = timing_headers(result)
-    hits: list[dict[str, Any]] = await asyncio.to_thread(
-        store.search, body.collection, query, k=body.k, filter=body.filter, include=body.include
+    hits: list[dict[str, Any]]
+    if mode == "vector":
+        hits = await asyncio.to_thread(
+            store.search, body.collection, query, k=body.k, filter=body.filter, include=body.include
+        )
+    elif mode == "keyword":
+        hits = await asyncio.to_thread(
+            store.keyword_search, body.collection, body.query.text, body.k, body.filter, include=body.include
+        )
+    else:
+        weights = body.query.weights or HybridWeights()
+        hits = await asyncio.to_thread(
+            hybrid_search, store, body.collection, query, body.query.text, body.k, body.filter,
+            weights=(weights.vector, weights.keyword), include=tuple(body.include),
+        )  # fmt: skip
+    scanned = (
+        (await asyncio.to_thread(store.search_plan, body.collection, body.filter))["scanned"]
+        if body.filter
+        else []
     )
     if "thumbnail" in body.include:
         for hit in hits:
@@ -82,4 +113,6 @@ async def search(
             if thumb is not None and thumb.seconds is not None:
                 hit["video_seconds"] = thumb.seconds  # the thumbnail is a video's first frame
     check_response_size(hits, get_settings(request).max_search_response_bytes)
-    return JSONResponse({"hits": hits, "collection": body.collection}, headers=headers)
+    return JSONResponse(
+        {"hits": hits, "collection": body.collection, "scanned_keys": scanned}, headers=headers
+    )

@@ -214,7 +214,13 @@ async function search(event) {
     showMessage("Type a text or add an image or a video to search.");
     return;
   }
+  const mode = $("query-mode").value;
+  if (mode !== "vector" && !text) {
+    showMessage("Keyword and hybrid search match the words of a text: type one.");
+    return;
+  }
   const query = {};
+  if (mode !== "vector") query.mode = mode;
   if (text) query.text = text;
   if (state.media) query[state.media.kind] = state.media.data;
   // A video alone is embedded as the stored clips are, so that the same clip finds itself.
