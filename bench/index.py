@@ -221,7 +221,10 @@ def index_bytes(store: Any, name: str) -> dict[str, Any]:
     inner = getattr(index, "_index", None)
     if inner is None:  # FlatIndex
         inner = index._index
-    return {"index_bytes": int(faiss.serialize_index(inner).nbytes), "mode": getattr(index, "mode", "flat")}
+    serialize = (
+        faiss.serialize_index_binary if isinstance(inner, faiss.IndexBinary) else faiss.serialize_index
+    )
+    return {"index_bytes": int(serialize(inner).nbytes), "mode": getattr(index, "mode", "flat")}
 
 
 def pg_drop_index(store: Any, name: str) -> str | None:

@@ -71,6 +71,8 @@ def test_upsert_inputs_and_search_equals_exact_search(srv, tiny_checkpoint):
             "store_source": True,
             "thumbnail_size": 256,
             "thumbnail_format": "webp",
+            "indexes": {},  # no payload index declared
+            "indexing": [],
         }
         # Sources: the text parts (joined by newlines, the instruction left out), one thumbnail per image.
         kept = {d["id"]: c.get(f"/collections/e2e/documents/{d['id']}").json() for d in docs}

@@ -123,7 +123,7 @@ def test_empty_inputs_are_422(client, body):
 
 
 @pytest.mark.parametrize(
-    "body", [{"input": []}, {"input": [1, 2, 3]}, {"input": "x", "encoding_format": "int8"}]
+    "body", [{"input": []}, {"input": [1, 2, 3]}, {"input": "x", "encoding_format": "int4"}]
 )
 def test_openai_bad_inputs_are_422(client, body):
     assert_error(client.post("/v1/embeddings", json=body), 422)

@@ -177,7 +177,7 @@ def test_token_ids_are_refused_with_the_reason_and_the_fix(client, ids):
     [
         ("/v1/embeddings", {"input": [{"text": 5}]}, "input[0].text must be a string, got 5"),
         ("/v1/embeddings", {"input": 5}, "input must be a string, got 5"),
-        ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format must be 'float' or"),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "int4"}, "encoding_format must be 'float',"),
         ("/embed", {"inputs": [{"text": "a", "colour": "red"}]}, "inputs[0].colour is not a field"),
         ("/embed", {"inputs": [{"content": [{"type": "audio"}]}]}, "inputs[0].content[0] has type 'audio'"),
         ("/embed", {"inputs": [{"content": [{"type": "video"}]}]}, "inputs[0].content[0].video is required"),

@@ -210,13 +210,13 @@ async function search(event) {
     showMessage("Choose a collection first (or add images to a new one below).");
     return;
   }
-  if (!text && !state.media) {
-    showMessage("Type a text or add an image or a video to search.");
-    return;
-  }
   const mode = $("query-mode").value;
   if (mode !== "vector" && !text) {
     showMessage("Keyword and hybrid search match the words of a text: type one.");
+    return;
+  }
+  if (!text && !state.media) {
+    showMessage("Type a text or add an image or a video to search.");
     return;
   }
   const query = {};
