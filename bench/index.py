@@ -5,10 +5,13 @@
     python bench/index.py --sizes 10000 --modes store,http
     python bench/index.py --sizes 100000 --indexes flat,hnsw,hnsw:sq8 --modes store --no-reload
     python bench/index.py --store postgres --sizes 100000 --indexes flat,hnsw,hnsw:halfvec
+    python bench/index.py --sizes 100000 --indexes flat,hnsw:binary,hnsw,hnsw:sq8 --modes store \
+        --no-reload --queries 200 --recall-queries 200 --filter-queries 100 --tag 100k-selectivity
 
 For each size n (vectors of dim 896, like LLaVE-0.5B) and each index type (flat = exact,
 hnsw and ivf = approximate; ``kind:precision`` for a reduced-precision index, ``sq8`` on the
-embedded store, ``halfvec`` on PostgreSQL, whose candidates are rescored exactly):
+embedded store, ``halfvec`` on PostgreSQL, ``binary`` (sign bits, Hamming distance) on
+both, whose candidates are rescored exactly):
 
 1. upsert n clustered unit vectors (a Gaussian mixture: 1,000 centres with Zipf-like
    weights, each point ``centre + noise`` with cos(point, centre) ~ 0.7, then normalised)
@@ -17,9 +20,11 @@ embedded store, ``halfvec`` on PostgreSQL, whose candidates are rescored exactly
 2. search: ``--queries`` held-out queries from the same mixture, one at a time
    (latency p50/p99, single-thread QPS) and from ``--threads`` threads at once (QPS);
    recall@10 of the approximate indexes against the flat index's answers (which are exact);
-   filtered search (each document has ``{"g": i % 100}``): ``{"g": 7}`` selects 1% and
-   ``{"g": [0..9]}`` 10% of the collection; latency p50/p99 and recall@10 against the flat
-   index's filtered answers;
+   filtered search (each document has ``{"g": i % 100, "s": i % 1000}``, both declared as
+   integer payload indexes unless ``--no-payload-index``): ``{"s": 7}`` selects 0.1%,
+   ``{"g": 7}`` 1%, ``{"g": [0..9]}`` 10% and ``{"g": {"lt": 50}}`` 50% of the collection;
+   latency p50/p99 and recall@10 against the flat index's filtered answers (the last table
+   printed: one row per index and selectivity, with the index's bytes per vector);
    the index's size: the serialized FAISS index (embedded; its arrays as held in memory) or
    ``pg_relation_size`` of the vector index (PostgreSQL), per million vectors;
 3. reload: close the store, open it again in a fresh subprocess and time ``open`` (the

@@ -84,6 +84,7 @@ MAX_EF_SEARCH = 1000  # the search beam a filtered HNSW walk may grow to (pgvect
 # reciprocal rank fusion's constant (60, as in Cormack et al. and most search engines).
 HYBRID_CANDIDATES = 100
 RRF_K = 60
+MAX_QUERY_WORDS = 64  # distinct words of a keyword query kept (the rest are ignored)
 
 
 def image_limits(settings: object | None = None) -> dict[str, int | float]:

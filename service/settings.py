@@ -444,6 +444,8 @@ class Settings(BaseSettings):
             "max_k": limits.MAX_K,
             "max_k_with_sources": limits.MAX_K_WITH_SOURCES,
             "max_metadata_bytes": limits.MAX_METADATA_BYTES,
+            "max_payload_indexes": limits.MAX_PAYLOAD_INDEXES,
+            "max_query_words": limits.MAX_QUERY_WORDS,
             "request_timeout_s": self.request_timeout_s,
             "image_urls": bool(self.image_url_allow_hosts),
             "max_connections": self.max_connections,

@@ -15,17 +15,21 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from service.limits import HYBRID_CANDIDATES, MAX_K, RRF_K
+from service.limits import HYBRID_CANDIDATES, MAX_K, MAX_QUERY_WORDS, RRF_K
+from service.storage.errors import InvalidParameterError
 
 _WORD = re.compile(r"\w+")
 
 
-def query_words(text: str) -> list[str]:
-    """The words of a keyword query, lower-cased, each once, in order (at most 64)."""
+def query_words(text: Any) -> list[str]:
+    """The words of a keyword query, lower-cased, each once, in order (at most
+    ``MAX_QUERY_WORDS``); a query that is not a string is refused."""
+    if not isinstance(text, str):
+        raise InvalidParameterError("a keyword query is a string")
     seen: dict[str, None] = {}
     for word in _WORD.findall(text.lower()):
         seen.setdefault(word, None)
-    return list(seen)[:64]
+    return list(seen)[:MAX_QUERY_WORDS]
 
 
 def fts5_query(words: list[str]) -> str:

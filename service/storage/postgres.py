@@ -1002,8 +1002,6 @@ class PostgresCollectionStore(postgres_payload.PostgresPayloadIndexes):
         include = check_include(include)
         check_collection_name(name)
         check_k(k, self.max_k)
-        if not isinstance(text, str):
-            raise InvalidParameterError("a keyword query is a string")
         words = [w for w in query_words(text) if "\x00" not in w]
         with self._conn("search", read=True) as conn, conn.transaction():
             row = self._require(conn, name)

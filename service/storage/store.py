@@ -845,10 +845,8 @@ class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
         include = check_include(include)
         self._get(name)
         check_k(k, self.max_k)
-        if not isinstance(text, str):
-            raise InvalidParameterError("a keyword query is a string")
-        where, params, _ = self._compile_filter(name, filter)
         words = query_words(text)
+        where, params, _ = self._compile_filter(name, filter)
         if not words or not self._has_text_index:
             return []
         rows = self._read(
