@@ -47,7 +47,6 @@ if os.environ.get("LLAVE_BENCH_GC_DIR"):
             data = {
                 "pid": os.getpid(),
                 "title": _title(),
-                "frozen": gc.get_freeze_count(),
                 "threshold": gc.get_threshold(),
                 "collections": dict(enumerate(_counts)),
                 "cpu_s": dict(enumerate(_cpu)),

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.gcfreeze import freeze_long_lived
 from service.inference import ipc
 from service.inference.engine import EngineInfo
 from service.inference.errors import EngineDiedError, EngineUnavailableError
@@ -116,6 +117,7 @@ class EngineConnection:
             return
         if info is not None:
             self.engine = info
+            freeze_long_lived()  # the model core is imported and the preprocessor here now
 
     async def _receive(self) -> None:
         while True:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.gcfreeze import freeze_long_lived
 from service.inference import ipc
 from service.inference.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
 from service.inference.config import EngineConfig
@@ -183,6 +184,7 @@ class EngineCore:
                 c.max_batch_tokens,
                 emb.max_length,
             )
+        freeze_long_lived()  # the model, loaded and warm, is kept for the process's life
         self._set_state(ipc.READY)
         logger.info(
             "model ready: %s on %s, dtype %s, dim %d, max length %d (loaded in %.1f s, "
