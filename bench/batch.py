@@ -1,7 +1,8 @@
 """The batch job (``python -m service.batch``) against the in-process offline forward.
 
     python bench/batch.py                      # LLaVE-0.5B-shaped random checkpoint, texts and images
-    python bench/batch.py --texts 256 --images 0 --preset tiny
+    python bench/batch.py --quick              # tiny checkpoint, 64 texts, 8 images (smoke check)
+    python bench/batch.py --preprocess-only    # the CPU stage alone: CPU ms and bytes per item
     python bench/batch.py --checkpoint PATH --device cuda --dtype bfloat16   # on a GPU machine
 
 For each kind of input (40-token texts in a JSON-lines file; 384x384 JPEG files in a folder):
@@ -17,8 +18,10 @@ For each kind of input (40-token texts in a JSON-lines file; 384x384 JPEG files 
 
 The job's own accounting (summary fields) splits its wall time: the actor's start-up (Ray
 worker, imports, model load), the time to the first finished block, forwards, preprocessing
-and writes (those two run beside the forwards). Results: a table and
-``bench/results/batch[-TAG].json``.
+and writes (those two run beside the forwards); "other" is the job's wall time less the
+first block and the forwards after it: scheduling, serialisation and waiting that nothing
+overlapped. The load average before and after is printed with the table (the machine may
+be shared). Results: a table and ``bench/results/batch[-quick][-TAG].json``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ensure_checkpoint, log, machine_info, make_images, make_texts, table, write_results
+from common import (
+    ensure_checkpoint,
+    load_average,
+    log,
+    machine_info,
+    make_images,
+    make_texts,
+    table,
+    write_results,
+)
 
 
 def _corpus(kind: str, n: int, checkpoint: Path, root: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -101,6 +113,44 @@ def _job(checkpoint: Path, source: str, out: Path, args: argparse.Namespace) -> 
     return {"seconds": seconds, "items_per_s": summary.items / seconds, "summary": summary.as_dict()}
 
 
+def _preprocess_cost(checkpoint: Path, inputs: list[dict[str, Any]]) -> dict[str, float]:
+    """What the CPU stage costs per item (``model.Preprocessor``, as ``prepare_block`` runs it)
+    and what each prepared item weighs on its way to the model actor (pickled)."""
+    import pickle
+
+    from model import load_preprocessor
+
+    pre = load_preprocessor(checkpoint)
+    pre.preprocess(inputs[0])  # warm-up
+    cpu, wall = time.process_time(), time.perf_counter()
+    prepared = [pre.preprocess(x) for x in inputs]
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    size = sum(len(pickle.dumps(p, protocol=5)) for p in prepared)
+    return {
+        "cpu_ms_per_item": 1000 * cpu / len(inputs),
+        "wall_ms_per_item": 1000 * wall / len(inputs),
+        "bytes_per_item": size / len(inputs),
+    }
+
+
+def preprocess_only(checkpoint: Path, args: argparse.Namespace) -> None:
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "args": vars(args) | {"checkpoint": str(checkpoint)},
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-batch-pre-") as tmp:
+        for kind, n in (("text", args.texts), ("image", args.images)):
+            if n > 0:
+                _, inputs = _corpus(kind, n, checkpoint, Path(tmp))
+                results[kind] = _preprocess_cost(checkpoint, inputs) | {"items": n}
+                rows.append({"kind": kind, **results[kind]})
+    results["load_average_at_end"] = load_average()
+    load = f"load average {results['machine']['load_average_at_start'][0]:.1f} -> {results['load_average_at_end'][0]:.1f}"
+    print(table(rows, list(rows[0]), title=f"the CPU stage per item ({checkpoint.name}; {load})"))
+    write_results("batch-preprocess" + (f"-{args.tag}" if args.tag else ""), results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,11 +164,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny checkpoint, 64 texts, 8 images, blocks of 8"
+    )
+    parser.add_argument(
+        "--preprocess-only",
+        action="store_true",
+        help="only the CPU stage's cost per item (no Ray, no forward)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.preset, args.texts, args.images, args.block_size, args.batch_size = "tiny", 64, 8, 8, 8
+    checkpoint = args.checkpoint or ensure_checkpoint(args.preset)
+    if args.preprocess_only:
+        return preprocess_only(checkpoint, args)
 
     import ray
 
-    checkpoint = args.checkpoint or ensure_checkpoint(args.preset)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     import ray.data
 
@@ -140,6 +202,8 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
         offline_rate = (before["items_per_s"] + after["items_per_s"]) / 2
         s = job["summary"]
+        steady = s["items"] - args.block_size  # after the first block (one block's items)
+        after_first = job["seconds"] - s["first_block_seconds"]
         point = {
             "kind": kind,
             "items": n,
@@ -149,9 +213,11 @@ def main() -> None:
             "job_seconds": job["seconds"],
             "ratio": job["items_per_s"] / offline_rate,
             # without the one-off start-up (to the first finished block): the rate of a long job
-            "ratio_after_first_block": (s["items"] - args.block_size)
-            / max(job["seconds"] - s["first_block_seconds"], 1e-9)
-            / offline_rate,
+            "ratio_after_first_block": steady / after_first / offline_rate
+            if steady > 0 and after_first > 0
+            else None,
+            # wall time after the first block not spent in forwards (the actor is the bottleneck)
+            "other_seconds": max(after_first - s["forward_seconds"] * steady / max(s["items"], 1), 0.0),
             "summary": s,
         }
         results[kind] = point
@@ -169,17 +235,21 @@ def main() -> None:
                 "forward s": s["forward_seconds"],
                 "prepare s": s["prepare_seconds"],
                 "write s": s["write_seconds"],
+                "other s": point["other_seconds"],
             }
         )
     ray.shutdown()
+    results["load_average_at_end"] = load_average()
+    load = f"load average {results['machine']['load_average_at_start'][0]:.1f} -> {results['load_average_at_end'][0]:.1f} on {os.cpu_count()} cores"
     print(
         table(
             rows,
             list(rows[0]),
-            title=f"batch job vs offline ({checkpoint.name}, {args.device}, {args.dtype})",
+            title=f"batch job vs offline ({checkpoint.name}, {args.device}, {args.dtype}; {load})",
         )
     )
-    write_results("batch" + (f"-{args.tag}" if args.tag else ""), results)
+    name = "batch" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    write_results(name, results)
 
 
 if __name__ == "__main__":

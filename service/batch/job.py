@@ -25,6 +25,8 @@ from service.batch.stages import EmbedBlocks, JobSpec, finish_block, prepare_blo
 
 logger = logging.getLogger("llave.batch")
 
+CPU_TASK_MAX_CALLS = 256  # blocks a read/preprocess worker process runs before it is replaced
+
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterOptions:
@@ -187,19 +189,23 @@ def _results(ray: Any, todo: list[Block], job: JobSpec, cluster: ClusterOptions,
     import ray.data
 
     ds = ray.data.from_items([{"block": b.to_json()} for b in todo], override_num_blocks=len(todo))
-    ds = ds.map(prepare_block, fn_kwargs={"job": job}, num_cpus=cluster.cpus_per_task)
+    # A read/preprocess worker process is replaced after CPU_TASK_MAX_CALLS blocks, which bounds
+    # what decoders may leak over a long job. Its own remote arguments also keep this stage
+    # apart from the actor stage: Ray fuses a task stage into the actor stage after it when
+    # both ask for the same resources (CPU actors), and preprocessing would then run inside
+    # the model's process, in turn with the forwards.
+    ds = ds.map(
+        prepare_block, fn_kwargs={"job": job}, num_cpus=cluster.cpus_per_task, max_calls=CPU_TASK_MAX_CALLS
+    )
+    # Ray Data restarts a dead actor and retries its blocks (an actor pool's max_restarts and
+    # max_task_retries default to -1; exactly-once relies on it, and the sinks make a retried
+    # block replace itself).
     ds = ds.map(
         EmbedBlocks,
         fn_constructor_kwargs={"job": job},
         compute=ray.data.ActorPoolStrategy(size=summary.actors),
         num_gpus=summary.gpus_per_actor or None,
         num_cpus=cluster.cpus_per_actor,
-        # A dead actor is restarted and its blocks are retried (Ray Data's defaults, stated
-        # here because exactly-once depends on them). Stating them also keeps this stage
-        # apart from the CPU stage before it, which Ray would otherwise fuse into the actor
-        # when both ask for the same resources (CPU actors), leaving no overlap.
-        max_restarts=-1,
-        max_task_retries=-1,
     )
     if job.sink.parallel:
         ds = ds.map(finish_block, fn_kwargs={"job": job}, num_cpus=cluster.cpus_per_task)
