@@ -356,7 +356,7 @@ def test_killed_actor_is_retried_without_duplicates(ray_cluster, batch_faults, t
     """The model actor SIGKILLs its own process in the middle of its third block (once: the
     actor Ray restarts runs normally): Ray retries the blocks it held, the rest run in the
     new process, and every id is in the output once."""
-    n = 60
+    n = 16  # 8 blocks: two before the kill, the rest after it
     _text_rows(tmp_path / "docs.jsonl", n)
     out = str(tmp_path / "out")
     job = _job(
@@ -381,7 +381,7 @@ def test_killed_actor_is_retried_without_duplicates(ray_cluster, batch_faults, t
 def test_killed_driver_resumes_from_the_manifest(ray_cluster, batch_faults, tiny_checkpoint, tmp_path):
     """The first run's model actor holds its third block; the test SIGKILLs the driver once
     the two blocks before it are in the manifest. The rerun skips those two and finishes."""
-    n = 80
+    n = 12  # one item per block
     _text_rows(tmp_path / "docs.jsonl", n)
     with (tmp_path / "docs.jsonl").open("a") as f:
         f.write('{"id": "bad", "text": 3}\n')  # a bad item: the exit status says so
