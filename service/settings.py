@@ -122,7 +122,7 @@ class Settings(BaseSettings):
         le=64,
         description="HTTP front-end processes (HTTP, validation, image decoding, tokenising); the "
         "model runs in its own engine processes (one per device) that they all feed. Default: a quarter of the cores, "
-        "from 1 to 8; 1 keeps one front end on small machines.",
+        "from 2 to 8 (1 on a single core).",
     )
     engine_restarts: int = Field(
         3,
@@ -462,9 +462,12 @@ def configure_logging(level: str) -> None:
 
 
 def default_api_workers(cores: int) -> int:
-    """A quarter of the cores, from 1 to 8: the engine process, the preprocessing threads
-    and the clients of a benchmark on the same host need the rest."""
-    return max(1, min(8, cores // 4))
+    """A quarter of the cores, from 2 to 8 (1 on a single core): the engine processes, the
+    preprocessing threads and the clients of a benchmark on the same host need the rest.
+    At least two where there are two cores: one front end's CPU per request is about the
+    engine's own, so a single one kept the engine's batches small (measured on 2 cores:
+    bench/README.md, "Profile of one request")."""
+    return max(min(2, cores), min(8, cores // 4))
 
 
 def default_served_name(model: str) -> str:

@@ -115,6 +115,7 @@ def check_read_only_data_dir(checkpoint: Path, workdir: Path) -> dict[str, Any]:
         remount(disk, "ro")
         before = {p: (disk / p).stat().st_mtime_ns for p in files_under(disk)}
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVE_")}
+        env["LLAVE_API_WORKERS"] = "1"  # the store opens in the server process itself
         command = [
             sys.executable, "-m", "service", "--model", str(checkpoint), "--port", str(free_port()),
             "--data-dir", str(disk / "data"), "--log-level", "warning",

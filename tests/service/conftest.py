@@ -73,6 +73,9 @@ class Server:
         self.gate: Gate | None = None  # set by fixtures whose server can hold a batch
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         full_env = {k: v for k, v in full_env.items() if not k.startswith("LLAVE_")}
+        # One front end unless a test asks for more (--api-workers wins over the variable):
+        # the tests were written for it, and each front end more costs a start-up per server.
+        full_env["LLAVE_API_WORKERS"] = "1"
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         # Faults are injected by a test-only launcher (tests/service/faults.py).

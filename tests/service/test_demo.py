@@ -27,6 +27,7 @@ def _start(tmp_path, port):
             "LLAVE_DEMO_STEPS": "3",
             "HF_HUB_OFFLINE": "1",
             "LLAVE_LOG_LEVEL": "warning",
+            "LLAVE_API_WORKERS": "1",  # one front end, as on the machines the test was timed on
         }
     )
     log = open(tmp_path / f"demo-{port}.log", "w")  # noqa: SIM115 (closed by the caller)

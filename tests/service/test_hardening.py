@@ -141,7 +141,7 @@ def test_no_answer_shows_the_checkpoint_path(client, tiny_checkpoint):
 
 
 def test_a_small_queue_lowers_the_default_request_limit_with_a_warning(monkeypatch):
-    s = load_settings(["--model", "m", "--max-queue", "8"])
+    s = load_settings(["--model", "m", "--max-queue", "8", "--api-workers", "1"])  # one share: one warning
     assert (s.max_queue, s.max_inputs_per_request) == (8, 8)
     assert len(s.adjustments) == 1 and "max_inputs_per_request" in s.adjustments[0]
     assert Settings(model="m").adjustments == []  # nothing to adjust by default
@@ -163,7 +163,8 @@ def test_the_cli_logs_the_adjustment_and_hands_uvicorn_the_limits(monkeypatch, c
     seen = {}
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(config=self.config))
     with caplog.at_level(logging.WARNING, logger="llave.main"), pytest.raises(SystemExit) as exited:
-        main(["--model", "m", "--max-queue", "8", "--max-connections", "7", "--header-timeout-s", "2"])
+        main(["--model", "m", "--max-queue", "8", "--max-connections", "7", "--header-timeout-s", "2",
+              "--api-workers", "1"])  # fmt: skip
     assert exited.value.code == 0
     assert any("lowered from its default 128 to max_queue (8)" in r.getMessage() for r in caplog.records)
     limits = seen["config"].http.limits

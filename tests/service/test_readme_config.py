@@ -20,7 +20,7 @@ HEADER = "| flag | env var | default | meaning |"
 SHOWN_DEFAULTS = {
     "model": "required (`make serve`: the demo model)",
     "preprocess_workers": "`cores, at most 8`",
-    "api_workers": "`cores / 4, from 1 to 8`",
+    "api_workers": "`cores / 4, from 2 to 8 (1 on one core)`",
     "data_dir": "`./data`",
 }
 

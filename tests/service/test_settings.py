@@ -109,7 +109,9 @@ def test_invalid_settings_are_refused(kwargs):
         Settings(model="m", **kwargs)
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (64, 8), (256, 8)])
+@pytest.mark.parametrize(
+    ("cores", "workers"), [(1, 1), (2, 2), (7, 2), (8, 2), (12, 3), (16, 4), (64, 8), (256, 8)]
+)
 def test_api_workers_default_to_a_quarter_of_the_cores(cores, workers):
     assert default_api_workers(cores) == workers
 
