@@ -5,7 +5,8 @@ or from the scan that evaluated the filter):
 
 - ``exact``: when the matches hold at most ``EXACT_SCAN_BUDGET`` vector components, the
   matching rows are scored exactly (a FAISS scan that skips the others through a bitmap);
-  cost proportional to ``m``, recall 1.
+  cost proportional to ``m``, recall 1 (a binary index scans the sign bits and the best
+  ``BINARY_EXACT_RESCORE`` matches by Hamming distance are rescored from float32).
 - ``postfilter``: otherwise the approximate index proposes the ``POSTFILTER_OVERSAMPLE *
   k * n / m`` best documents of the whole collection (the beam widened to match) and the
   filter checks them (a lookup of those row ids, not of every match); when at least ``k``
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.limits import (
+    BINARY_EXACT_RESCORE,
     EXACT_SCAN_BUDGET,
     MAX_EF_SEARCH,
     POSTFILTER_MAX_CANDIDATES,
@@ -59,6 +61,8 @@ def search_filtered(
     if m == 0:
         return _empty(len(queries)), "exact"
     if m * index.dim <= EXACT_SCAN_BUDGET:
+        if index.binary and index.reduced:  # Hamming scan: more of the matches get exact scores
+            k = min(m, max(k, BINARY_EXACT_RESCORE))
         return index.search(queries, k, allowed(), exact=True), "exact"
     ef = int(index.options.get("ef_search") or 0)
     want = math.ceil(POSTFILTER_OVERSAMPLE * k * n / m)
