@@ -76,11 +76,18 @@ def rescore(
     for i in range(nq):
         ok = labels[i] >= 0
         cand = labels[i][ok]
-        exact = stored[rows[i][ok]] @ queries[i]
+        exact = _products(queries[i : i + 1], stored[rows[i][ok]])[0]
         top = np.lexsort((cand, -exact))[:k]  # best first, ties by label
         out_scores[i, : len(top)], out_labels[i, : len(top)] = exact[top], cand[top]
     width = int((out_labels >= 0).sum(axis=1).max())
     return out_scores[:, :width], out_labels[:, :width]
+
+
+def _products(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(nq, m) inner products of a few queries with ``vectors``, in numpy's own loops: BLAS
+    would split so small a product over its threads, and on a busy machine waiting for them
+    took 10-20 ms where the product takes 0.1 (measured on the 2 shared cores)."""
+    return np.einsum("ij,kj->ik", queries, vectors)
 
 
 def sign_bits(vectors: np.ndarray) -> np.ndarray:
@@ -498,7 +505,7 @@ class ApproximateIndex:
 
     def _exact_positions(self, queries: np.ndarray, k: int, positions: np.ndarray) -> SearchResult:
         vectors = self._index.reconstruct_batch(positions)
-        scores = queries @ vectors.T  # (nq, m)
+        scores = _products(queries, vectors)  # (nq, m)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, top, axis=1).astype(np.float32), positions[top]
 
