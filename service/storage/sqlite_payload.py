@@ -96,36 +96,53 @@ def ready(state: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {key: entry["type"] for key, entry in state.items() if entry["ready"]}
 
 
-def _indexed_clause(name: str, kind: str, clause: FilterClause, params: list[Any]) -> list[str]:
+def _indexed_clause(
+    name: str, kind: str, clause: FilterClause, params: list[Any], per_row: bool = False
+) -> list[str]:
     key, equal, ranges, negated = clause
-    lookup = "SELECT row_id FROM payload_values WHERE collection = ? AND key = ? AND "
+    if per_row:  # each document's own entries (index payload_values_row): for a few given rows
+        lookup = (
+            "SELECT 1 FROM payload_values AS p INDEXED BY payload_values_row "
+            "WHERE p.row_id = d.row_id AND collection = ? AND key = ? AND "
+        )
+        has, has_not = "EXISTS (", "NOT EXISTS ("
+    else:  # the matching entries, read from payload_values_lookup: for all the matches
+        lookup = "SELECT row_id FROM payload_values WHERE collection = ? AND key = ? AND "
+        has, has_not = "d.row_id IN (", "d.row_id NOT IN ("
     conds = []
     if equal is not None:
-        conds.append(f"d.row_id IN ({lookup}value IN ({', '.join('?' * len(equal))}))")
+        conds.append(f"{has}{lookup}value IN ({', '.join('?' * len(equal))}))")
         params.extend([name, key, *equal])
     if ranges:
         _, bounds = range_bounds(key, ranges)
-        conds.append(f"d.row_id IN ({lookup}{' AND '.join(f'value {RANGE_OPS[op]} ?' for op in bounds)})")
+        conds.append(f"{has}{lookup}{' AND '.join(f'value {RANGE_OPS[op]} ?' for op in bounds)})")
         params.extend([name, key, *bounds.values()])
     if negated is not None:
-        conds.append(f"d.row_id NOT IN ({lookup}value IN ({', '.join('?' * len(negated))}))")
+        conds.append(f"{has_not}{lookup}value IN ({', '.join('?' * len(negated))}))")
         params.extend([name, key, *negated])
     return conds
 
 
-def compile_filter(name: str, filter: Any, indexes: dict[str, str]) -> tuple[str, list[Any], list[str]]:
+def compile_filter(
+    name: str, filter: Any, indexes: dict[str, str], *, per_row: bool = False
+) -> tuple[str, list[Any], list[str]]:
     """(SQLite condition on ``documents AS d`` selecting the collection's documents that pass,
     its parameters, the keys scanned); "" for no filter. Clauses on a ready payload index read
     it; the others scan (``validation.scan_clause``). With an indexed clause, the collection
     test is written ``+d.collection`` so that SQLite cannot drive the query from the
-    collection's rows: it starts from the index entries and fetches those documents by row id."""
+    collection's rows: it starts from the index entries and fetches those documents by row id.
+    ``per_row``: the form for checking a few known rows (``d.row_id IN (...)`` added by the
+    caller): each row's own entries are looked up, where the default form would first collect
+    every match (50 ms for 50,000 of them)."""
     clauses = parse_filter(filter)
     if not clauses:
         return "", [], []
     indexed, scanned = split_clauses(clauses, indexes)
     params: list[Any] = [name]
     conds = ["+d.collection = ?" if indexed else "d.collection = ?"]
-    conds += [c for clause in indexed for c in _indexed_clause(name, indexes[clause[0]], clause, params)]
+    conds += [
+        c for clause in indexed for c in _indexed_clause(name, indexes[clause[0]], clause, params, per_row)
+    ]
     conds += [c for clause in scanned for c in scan_clause(clause, params)]
     return " AND ".join(conds), params, sorted({clause[0] for clause in scanned})
 

@@ -823,7 +823,7 @@ class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
             index = coll.live.index
             if where:
                 (scores, labels), _plan = self._search_filtered(
-                    name, index, q, index.candidates(k), where, params
+                    name, index, q, index.candidates(k), where, params, filter
                 )
             else:
                 scores, labels = index.search(q, index.candidates(k))
@@ -856,8 +856,11 @@ class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
         labels = np.array([[row[0] for row in rows]], np.int64)
         return self._hits(scores, labels, include)[0]
 
-    def _compile_filter(self, name: str, filter: Any) -> tuple[str, list[Any], list[str]]:
-        return sqlite_payload.compile_filter(name, filter, sqlite_payload.ready(self._payload.get(name, {})))
+    def _compile_filter(
+        self, name: str, filter: Any, per_row: bool = False
+    ) -> tuple[str, list[Any], list[str]]:
+        ready = sqlite_payload.ready(self._payload.get(name, {}))
+        return sqlite_payload.compile_filter(name, filter, ready, per_row=per_row)
 
     def search_plan(self, name: str, filter: dict[str, Any] | None = None) -> dict[str, Any]:
         """``{"scanned": [keys]}``: the filter's keys that no ready payload index serves."""
@@ -865,7 +868,7 @@ class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
         return {"scanned": self._compile_filter(name, filter)[2]}
 
     def _search_filtered(
-        self, name: str, index: Any, q: np.ndarray, k: int, where: str, params: list[Any]
+        self, name: str, index: Any, q: np.ndarray, k: int, where: str, params: list[Any], filter: Any
     ) -> tuple[tuple[np.ndarray, np.ndarray], str]:
         """``planner.search_filtered`` with the filter read from SQLite (caller holds the read lock)."""
         matching: list[np.ndarray] = []
@@ -886,12 +889,14 @@ class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
             if matching:
                 return np.isin(labels, matching[0])
             wanted = [int(x) for x in np.unique(labels[labels >= 0])]
+            row_where, row_params, _ = self._compile_filter(name, filter, per_row=True)
             found = {
                 row[0]
                 for start in range(0, len(wanted), 500)
                 for row in self._read(
-                    f"SELECT d.row_id {select} AND d.row_id IN ({', '.join('?' * len(wanted[start : start + 500]))})",
-                    [*params, *wanted[start : start + 500]],
+                    f"SELECT d.row_id FROM documents AS d WHERE d.row_id IN "
+                    f"({', '.join('?' * len(wanted[start : start + 500]))}) AND {row_where}",
+                    [*wanted[start : start + 500], *row_params],
                 )
             }
             return np.isin(labels, np.fromiter(found, np.int64, len(found)))

@@ -167,6 +167,23 @@ def test_sqlite_indexed_filter_reads_only_matching_rows(data_dir):
         lookups = [p for p in plan if p.startswith("SEARCH payload_values")]
         assert len(lookups) == 3 and all("COVERING INDEX payload_values_lookup" in p for p in lookups)
         assert not any(p.startswith("SCAN") for p in plan), plan
+        # the form that checks a few candidates reads only their own entries, and agrees: rows
+        # 1, 3, ..., 39 hold prices 0, 2, ..., 38
+        candidates = list(range(1, 40, 2))
+        checks = (
+            ({"kind": "a", "price": {"gte": 3, "lt": 9}}, 3),
+            ({"price": {"not": [4, 5]}}, 19),
+            ({"kind": ["b"]}, 0),
+        )
+        for f, expected in checks:
+            rows = []
+            for per_row in (False, True):
+                where, params, _ = store._compile_filter("c", f, per_row=per_row)
+                sql = f"SELECT d.row_id FROM documents AS d WHERE d.row_id IN ({', '.join('?' * 20)}) AND {where}"
+                rows.append([r[0] for r in store._read(sql, [*candidates, *params])])
+            assert rows[0] == rows[1] and len(rows[1]) == expected, (f, rows)
+            plan = [r[3] for r in store._read("EXPLAIN QUERY PLAN " + sql, [*candidates, *params])]
+            assert not any("payload_values_lookup" in p or p.startswith("SCAN") for p in plan), plan
         where, params, scanned = store._compile_filter("c", {"other": 1})
         assert scanned == ["other"]
         plan = [
