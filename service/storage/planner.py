@@ -5,8 +5,9 @@ or from the scan that evaluated the filter):
 
 - ``exact``: when the matches hold at most ``EXACT_SCAN_BUDGET`` vector components, the
   matching rows are scored exactly (a FAISS scan that skips the others through a bitmap);
-  cost proportional to ``m``, recall 1 (a binary index scans the sign bits and the best
-  ``BINARY_EXACT_RESCORE`` matches by Hamming distance are rescored from float32).
+  cost proportional to ``m``, recall 1 (a binary index: up to ``BINARY_EXACT_RESCORE``
+  matches all go to the exact rescoring from float32; of more, the nearest that many by
+  Hamming distance).
 - ``postfilter``: otherwise the approximate index proposes the ``POSTFILTER_OVERSAMPLE *
   k * n / m`` best documents of the whole collection (the beam widened to match) and the
   filter checks them (a lookup of those row ids, not of every match); when at least ``k``
@@ -61,8 +62,11 @@ def search_filtered(
     if m == 0:
         return _empty(len(queries)), "exact"
     if m * index.dim <= EXACT_SCAN_BUDGET:
-        if index.binary and index.reduced:  # Hamming scan: more of the matches get exact scores
-            k = min(m, max(k, BINARY_EXACT_RESCORE))
+        if index.binary and index.reduced:  # sign bits rank coarsely: more matches get exact scores
+            if m <= BINARY_EXACT_RESCORE:  # all of them, with no Hamming scan
+                labels = np.tile(allowed(), (len(queries), 1))
+                return (np.zeros(labels.shape, np.float32), labels), "exact"
+            k = max(k, BINARY_EXACT_RESCORE)
         return index.search(queries, k, allowed(), exact=True), "exact"
     ef = int(index.options.get("ef_search") or 0)
     want = math.ceil(POSTFILTER_OVERSAMPLE * k * n / m)
