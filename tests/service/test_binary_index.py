@@ -11,6 +11,7 @@ import numpy as np
 import psycopg
 
 from tests.service import test_store as contract
+from tests.service.test_payload_indexes import bulk_load
 from tests.service.test_store import ids_for, unit
 
 backend, data_dir, make_store = contract.backend, contract.data_dir, contract.make_store
@@ -64,18 +65,7 @@ def test_binary_recall_against_brute_force(make_store, backend):
     with make_store() as store:
         options = {"precision": "binary", "ef_construction": 64}  # a quicker build: pgvector's least
         store.create_collection("bits", dim, "hnsw", options, indexes={"g": "integer"})
-        indexdef = None
-        if backend == "postgres":  # bulk load, as pgvector advises: one index build at the end
-            with psycopg.connect(store.url, autocommit=True) as conn:
-                (indexdef,) = conn.execute(
-                    "SELECT indexdef FROM pg_indexes WHERE indexname LIKE '%%_ann'"
-                ).fetchone()
-                conn.execute(f"DROP INDEX {indexdef.split()[2]}")
-        store.upsert("bits", [str(i) for i in range(n)], x, [{"g": int(g)} for g in group])
-        store.wait_for_maintenance()
-        if indexdef is not None:
-            with psycopg.connect(store.url, autocommit=True) as conn:
-                conn.execute(indexdef)
+        bulk_load(store, backend, "bits", x, [{"g": int(g)} for g in group])
         # with 10 x k candidates rescored (no more for a scan): 0.91 unfiltered, and 0.71 from
         # the embedded store's Hamming scan of the 1,000 matches
         for flt, allowed, least in ((None, np.ones(n, bool), 0.94), ({"g": 2}, group == 2, 0.98)):

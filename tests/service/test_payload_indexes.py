@@ -223,6 +223,24 @@ def test_postgres_indexed_filter_uses_the_expression_index(postgres_url):
                 )
 
 
+def bulk_load(store, backend: str, name: str, x: np.ndarray, metadata: list[dict]) -> None:
+    """Upsert ids "0".."n-1"; on PostgreSQL as pgvector advises: its vector index dropped
+    first and built once at the end (inserting into the graph row by row is slow)."""
+    indexdef = None
+    if backend == "postgres":
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            (indexdef,) = conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE indexname LIKE '%%_ann'"
+            ).fetchone()
+            conn.execute(f"DROP INDEX {indexdef.split()[2]}")
+    store.upsert(name, [str(i) for i in range(len(x))], x, metadata)
+    store.wait_for_maintenance()
+    if indexdef is not None:
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute(indexdef)
+            conn.execute(f"ANALYZE {indexdef.split()[4]}")
+
+
 def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((50, dim))
@@ -258,19 +276,7 @@ def test_planner_keeps_recall_at_every_selectivity(make_store, backend, monkeypa
     module = planner if backend == "sqlite" else __import__("service.storage.postgres", fromlist=["x"])
     with make_store() as store:
         store.create_collection("c", dim, "hnsw", indexes={"g": "integer"})  # default m, ef
-        indexdef = None
-        if backend == "postgres":  # bulk load, as pgvector advises: one index build at the end
-            with psycopg.connect(store.url, autocommit=True) as conn:
-                (indexdef,) = conn.execute(
-                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'llave_docs_1_ann'"
-                ).fetchone()
-                conn.execute("DROP INDEX llave_docs_1_ann")
-        store.upsert("c", [str(i) for i in range(n)], x, [{"g": int(g)} for g in groups])
-        store.wait_for_maintenance()
-        if indexdef is not None:
-            with psycopg.connect(store.url, autocommit=True) as conn:
-                conn.execute(indexdef)
-                conn.execute("ANALYZE llave_docs_1")
+        bulk_load(store, backend, "c", x, [{"g": int(g)} for g in groups])
         plans: list[str] = []
         if backend == "sqlite":
             real = planner.search_filtered
