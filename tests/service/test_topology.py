@@ -174,10 +174,11 @@ def test_kill_9_of_any_process_loses_no_acknowledged_write(tiny_checkpoint, tmp_
 
 
 def test_sigterm_finishes_the_requests_in_flight(tiny_checkpoint, tmp_path):
-    # The engine holds the requests' first batch until the test opens the gate (the fault
-    # launcher's hold-batch, tests/service/faults.py), and the gate opens only once both
-    # front ends have seen SIGTERM (they stop listening): so every request is
-    # certainly in flight when the server is told to stop, whatever the machine's speed.
+    # The engine holds the first request's first batch until the test opens the gate (the
+    # fault launcher's hold-batch, tests/service/faults.py); the other five are sent once it
+    # is held, and the gate opens only once both front ends have seen SIGTERM (they stop
+    # listening): so every request is certainly in flight when the server is told to stop,
+    # whatever the machine's speed.
     gate = Gate(tmp_path / "gate")
     hold = HOLD_BATCH
     server = start_server(
@@ -206,10 +207,13 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_checkpoint, tmp_path):
 
     async def run() -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120.0) as client:
-            bodies = [{"inputs": [{"text": f"{hold} {long_text} {i}"} for i in range(8)]}]
-            bodies += [{"inputs": [{"text": f"{long_text} {k} {i}"} for i in range(8)]} for k in range(5)]
-            tasks = [asyncio.create_task(client.post("/embed", json=body)) for body in bodies]
-            await asyncio.to_thread(gate.wait_entered, server)  # the first batch is held on the device
+            held = {"inputs": [{"text": f"{hold} {long_text} {i}"} for i in range(8)]}
+            tasks = [asyncio.create_task(client.post("/embed", json=held))]
+            # The others go only once the held batch is on the device: sent together, another
+            # front end's requests could reach the engine first and finish before it.
+            await asyncio.to_thread(gate.wait_entered, server)
+            bodies = [{"inputs": [{"text": f"{long_text} {k} {i}"} for i in range(8)]} for k in range(5)]
+            tasks += [asyncio.create_task(client.post("/embed", json=body)) for body in bodies]
             deadline = time.monotonic() + 120  # hang guards only
             while server.metric("llave_queue_inputs") < 6 * 8:  # every request admitted
                 assert time.monotonic() < deadline, server.log()
