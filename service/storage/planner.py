@@ -1,7 +1,8 @@
 """How the embedded store answers a filtered search: a plan chosen from the filter's size.
 
-With ``m`` of the collection's ``n`` documents matching (counted from the payload index,
-or from the scan that evaluated the filter):
+With ``m`` of the collection's ``n`` documents matching (counted from the payload index:
+the smallest count of one clause's entries, an upper bound when clauses combine; or from
+the scan that evaluated the filter):
 
 - ``exact``: when the matches hold at most ``EXACT_SCAN_BUDGET`` vector components, the
   matching rows are scored exactly (a FAISS scan that skips the others through a bitmap);
@@ -53,7 +54,7 @@ def search_filtered(
 ) -> tuple[SearchResult, str]:
     """((scores, labels), plan name) of the ``k`` best documents that pass the filter.
 
-    ``count()``: how many documents match; ``allowed()``: their labels; ``members(labels)``:
+    ``count()``: how many documents match (or an upper bound); ``allowed()``: their labels; ``members(labels)``:
     a boolean mask of which of these labels match. Each is called only if the plan needs it.
     """
     if not isinstance(index, ApproximateIndex) or index.mode == "exact":

@@ -883,7 +883,11 @@ class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
         def count() -> int:
             if matching or "json_each" in where:  # a scan: keep what it found
                 return len(allowed())
-            return int(self._read(f"SELECT count(*) {select}", params)[0][0])
+            ready = sqlite_payload.ready(self._payload.get(name, {}))
+            bounds = [
+                self._read(sql, args)[0][0] for sql, args in sqlite_payload.count_queries(name, filter, ready)
+            ]
+            return int(min(bounds)) if bounds else int(self._read(f"SELECT count(*) {select}", params)[0][0])
 
         def members(labels: np.ndarray) -> np.ndarray:
             if matching:

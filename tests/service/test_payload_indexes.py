@@ -14,7 +14,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from service.storage import planner
+from service.storage import planner, sqlite_payload
 from service.storage.errors import InvalidFilterError, InvalidParameterError
 from tests.service import test_store as contract
 from tests.service.test_store import assert_exact, ids_for, matches_filter, random_data, unit
@@ -167,6 +167,12 @@ def test_sqlite_indexed_filter_reads_only_matching_rows(data_dir):
         lookups = [p for p in plan if p.startswith("SEARCH payload_values")]
         assert len(lookups) == 3 and all("COVERING INDEX payload_values_lookup" in p for p in lookups)
         assert not any(p.startswith("SCAN") for p in plan), plan
+        # the planner's count: each clause's entries, from the covering index alone
+        counts = sqlite_payload.count_queries("c", f, store.describe("c")["indexes"])
+        assert [store._read(sql, args)[0][0] for sql, args in counts] == [50, 6, 0]
+        for sql, args in counts:
+            (step,) = [r[3] for r in store._read("EXPLAIN QUERY PLAN " + sql, args)]
+            assert step.startswith("SEARCH payload_values USING COVERING INDEX payload_values_lookup"), step
         # the form that checks a few candidates reads only their own entries, and agrees: rows
         # 1, 3, ..., 39 hold prices 0, 2, ..., 38
         candidates = list(range(1, 40, 2))
