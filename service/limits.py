@@ -82,7 +82,9 @@ EXACT_SCAN_BUDGET = 16 * 1024 * 1024
 # Otherwise the approximate index proposes candidates and the filter checks them: this many
 # times k / selectivity of them (a match's expected rank, with room for the spread).
 POSTFILTER_OVERSAMPLE = 2.0
-POSTFILTER_MAX_CANDIDATES = 1000  # past it (a rare filter on a huge collection): graph walk
+# Past this many (a rare filter on a huge collection): the graph walk. Reduced indexes ask
+# for their rescoring candidates (binary: 30 x k), so 50% of a binary index wants 1,200.
+POSTFILTER_MAX_CANDIDATES = 4096
 MAX_EF_SEARCH = 1000  # the search beam a filtered HNSW walk may grow to (pgvector's maximum)
 # Hybrid search (service/storage/hybrid.py): hits each ranking contributes (at least k), and
 # reciprocal rank fusion's constant (60, as in Cormack et al. and most search engines).
