@@ -168,7 +168,7 @@ def bench_pixels(megabytes: list[float], repeats: int) -> list[dict]:
         arr = np.random.default_rng(0).random(n, dtype=np.float32)
         for how in ("pickle", "shm"):
             times = []
-            for r in range(repeats):
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 if how == "pickle":
                     sock.send_multipart([b"pickle", pickle.dumps(arr, protocol=5)])
