@@ -197,12 +197,11 @@ class EngineClient:
     def describe(self) -> dict[str, Any]:
         """Model facts for ``/info`` (None until an engine is ready)."""
         e = self.engine
-        devices = [c.device for c in self.connections]
         return {
             "status": self.state,
             "dim": e.dim if e else None,
             "dtype": e.dtype if e else self.config.dtype,
-            "device": e.device if e and len(devices) == 1 else ",".join(devices),
+            "device": ",".join(c.resolved_device for c in self.connections),
             "max_length": e.max_length if e else None,
         }
 

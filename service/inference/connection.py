@@ -179,9 +179,15 @@ class EngineConnection:
         assert self._board is not None
         return self._board.load()[0] + self.sent_tokens
 
+    @property
+    def resolved_device(self) -> str:
+        """The device the engine runs on once it has said so (``auto`` becomes ``cpu`` or
+        ``cuda:N``), else the one it was asked for."""
+        return self.engine.device if self.engine is not None else self.device
+
     def describe(self) -> dict[str, Any]:
         """This engine in ``/health``, ``/ready`` and ``/info``."""
-        return {"engine": self.index, "device": self.device, "status": self.state}
+        return {"engine": self.index, "device": self.resolved_device, "status": self.state}
 
     # --- one request -------------------------------------------------------------------
 

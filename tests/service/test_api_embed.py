@@ -154,6 +154,8 @@ def test_info_reports_model_and_limits(server, tiny_embedder):
         info = client.get("/info").json()
     assert info["dim"] == tiny_embedder.dim
     assert info["dtype"] == "float32" and info["device"] == "cpu"
+    # The server is started with the default --device auto: the probes name what it became.
+    assert [(d["device"], d["status"]) for d in info["devices"]] == [("cpu", "ready")]
     assert info["status"] == "ready"
     limits = info["limits"]
     assert limits["max_inputs_per_request"] == 16
