@@ -434,6 +434,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         reference = reference or _reference(parser, args.compare, result.get("model"))
         result["comparison"] = mmeb.compare(result, reference)
         text += "\n\n" + mmeb.format_comparison(result["comparison"])
+    _emit(args, result, text)
+
+
+def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
+    """The report: the JSON and markdown files asked for, then the table and one JSON line."""
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
@@ -494,12 +499,7 @@ def _run_video(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     text = video_retrieval.format_report(result, reference)
     if reference is not None:
         result["comparison"] = reference
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    print(text)
-    print(json.dumps(result))
+    _emit(args, result, text)
 
 
 def _run(
