@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from service.storage.background import wait_for_threads
 from service.storage.postgres_filters import create_index_sql, index_name
 
 logger = logging.getLogger("llave.store.postgres")
@@ -121,14 +122,4 @@ class PostgresPayloadIndexes:
 
     def wait_for_maintenance(self, timeout: float | None = None) -> bool:
         """Wait for background payload-index builds; True when none is left running."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._builds_lock:
-                threads = list(self._builds)
-            if not threads:
-                return True
-            for thread in threads:
-                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if deadline is not None and time.monotonic() >= deadline:
-                with self._builds_lock:
-                    return not self._builds
+        return wait_for_threads(self._builds_lock, self._builds, timeout)

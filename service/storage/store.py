@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from service.storage import sqlite_payload, sqlite_text
+from service.storage.background import wait_for_threads
 from service.storage.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
@@ -242,17 +243,7 @@ class CollectionStore(IndexMaintenance, sqlite_payload.PayloadMaintenance):
 
     def wait_for_maintenance(self, timeout: float | None = None) -> bool:
         """Wait for background index rebuilds; True when none is left running."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._threads_lock:
-                threads = list(self._threads)
-            if not threads:
-                return True
-            for thread in threads:
-                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if deadline is not None and time.monotonic() >= deadline:
-                with self._threads_lock:
-                    return not self._threads
+        return wait_for_threads(self._threads_lock, self._threads, timeout)
 
     def _release(self) -> None:
         for conn in [*self._readers, *([self._writer] if self._writer else [])]:
